@@ -1,0 +1,21 @@
+"""Adam-mini and Q-Adam-mini (INT8 momentum) as composable Optax transforms.
+
+References:
+  Zhang et al., "Adam-mini: Use Fewer Learning Rates To Gain More",
+  arXiv:2406.16793, 2024.
+  Han, Yang, Chen, Wang, Sun, "Q-Adam-mini", ICML 2025 ES-FoMo workshop.
+"""
+
+from qadam_mini_jax.alias import adam_mini, default_decay_mask, q_adam_mini
+from qadam_mini_jax.partition import BlockPartition, BlockSpec, PartitionError, block_specs
+from qadam_mini_jax.quantize import QuantizedArray
+from qadam_mini_jax.report import describe, tree_nbytes
+from qadam_mini_jax.transform import Int8Quantization, ScaleByAdamMiniState, scale_by_adam_mini
+
+__all__ = [
+    "BlockPartition", "BlockSpec", "Int8Quantization", "PartitionError", "QuantizedArray",
+    "ScaleByAdamMiniState", "adam_mini", "block_specs", "default_decay_mask", "describe",
+    "q_adam_mini", "scale_by_adam_mini", "tree_nbytes",
+]
+
+__version__ = "0.1.0"

@@ -1,0 +1,91 @@
+"""``adam_mini`` and ``q_adam_mini``: ``optax.chain``s shaped like ``optax.adamw``.
+
+Each is ``chain(scale_by_adam_mini, add_decayed_weights, scale_by_learning_rate)``:
+Adam-mini (Zhang et al. 2024, arXiv:2406.16793) with decoupled weight decay
+(Loshchilov & Hutter 2019), and Q-Adam-mini (Han et al., ICML 2025 ES-FoMo
+workshop), the same with the first moment stored in INT8.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import chex
+import jax
+import optax
+
+from qadam_mini_jax import partition as partition_lib
+from qadam_mini_jax import transform
+
+
+def default_decay_mask(params: Any) -> Any:
+  """Decay only float kernels of rank >= 2: no decay on norms, biases, 1-D params."""
+  def decays(path, leaf):
+    name = partition_lib.path_str(path).rsplit("/", 1)[-1].lower()
+    return partition_lib.is_trainable(leaf) and leaf.ndim >= 2 and name != "bias"
+  return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def adam_mini(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: chex.Numeric = 0.9,
+    b2: chex.Numeric = 0.999,
+    eps: chex.Numeric = 1e-8,
+    weight_decay: chex.Numeric = 0.0,
+    *,
+    mask: Any = default_decay_mask,
+    partition: partition_lib.BlockPartition | None = None,
+    mu_dtype: Any = None,
+) -> optax.GradientTransformationExtraArgs:
+  """Adam-mini with decoupled weight decay; ``m`` in float32 (or ``mu_dtype``).
+
+  Args:
+    learning_rate: a scalar or an optax schedule.
+    b1, b2, eps: Adam-mini's decays and epsilon (outside the square root).
+    weight_decay: decoupled weight decay rate (multiplied by the learning rate).
+    mask: which leaves decay: a pytree of bools or a callable ``params -> mask``;
+      default :func:`default_decay_mask`.
+    partition: Hessian block rules, see
+      :class:`~qadam_mini_jax.partition.BlockPartition`.
+    mu_dtype: float dtype of ``m`` (e.g. ``"bfloat16"``; pass a string or list
+      it in ``static_args`` under ``optax.inject_hyperparams``).
+  """
+  return optax.chain(
+      transform.scale_by_adam_mini(b1, b2, eps, partition=partition, mu_dtype=mu_dtype),
+      optax.add_decayed_weights(weight_decay, mask),
+      optax.scale_by_learning_rate(learning_rate),
+  )
+
+
+def q_adam_mini(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: chex.Numeric = 0.9,
+    b2: chex.Numeric = 0.999,
+    eps: chex.Numeric = 1e-8,
+    weight_decay: chex.Numeric = 0.0,
+    *,
+    mask: Any = default_decay_mask,
+    partition: partition_lib.BlockPartition | None = None,
+    quantization: transform.Int8Quantization | None = transform.Int8Quantization(),
+    stochastic_rounding: transform.StochasticRounding = "auto",
+    key: Any = 0,
+) -> optax.GradientTransformationExtraArgs:
+  """Q-Adam-mini: Adam-mini with ``m`` stored in group-wise INT8 (~1 B/param).
+
+  Args:
+    learning_rate, b1, b2, eps, weight_decay, mask, partition: as
+      :func:`adam_mini`.
+    quantization: INT8 settings; ``None`` keeps ``m`` in float32 (then this is
+      exactly :func:`adam_mini`).
+    stochastic_rounding: ``"auto"`` (embedding and output blocks, where
+      round-to-nearest stalls the decay of rarely updated rows), ``"all"``,
+      ``"none"``, or a mask pytree / callable.
+    key: int seed or JAX PRNG key for stochastic rounding.
+  """
+  return optax.chain(
+      transform.scale_by_adam_mini(
+          b1, b2, eps, partition=partition, quantization=quantization,
+          stochastic_rounding=stochastic_rounding, key=key),
+      optax.add_decayed_weights(weight_decay, mask),
+      optax.scale_by_learning_rate(learning_rate),
+  )

@@ -1,0 +1,75 @@
+"""Counter-based random bits for stochastic rounding.
+
+The bits for element ``i`` of leaf ``l`` at step ``t`` under key ``k`` are a pure
+function ``hash(k, t, l, i)`` built from 32-bit integer multiply/xor-shift mixes.
+Nothing is drawn from a stateful generator, so the same bits can be produced
+inside a GPU kernel (Triton cannot run ``jax.random``) without materialising a
+random array in memory, and a run is reproducible from its key alone.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+_M1 = np.uint32(0x21F0AAAD)
+_M2 = np.uint32(0xD35A2D97)
+_GOLDEN = np.uint32(0x9E3779B9)
+
+
+def mix32(x: jax.Array) -> jax.Array:
+  """A bijective 32-bit avalanche mix (C. Wellons' ``lowbias32`` family)."""
+  x = x ^ (x >> 16)
+  x = x * _M1
+  x = x ^ (x >> 15)
+  x = x * _M2
+  return x ^ (x >> 15)
+
+
+def key_words(key: Any) -> jax.Array:
+  """Two uint32 seed words from an int seed, a typed key or raw key data."""
+  if isinstance(key, (int, np.integer)):
+    return jnp.asarray([np.uint32(key & 0xFFFFFFFF), np.uint32(key >> 32 & 0xFFFFFFFF)])
+  key = jnp.asarray(key)
+  if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+    key = jax.random.key_data(key)
+  if key.ndim == 0:  # an int seed traced by optax.inject_hyperparams
+    return jnp.stack([key.astype(jnp.uint32), jnp.zeros((), jnp.uint32)])
+  if not jnp.issubdtype(key.dtype, jnp.integer):
+    raise TypeError(f"key must be an int or a PRNG key, got dtype {key.dtype}.")
+  words = key.reshape(-1).astype(jnp.uint32)
+  if words.shape[0] == 2:
+    return words
+  # Fold wider raw keys (e.g. 'rbg') into two words.
+  acc = jnp.zeros((2,), jnp.uint32)
+  for i in range(words.shape[0]):
+    acc = acc.at[i % 2].set(mix32(acc[i % 2] ^ words[i]))
+  return acc
+
+
+def stream_seeds(words: jax.Array, step: jax.Array, leaf: int) -> tuple[jax.Array, jax.Array]:
+  """Two uint32 scalars naming the stream of one leaf at one step."""
+  step = jnp.asarray(step).astype(jnp.uint32)
+  s = mix32(jnp.asarray(leaf, jnp.uint32) * _GOLDEN + step)
+  s0 = mix32(s ^ words[0])
+  s1 = mix32(s0 ^ words[1])
+  return s0, s1
+
+
+def element_bits(index: jax.Array, s0: jax.Array, s1: jax.Array) -> jax.Array:
+  """uint32 random bits for flat element indices ``index`` of one stream."""
+  return mix32(mix32(index.astype(jnp.uint32) ^ s0) + s1)
+
+
+def bits_to_uniform(bits: jax.Array) -> jax.Array:
+  """Top 24 bits as a float32 uniform in [0, 1), exactly representable."""
+  return (bits >> 8).astype(jnp.float32) * np.float32(2.0**-24)
+
+
+def uniform(shape: tuple[int, ...], s0: jax.Array, s1: jax.Array) -> jax.Array:
+  """float32 uniforms in [0, 1) for a leaf of ``shape`` (row-major indices)."""
+  index = jax.lax.iota(jnp.uint32, int(np.prod(shape, dtype=np.int64))).reshape(shape)
+  return bits_to_uniform(element_bits(index, s0, s1))
