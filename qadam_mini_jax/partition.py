@@ -193,29 +193,27 @@ class BlockPartition:
     return spec
 
   def _heads(self, rule: str, path: str, shape: tuple[int, ...], axis: int) -> int:
+    """Number of heads that ``axis`` of a 2-D query/key/QKV kernel splits into."""
     size = shape[axis]
     if self.head_dim is not None:
-      count, per = self.head_dim, "head_dim"
       if size % self.head_dim:
         raise PartitionError(
             f"{path}: {rule} axis {axis} of size {size} is not a multiple of "
             f"head_dim={self.head_dim} (shape {shape}).")
       return size // self.head_dim
-    heads = {QUERY: self.num_heads,
-             KEY: self.num_kv_heads or self.num_heads}.get(rule)
-    if rule == QKV and self.num_heads is not None:
-      heads = self.num_heads + 2 * (self.num_kv_heads or self.num_heads)
+    kv_heads = self.num_kv_heads or self.num_heads
+    heads = {QUERY: self.num_heads, KEY: kv_heads,
+             QKV: self.num_heads and self.num_heads + 2 * kv_heads}[rule]
     if heads is None:
       raise PartitionError(
           f"{path}: the {rule} rule needs the head count of a 2-D kernel "
           f"{shape}; pass BlockPartition(num_heads=..., num_kv_heads=...) or "
           "head_dim=..., or use a 3-D (in, heads, head_dim) kernel.")
-    count, per = heads, "heads"
-    if size % count:
+    if size % heads:
       raise PartitionError(
           f"{path}: {rule} axis {axis} of size {size} does not split into "
-          f"{count} {per} (shape {shape}).")
-    return count
+          f"{heads} heads (shape {shape}).")
+    return heads
 
   def _named_spec(self, rule: str, path: str, shape: tuple[int, ...]) -> BlockSpec:
     ndim = len(shape)

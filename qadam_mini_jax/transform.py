@@ -135,11 +135,14 @@ def scale_by_adam_mini(
   partition = partition_lib.BlockPartition() if partition is None else partition
   mu_dtype = _resolve_dtype(mu_dtype)
 
+  def stores_int8(shape):
+    return quantization is not None and math.prod(shape) >= quantization.min_size
+
   def leaf_init(spec, leaf):
     if spec is None:
       return optax.MaskedNode(), optax.MaskedNode()
     nu = jnp.zeros(partition_lib.block_shape(spec, leaf.shape), jnp.float32)
-    if quantization is not None and math.prod(leaf.shape) >= quantization.min_size:
+    if stores_int8(leaf.shape):
       zeros = jnp.zeros(leaf.shape, jnp.float32)
       return quantize_lib.quantize(zeros, quantization.group_size), nu
     return jnp.zeros(leaf.shape, mu_dtype or jnp.float32), nu
@@ -178,8 +181,9 @@ def scale_by_adam_mini(
         continue
       g32 = g.astype(jnp.float32)
       nu = b2_ * nu + (1.0 - b2_) * partition_lib.block_mean(g32 * g32, spec)
-      quantized = isinstance(mu, quantize_lib.QuantizedArray)
-      if quantized:
+      quantized = stores_int8(g.shape)
+      if quantized:  # (flax.nnx turns the QuantizedArray into a State: rebuild it)
+        mu = quantize_lib.QuantizedArray(mu.codes, mu.scales)
         m_prev = quantize_lib.dequantize(mu, quantization.group_size)
       else:
         m_prev = mu.astype(jnp.float32)
@@ -206,23 +210,19 @@ def scale_by_adam_mini(
 
 def _check_state_matches(updates: Any, specs: Any, state: ScaleByAdamMiniState) -> None:
   """Raise a ValueError naming the paths where updates and state disagree."""
-  is_masked = lambda x: isinstance(x, optax.MaskedNode)
-  got = {partition_lib.path_str(p): tuple(x.shape)
-         for p, x in jax.tree_util.tree_flatten_with_path(updates)[0]}
-  nu = {partition_lib.path_str(p): x
-        for p, x in jax.tree_util.tree_flatten_with_path(state.nu, is_leaf=is_masked)[0]}
-  if got.keys() != nu.keys():
-    missing = sorted(nu.keys() - got.keys())
-    extra = sorted(got.keys() - nu.keys())
+  flat = lambda tree, **kw: {partition_lib.path_str(p): x
+                             for p, x in jax.tree_util.tree_flatten_with_path(tree, **kw)[0]}
+  got = flat(updates)
+  expected = {path: partition_lib.block_shape(spec, tuple(got[path].shape))
+              for path, spec in flat(specs, is_leaf=lambda x: isinstance(x, partition_lib.BlockSpec)).items()}
+  nu = {path: tuple(v.shape) for path, v in flat(state.nu).items()}
+  if expected.keys() != nu.keys():
+    missing = sorted(nu.keys() - expected.keys())
+    extra = sorted(expected.keys() - nu.keys())
     raise ValueError("The updates' tree does not match the optimizer state's: "
                      f"missing from updates {missing[:5]}, not in state {extra[:5]}.")
-  spec_of = {partition_lib.path_str(p): s for p, s in jax.tree_util.tree_flatten_with_path(
-      specs, is_leaf=lambda x: x is None or isinstance(x, partition_lib.BlockSpec))[0]}
-  for path, shape in got.items():
-    spec, v = spec_of.get(path), nu[path]
-    expected = None if spec is None else partition_lib.block_shape(spec, shape)
-    actual = None if is_masked(v) else tuple(v.shape)
-    if expected != actual:
-      raise ValueError(f"{path}: update of shape {shape} does not match the optimizer "
-                       f"state (second moment {actual}, expected {expected}); was the "
-                       "state initialised for other parameters?")
+  for path, shape in expected.items():
+    if nu[path] != shape:
+      raise ValueError(f"{path}: update of shape {tuple(got[path].shape)} does not match "
+                       f"the optimizer state (second moment {nu[path]}, expected {shape}); "
+                       "was the state initialised for other parameters?")

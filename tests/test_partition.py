@@ -1,0 +1,167 @@
+"""Block partition: default rules, overrides, errors, block means."""
+
+import re
+import warnings
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import qadam_mini_jax as q
+from qadam_mini_jax import partition as P
+import tiny_models as tm
+
+S = jax.ShapeDtypeStruct
+
+
+def _specs(params, partition=None):
+  flat = jax.tree_util.tree_flatten_with_path(
+      q.block_specs(params, partition or q.BlockPartition()),
+      is_leaf=lambda x: x is None or isinstance(x, q.BlockSpec))[0]
+  return {P.path_str(p): s for p, s in flat}
+
+
+def test_nnx_llama_rules_and_block_shapes():
+  model = tm.NnxLlama(nnx.Rngs(0))
+  part = q.BlockPartition(num_heads=tm.HEADS, num_kv_heads=tm.KV_HEADS)
+  specs = _specs(nnx.state(model, nnx.Param), part)
+  expected = {  # path: (rule, keep-dims v shape)
+      "embed/embedding": ("embedding", (tm.VOCAB, 1)),
+      "layers/0/q_proj/kernel": ("query", (1, tm.HEADS)),
+      "layers/0/k_proj/kernel": ("key", (1, tm.KV_HEADS)),
+      "layers/0/v_proj/kernel": ("value", (1, tm.KV_HEADS * tm.HEAD_DIM)),
+      "layers/0/o_proj/kernel": ("attn_out", (1, tm.DIM)),
+      "layers/0/gate_proj/kernel": ("mlp", (1, tm.FFN)),
+      "layers/0/up_proj/kernel": ("mlp", (1, tm.FFN)),
+      "layers/0/up_proj/bias": ("per_element", (tm.FFN,)),
+      "layers/0/down_proj/kernel": ("mlp", (1, tm.DIM)),
+      "layers/0/attn_norm/scale": ("whole", (1,)),
+      "norm/scale": ("whole", (1,)),
+      "lm_head/kernel": ("output", (1, tm.VOCAB)),
+  }
+  state = nnx.state(model, nnx.Param)
+  shapes = {P.path_str(p): x.shape for p, x in jax.tree_util.tree_flatten_with_path(state)[0]}
+  assert set(specs) >= set(expected)
+  for path, (rule, vshape) in expected.items():
+    assert specs[path].rule == rule, path
+    assert P.block_shape(specs[path], shapes[path]) == vshape, path
+
+
+def test_linen_3d_kernels_read_heads_from_shape():
+  params = tm.LinenLm().init(jax.random.key(0), tm.tokens(jax.random.key(1)))
+  specs = _specs(params)  # no head count given: 3-D kernels carry it
+  h, d = tm.HEADS, tm.DIM // tm.HEADS
+  assert specs["params/attn/query/kernel"] == q.BlockSpec((0, 2), None, "query")
+  assert specs["params/attn/key/kernel"] == q.BlockSpec((0, 2), None, "key")
+  assert P.block_shape(specs["params/attn/value/kernel"], (tm.DIM, h, d)) == (1, h, d)
+  assert specs["params/attn/out/kernel"] == q.BlockSpec((0, 1), None, "attn_out")
+  assert specs["params/attn/query/bias"].rule == "per_element"
+  assert specs["params/embed/embedding"].rule == "embedding"
+
+
+def test_whole_component_matching_not_substrings():
+  params = {"kiln": {"kernel": S((8, 8), jnp.float32)},          # contains "ln"
+            "keyboard": {"kernel": S((8, 8), jnp.float32)},      # starts with "key"
+            "wkv": {"kernel": S((8, 8), jnp.float32)},           # contains "wk"
+            "embedding_norm": {"scale": S((8, 8), jnp.float32)},
+            "head_mlp_out": {"kernel": S((8, 8), jnp.float32)}}
+  assert {k.split("/")[0]: s.rule for k, s in _specs(params).items()} == {
+      "kiln": "whole", "keyboard": "whole", "wkv": "whole",
+      "embedding_norm": "whole", "head_mlp_out": "whole"}
+
+
+def test_value_as_one_block_and_head_dim():
+  params = {"attn": {"q_proj": {"kernel": S((16, 24), jnp.float32)},   # 3 heads of 8
+                     "k_proj": {"kernel": S((16, 8), jnp.float32)},    # 1 kv head
+                     "v_proj": {"kernel": S((16, 8), jnp.float32)}}}
+  specs = _specs(params, q.BlockPartition(head_dim=8, value_as_one_block=True))
+  assert specs["attn/q_proj/kernel"].heads == (1, 3)
+  assert specs["attn/k_proj/kernel"].heads == (1, 1)
+  assert specs["attn/v_proj/kernel"] == q.BlockSpec((0, 1), None, "value")
+
+
+def test_fused_qkv_is_one_block_per_head():
+  params = {"attn": {"qkv_proj": {"kernel": S((16, (4 + 2 * 2) * 4), jnp.float32)}}}
+  spec = _specs(params, q.BlockPartition(num_heads=4, num_kv_heads=2))["attn/qkv_proj/kernel"]
+  assert spec == q.BlockSpec((0,), (1, 8), "fused_qkv")
+
+
+def test_user_rules_dict_and_callable_take_precedence():
+  params = {"blocks": {"0": {"mixer": {"kernel": S((8, 12), jnp.float32)}}},
+            "tok": {"table": S((10, 8), jnp.float32)},
+            "mlp": {"fc1": {"kernel": S((8, 8), jnp.float32)}}}
+  rules = {"tok/table": "embedding", r"mixer/kernel": q.BlockSpec((0,), (1, 3)),
+           "mlp/fc1/kernel": lambda path, shape: q.BlockSpec((0, 1), rule="mine")}
+  specs = _specs(params, q.BlockPartition(rules=rules))
+  assert specs["tok/table"].rule == "embedding"
+  assert specs["blocks/0/mixer/kernel"].heads == (1, 3)
+  assert specs["mlp/fc1/kernel"].rule == "mine"
+  fn = lambda path, shape: "whole" if path.endswith("table") else None
+  specs = _specs(params, q.BlockPartition(rules=fn))
+  assert specs["tok/table"].rule == "whole"
+  assert specs["mlp/fc1/kernel"].rule == "mlp"  # None: defaults still apply
+
+
+@pytest.mark.parametrize("partition, params, message", [
+    (q.BlockPartition(num_heads=5), {"attn": {"q_proj": {"kernel": S((16, 16), jnp.float32)}}},
+     "attn/q_proj/kernel: query axis 1 of size 16 does not split into 5 heads"),
+    (q.BlockPartition(), {"attn": {"q_proj": {"kernel": S((16, 16), jnp.float32)}}},
+     "attn/q_proj/kernel: the query rule needs the head count"),
+    (q.BlockPartition(rules={"norm/scale": "embedding"}), {"norm": {"scale": S((16,), jnp.float32)}},
+     "norm/scale: the embedding rule needs a kernel of rank >= 2"),
+    (q.BlockPartition(rules={"w": q.BlockSpec((2,))}), {"w": S((4, 4), jnp.float32)},
+     "w: block axes (2,) are invalid"),
+    (q.BlockPartition(rules={"w": q.BlockSpec((0,), (1, 3))}), {"w": S((4, 4), jnp.float32)},
+     "w: axis 1 of size 4 does not split into 3 heads"),
+    (q.BlockPartition(rules={"w": "per_token"}), {"w": S((4, 4), jnp.float32)},
+     "w: unknown rule name 'per_token'"),
+])
+def test_bad_rules_raise_at_init_with_path(partition, params, message):
+  with pytest.raises(q.PartitionError, match=re.escape(message)):
+    q.adam_mini(1e-3, partition=partition).init(
+        jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), params))
+
+
+def test_bad_partition_arguments():
+  with pytest.raises(ValueError, match="num_heads"):
+    q.BlockPartition(num_heads=0)
+
+
+def test_warns_when_no_embedding_or_attention_found():
+  with pytest.warns(UserWarning, match="found no embedding, output, query, key"):
+    q.adam_mini(1e-3).init({"w": jnp.zeros((4, 4))})
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    model = tm.NnxLlama(nnx.Rngs(0))
+    q.adam_mini(1e-3, partition=q.BlockPartition(num_heads=4, num_kv_heads=2)).init(
+        nnx.state(model, nnx.Param))
+
+
+def test_block_mean_and_broadcast_match_numpy():
+  x = np.random.default_rng(0).normal(size=(6, 12)).astype(np.float32)
+  heads = q.BlockSpec((0,), (1, 3))
+  want = np.stack([x[:, 4 * h:4 * h + 4].mean() for h in range(3)])[None, :]
+  np.testing.assert_allclose(P.block_mean(jnp.asarray(x), heads), want, rtol=1e-6)
+  expanded = np.asarray(P.broadcast_block(jnp.asarray(want), heads, x.shape))
+  np.testing.assert_array_equal(expanded, np.repeat(want, 4, axis=1).repeat(6, axis=0))
+  rows = q.BlockSpec((1,))
+  np.testing.assert_allclose(P.block_mean(jnp.asarray(x), rows), x.mean(1, keepdims=True), rtol=1e-6)
+  chex.assert_shape(P.block_mean(jnp.asarray(x), q.BlockSpec((0, 1))), (1, 1))
+
+
+def test_describe_table():
+  model = tm.NnxLlama(nnx.Rngs(0))
+  state = nnx.state(model, nnx.Param)
+  table = q.describe(state, partition=q.BlockPartition(num_heads=4, num_kv_heads=2),
+                     quantization=q.Int8Quantization(min_size=256))
+  lines = table.splitlines()
+  assert lines[0].split() == ["path", "shape", "rule", "blocks", "state", "bytes"]
+  row = next(l for l in lines if l.startswith("embed/embedding"))
+  # int8 codes (512) + 2 fp32 scales (rows of 16 < 256, so the 512 elements
+  # form one row of two groups) + fp32 v per token (32 * 4)
+  assert row.split()[-3:] == ["embedding", "32", f"{512 + 2 * 4 + 32 * 4:,}"]
+  n_params = sum(x.size for x in jax.tree.leaves(state))
+  assert lines[-1].startswith("total") and f"{n_params:,} params" in lines[-1]
