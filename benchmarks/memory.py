@@ -36,10 +36,10 @@ COMMAND = "python benchmarks/memory.py"
 RESULTS = pathlib.Path(__file__).resolve().parent / "results" / "memory.md"
 LEARNING_RATE = 1e-3
 
-OptimizerFactory = Callable[[llama_shapes.LlamaShape], optax.GradientTransformation]
+OptimizerFactory = Callable[[llama_shapes.LlamaConfig], optax.GradientTransformation]
 
 
-def _partition(c: llama_shapes.LlamaShape) -> qadam_mini_jax.BlockPartition:
+def _partition(c: llama_shapes.LlamaConfig) -> qadam_mini_jax.BlockPartition:
   return qadam_mini_jax.BlockPartition(num_heads=c.num_heads, num_kv_heads=c.num_kv_heads)
 
 

@@ -30,21 +30,20 @@ def test_nnx_llama_rules_and_block_shapes():
   specs = _specs(nnx.state(model, nnx.Param), part)
   expected = {  # path: (rule, keep-dims v shape)
       "embed/embedding": ("embedding", (tm.VOCAB, 1)),
-      "layers/0/q_proj/kernel": ("query", (1, tm.HEADS)),
-      "layers/0/k_proj/kernel": ("key", (1, tm.KV_HEADS)),
-      "layers/0/v_proj/kernel": ("value", (1, tm.KV_HEADS * tm.HEAD_DIM)),
-      "layers/0/o_proj/kernel": ("attn_out", (1, tm.DIM)),
-      "layers/0/gate_proj/kernel": ("mlp", (1, tm.FFN)),
-      "layers/0/up_proj/kernel": ("mlp", (1, tm.FFN)),
-      "layers/0/up_proj/bias": ("per_element", (tm.FFN,)),
-      "layers/0/down_proj/kernel": ("mlp", (1, tm.DIM)),
+      "layers/0/attn/q_proj/kernel": ("query", (1, tm.HEADS)),
+      "layers/0/attn/k_proj/kernel": ("key", (1, tm.KV_HEADS)),
+      "layers/0/attn/v_proj/kernel": ("value", (1, tm.KV_HEADS * tm.HEAD_DIM)),
+      "layers/0/attn/o_proj/kernel": ("attn_out", (1, tm.DIM)),
+      "layers/0/mlp/gate_proj/kernel": ("mlp", (1, tm.FFN)),
+      "layers/0/mlp/up_proj/kernel": ("mlp", (1, tm.FFN)),
+      "layers/0/mlp/down_proj/kernel": ("mlp", (1, tm.DIM)),
       "layers/0/attn_norm/scale": ("whole", (1,)),
       "norm/scale": ("whole", (1,)),
       "lm_head/kernel": ("output", (1, tm.VOCAB)),
   }
   state = nnx.state(model, nnx.Param)
   shapes = {P.path_str(p): x.shape for p, x in jax.tree_util.tree_flatten_with_path(state)[0]}
-  assert set(specs) >= set(expected)
+  assert set(specs) == set(expected) | {"layers/0/mlp_norm/scale"}
   for path, (rule, vshape) in expected.items():
     assert specs[path].rule == rule, path
     assert P.block_shape(specs[path], shapes[path]) == vshape, path
