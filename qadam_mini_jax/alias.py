@@ -26,6 +26,15 @@ def default_decay_mask(params: Any) -> Any:
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
+def _decay_and_scale(preconditioner, learning_rate, weight_decay, mask):
+  """``chain(preconditioner, add_decayed_weights, scale_by_learning_rate)``."""
+  return optax.chain(
+      preconditioner,
+      optax.add_decayed_weights(weight_decay, default_decay_mask if mask is None else mask),
+      optax.scale_by_learning_rate(learning_rate),
+  )
+
+
 def adam_mini(
     learning_rate: optax.ScalarOrSchedule,
     b1: chex.Numeric = 0.9,
@@ -33,7 +42,7 @@ def adam_mini(
     eps: chex.Numeric = 1e-8,
     weight_decay: chex.Numeric = 0.0,
     *,
-    mask: Any = default_decay_mask,
+    mask: Any = None,
     partition: partition_lib.BlockPartition | None = None,
     mu_dtype: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -44,17 +53,16 @@ def adam_mini(
     b1, b2, eps: Adam-mini's decays and epsilon (outside the square root).
     weight_decay: decoupled weight decay rate (multiplied by the learning rate).
     mask: which leaves decay: a pytree of bools or a callable ``params -> mask``;
-      default :func:`default_decay_mask`.
+      ``None`` means :func:`default_decay_mask` (a default that
+      ``optax.inject_hyperparams`` does not mistake for a schedule).
     partition: Hessian block rules, see
       :class:`~qadam_mini_jax.partition.BlockPartition`.
     mu_dtype: float dtype of ``m`` (e.g. ``"bfloat16"``; pass a string or list
       it in ``static_args`` under ``optax.inject_hyperparams``).
   """
-  return optax.chain(
+  return _decay_and_scale(
       transform.scale_by_adam_mini(b1, b2, eps, partition=partition, mu_dtype=mu_dtype),
-      optax.add_decayed_weights(weight_decay, mask),
-      optax.scale_by_learning_rate(learning_rate),
-  )
+      learning_rate, weight_decay, mask)
 
 
 def q_adam_mini(
@@ -64,7 +72,7 @@ def q_adam_mini(
     eps: chex.Numeric = 1e-8,
     weight_decay: chex.Numeric = 0.0,
     *,
-    mask: Any = default_decay_mask,
+    mask: Any = None,
     partition: partition_lib.BlockPartition | None = None,
     quantization: transform.Int8Quantization | None = transform.Int8Quantization(),
     stochastic_rounding: transform.StochasticRounding = "auto",
@@ -82,10 +90,8 @@ def q_adam_mini(
       ``"none"``, or a mask pytree / callable.
     key: int seed or JAX PRNG key for stochastic rounding.
   """
-  return optax.chain(
+  return _decay_and_scale(
       transform.scale_by_adam_mini(
           b1, b2, eps, partition=partition, quantization=quantization,
           stochastic_rounding=stochastic_rounding, key=key),
-      optax.add_decayed_weights(weight_decay, mask),
-      optax.scale_by_learning_rate(learning_rate),
-  )
+      learning_rate, weight_decay, mask)

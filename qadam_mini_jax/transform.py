@@ -158,7 +158,7 @@ def scale_by_adam_mini(
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
     specs = partition_lib.block_specs(updates, partition)
-    _check_state_matches(updates, specs, state)
+    _check_state_matches(updates, specs, state, stores_int8)
     count = optax.safe_increment(state.count)
     t = count.astype(jnp.float32)
     b1_ = jnp.asarray(b1, jnp.float32)
@@ -208,21 +208,29 @@ def scale_by_adam_mini(
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _check_state_matches(updates: Any, specs: Any, state: ScaleByAdamMiniState) -> None:
+def _check_state_matches(updates: Any, specs: Any, state: ScaleByAdamMiniState,
+                         stores_int8: Callable[[tuple[int, ...]], bool]) -> None:
   """Raise a ValueError naming the paths where updates and state disagree."""
-  flat = lambda tree, **kw: {partition_lib.path_str(p): x
-                             for p, x in jax.tree_util.tree_flatten_with_path(tree, **kw)[0]}
+  def flat(tree, **kw):
+    return {partition_lib.path_str(p): x
+            for p, x in jax.tree_util.tree_flatten_with_path(tree, **kw)[0]}
+
   got = flat(updates)
-  expected = {path: partition_lib.block_shape(spec, tuple(got[path].shape))
-              for path, spec in flat(specs, is_leaf=lambda x: isinstance(x, partition_lib.BlockSpec)).items()}
-  nu = {path: tuple(v.shape) for path, v in flat(state.nu).items()}
-  if expected.keys() != nu.keys():
-    missing = sorted(nu.keys() - expected.keys())
-    extra = sorted(expected.keys() - nu.keys())
+  specs = flat(specs, is_leaf=lambda x: isinstance(x, partition_lib.BlockSpec))
+  nu = flat(state.nu)
+  if specs.keys() != nu.keys():
+    missing = sorted(nu.keys() - specs.keys())
+    extra = sorted(specs.keys() - nu.keys())
     raise ValueError("The updates' tree does not match the optimizer state's: "
                      f"missing from updates {missing[:5]}, not in state {extra[:5]}.")
-  for path, shape in expected.items():
-    if nu[path] != shape:
-      raise ValueError(f"{path}: update of shape {tuple(got[path].shape)} does not match "
-                       f"the optimizer state (second moment {nu[path]}, expected {shape}); "
-                       "was the state initialised for other parameters?")
+  mu = flat(state.mu)
+  for path, spec in specs.items():
+    shape = tuple(got[path].shape)
+    want_nu = partition_lib.block_shape(spec, shape)
+    m_path = f"{path}/codes" if stores_int8(shape) else path
+    m_shape = tuple(mu[m_path].shape) if m_path in mu else None
+    if tuple(nu[path].shape) != want_nu or m_shape != shape:
+      raise ValueError(
+          f"{path}: update of shape {shape} does not match the optimizer state "
+          f"(first moment {m_shape}, second moment {tuple(nu[path].shape)}); was the "
+          "state initialised for other parameters?")

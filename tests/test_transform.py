@@ -1,0 +1,481 @@
+"""Tests of ``scale_by_adam_mini``: state layout, INT8 rounding, edge leaves."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import qadam_mini_jax
+from qadam_mini_jax import (Int8Quantization, QuantizedArray, ScaleByAdamMiniState,
+                            scale_by_adam_mini)
+
+B1, B2, EPS = 0.9, 0.95, 1e-8
+
+
+def _key_name(k):
+  for attr in ("key", "name", "idx"):  # DictKey, GetAttrKey, SequenceKey
+    if hasattr(k, attr):
+      return str(getattr(k, attr))
+  return str(k)
+
+
+def _flat(tree, is_leaf=None):
+  return {"/".join(_key_name(k) for k in path): leaf
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]}
+
+
+def _is_q(x):
+  return isinstance(x, (QuantizedArray, optax.MaskedNode))
+
+
+def _random_like(params, seed):
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda p: jnp.asarray(rng.standard_normal(p.shape), p.dtype), params)
+
+
+def _quiet(fn, *args):
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", UserWarning)  # partition "found no ..." warning
+    return fn(*args)
+
+
+# -----------------------------------------------------------------------------
+# 1. State layout.
+# -----------------------------------------------------------------------------
+
+QUANT = Int8Quantization(group_size=256, min_size=512)
+
+# path -> (shape, nu keep-dims shape, quantized?, scales shape)
+STATE_LEAVES = {
+    # (vocab, dim): one block per row; 2048 >= 512: INT8. Last axis 32 < 256, so a
+    # quantization row is the whole tensor: 8 groups of 256.
+    "embed/embedding": ((64, 32), (64, 1), True, (8,)),
+    # Dense (in, out) MLP: per output column. Rows of 300 -> groups [256, 44].
+    "mlp/kernel": ((3, 300), (1, 300), True, (3, 2)),
+    # DenseGeneral query (in, heads, head_dim): one block per head.
+    "attn/query/kernel": ((32, 4, 8), (1, 4, 1), True, (4,)),
+    # Under min_size: float32 m. Whole-tensor block.
+    "norm/scale": ((16,), (1,), False, None),
+    "mlp/bias": ((300,), (300,), False, None),
+}
+
+
+def _state_params():
+  rng = np.random.default_rng(0)
+  return _nest({k: jnp.asarray(rng.standard_normal(s), jnp.float32)
+                for k, (s, *_) in STATE_LEAVES.items()})
+
+
+def _nest(flat):
+  out = {}
+  for path, value in flat.items():
+    node = out
+    *parents, last = path.split("/")
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[last] = value
+  return out
+
+
+def _np_block_mean_sq(path, g):
+  """Hand-written block means of g^2, in nu's keep-dims shape."""
+  g = np.asarray(g, np.float64) ** 2
+  if path == "embed/embedding":
+    return np.array([[g[r].mean()] for r in range(g.shape[0])])
+  if path == "mlp/kernel":
+    return np.array([[g[:, c].mean() for c in range(g.shape[1])]])
+  if path == "attn/query/kernel":
+    return np.array([[[g[:, h, :].mean()] for h in range(g.shape[1])]])
+  if path == "norm/scale":
+    return np.array([g.mean()])
+  if path == "mlp/bias":
+    return g
+  raise KeyError(path)
+
+
+def _np_groups(path, shape):
+  """Hand-written quantization groups: list of (scale index, element index)."""
+  if path == "mlp/kernel":  # per row of 300: [0:256] and [256:300]
+    return [((r, 0), (r, slice(0, 256))) for r in range(shape[0])] + [
+        ((r, 1), (r, slice(256, 300))) for r in range(shape[0])]
+  n = math.prod(shape)  # whole tensor flattened, 256 consecutive elements
+  return [((i // 256,), slice(i, i + 256)) for i in range(0, n, 256)]
+
+
+def _check_state_layout(state):
+  assert isinstance(state, ScaleByAdamMiniState)
+  assert ScaleByAdamMiniState._fields == ("count", "key", "mu", "nu")
+  assert state.count.dtype == jnp.int32 and state.count.shape == ()
+  assert state.key.dtype == jnp.uint32 and state.key.shape == (2,)
+  mu = _flat(state.mu, is_leaf=_is_q)
+  nu = _flat(state.nu)
+  assert mu.keys() == nu.keys() == STATE_LEAVES.keys()
+  for k, (shape, nu_shape, quantized, scales_shape) in STATE_LEAVES.items():
+    assert nu[k].shape == nu_shape and nu[k].dtype == jnp.float32, k
+    if quantized:
+      assert isinstance(mu[k], QuantizedArray), k
+      assert mu[k].codes.shape == shape and mu[k].codes.dtype == jnp.int8, k
+      assert mu[k].scales.shape == scales_shape, k
+      assert mu[k].scales.dtype == jnp.float32, k
+    else:
+      assert not isinstance(mu[k], QuantizedArray), k
+      assert mu[k].shape == shape and mu[k].dtype == jnp.float32, k
+
+
+def test_state_layout_and_values_after_one_step():
+  params = _state_params()
+  tx = scale_by_adam_mini(B1, B2, EPS, quantization=QUANT, stochastic_rounding="none")
+  state0 = _quiet(tx.init, params)
+  _check_state_layout(state0)
+  assert int(state0.count) == 0
+  g = _random_like(params, 1)
+  updates, state1 = jax.jit(tx.update)(g, state0)
+  _check_state_layout(state1)
+  assert int(state1.count) == 1
+  gf, mu, nu, u = _flat(g), _flat(state1.mu, is_leaf=_is_q), _flat(state1.nu), _flat(updates)
+  for k, (shape, _, quantized, _) in STATE_LEAVES.items():
+    g64 = np.asarray(gf[k], np.float64)
+    v = (1 - B2) * _np_block_mean_sq(k, g64)
+    np.testing.assert_allclose(nu[k], v, rtol=1e-5, err_msg=k)
+    m = (1 - B1) * g64
+    # Step 1: u = (m/(1-b1)) / (sqrt(v)/sqrt(1-b2) + eps) = g / (sqrt(mean g^2) + eps).
+    den = np.broadcast_to(np.sqrt(_np_block_mean_sq(k, g64)), shape)
+    np.testing.assert_allclose(u[k], g64 / (den + EPS), rtol=1e-5, atol=1e-6, err_msg=k)
+    if quantized:
+      codes, scales = np.asarray(mu[k].codes), np.asarray(mu[k].scales)
+      for sidx, eidx in _np_groups(k, shape):
+        group = m.reshape(-1)[eidx] if isinstance(eidx, slice) else m[eidx]
+        gcodes = codes.reshape(-1)[eidx] if isinstance(eidx, slice) else codes[eidx]
+        s = np.abs(group).max() / 127
+        np.testing.assert_allclose(scales[sidx], s, rtol=1e-6, err_msg=k)
+        # Round to nearest: |code*s - m| <= s/2 and the max element hits +-127.
+        assert (np.abs(gcodes * scales[sidx] - group) <= 0.5 * s * (1 + 1e-5)).all(), k
+        assert np.abs(gcodes).max() == 127, k
+    else:
+      np.testing.assert_allclose(mu[k], m, rtol=1e-6, atol=1e-9, err_msg=k)
+
+
+@pytest.mark.parametrize("rounding", ["none", "all"])
+def test_state_shapes_and_dtypes_stable_across_steps_and_under_cond(rounding):
+  params = _state_params()
+  tx = scale_by_adam_mini(B1, B2, EPS, quantization=QUANT, stochastic_rounding=rounding)
+  state0 = _quiet(tx.init, params)
+
+  @jax.jit
+  def step(state, g, pred):
+    plain = tx.update(g, state)[1]
+    cond = jax.lax.cond(pred, lambda s: tx.update(g, s)[1], lambda s: s, state)
+    return plain, cond
+
+  state = state0
+  for t in range(3):
+    g = _random_like(params, 10 + t)
+    plain, taken = step(state, g, True)
+    _, skipped = step(state, g, False)
+    chex.assert_trees_all_equal_shapes_and_dtypes(plain, state0)
+    chex.assert_trees_all_equal_shapes_and_dtypes(taken, state0)
+    chex.assert_trees_all_equal(taken, plain)  # same computation, same bits
+    chex.assert_trees_all_equal(skipped, state)
+    state = plain
+  assert int(state.count) == 3
+
+
+# -----------------------------------------------------------------------------
+# 2. The embedding-decay property behind Q-Adam-mini's stochastic rounding.
+# -----------------------------------------------------------------------------
+
+ROWS, WIDTH, J = 4, 256, 5  # one quantization group per row; element J decays
+WARMUP_STEPS, RTN_STEPS, SR_STEPS, NUM_KEYS = 20, 250, 30, 1024
+J_GRAD = np.array([0.3, 0.45, 0.6, 0.8], np.float32)  # per row, during the warm-up
+
+
+def _decay_grads(t):
+  """Element 0 of each row: 1.0 always (pins the scale); J: J_GRAD while t<=warm-up."""
+  g = jnp.zeros((ROWS, WIDTH), jnp.float32).at[:, 0].set(1.0)
+  return g.at[:, J].set(jnp.where(t <= WARMUP_STEPS, jnp.asarray(J_GRAD), 0.0))
+
+
+def _decay_tx(rounding, quantization=Int8Quantization(group_size=256, min_size=0)):
+  return scale_by_adam_mini(B1, B2, EPS, quantization=quantization,
+                            stochastic_rounding=rounding)
+
+
+def _run(tx, state, first_t, steps):
+  """Scan ``steps`` updates; returns the final state and per-step stored mu."""
+
+  def body(state, t):
+    _, state = tx.update({"embed": {"embedding": _decay_grads(t)}}, state)
+    return state, state.mu["embed"]["embedding"]
+
+  return jax.lax.scan(body, state, first_t + jnp.arange(steps))
+
+
+def test_round_to_nearest_momentum_stalls_for_zero_gradient():
+  params = {"embed": {"embedding": jnp.zeros((ROWS, WIDTH), jnp.float32)}}
+  tx = _decay_tx("none")
+  state, mus = jax.jit(lambda s: _run(tx, s, 1, RTN_STEPS))(_quiet(tx.init, params))
+  codes, scales = np.asarray(mus.codes), np.asarray(mus.scales)  # (T, 4, 256), (T, 4, 1)
+  # The pinned element: code 127 and scale ~ 1/127 (m0 -> 1).
+  assert (codes[-100:, :, 0] == 127).all()
+  np.testing.assert_allclose(scales[-100:], 1 / 127, rtol=1e-5)
+  # The zero-gradient element stalls: the same nonzero code over the last 100 steps,
+  # although b1^(RTN_STEPS - WARMUP_STEPS) ~ 3e-11 of its value would remain in float.
+  stalled = codes[-100:, :, J]
+  assert (stalled == stalled[0]).all(), stalled
+  assert (stalled[0] != 0).all(), stalled[0]
+  assert (codes[-1] * scales[-1])[:, J].min() > 0.01
+  # The same run with float32 momentum decays to (almost) zero.
+  tx_f = _decay_tx("none", quantization=None)
+  state_f, _ = jax.jit(lambda s: _run(tx_f, s, 1, RTN_STEPS))(_quiet(tx_f.init, params))
+  assert np.abs(np.asarray(state_f.mu["embed"]["embedding"][:, J])).max() < 1e-8
+
+
+def test_stochastic_rounding_momentum_decays_like_b1_power_in_mean():
+  """From a stalled round-to-nearest state, SR makes E[deq m_J] = b1^k * m_J(0).
+
+  Each step stores ``deq_k = m_k + r_k`` with E[r_k | m_k] = 0 and
+  Var(r_k | m_k) <= s^2/4, and ``m_{k+1} = b1*deq_k`` (zero gradient). So
+  E[deq_k] = b1^k deq_0 and Var(deq_k) <= s^2/4 * sum_{i<k} b1^(2i). Over
+  NUM_KEYS keys x ROWS rows (independent streams) the empirical mean must be
+  within 5 standard errors of b1^k * deq_0 at every step k.
+  """
+  params = {"embed": {"embedding": jnp.zeros((ROWS, WIDTH), jnp.float32)}}
+  tx_rtn, tx_sr = _decay_tx("none"), _decay_tx("all")
+  start, _ = jax.jit(lambda s: _run(tx_rtn, s, 1, 200))(_quiet(tx_rtn.init, params))
+  q0 = start.mu["embed"]["embedding"]
+  deq0 = np.asarray(q0.codes[:, J], np.float64) * np.asarray(q0.scales[:, 0], np.float64)
+  assert (deq0 > 0).all()  # stalled at a nonzero code
+  s = float(np.asarray(q0.scales).max())
+
+  words = jax.random.bits(jax.random.key(0), (NUM_KEYS, 2), jnp.uint32)
+
+  @jax.jit
+  @jax.vmap
+  def run_key(w):
+    _, mus = _run(tx_sr, start._replace(key=w), 201, SR_STEPS)
+    return mus.codes[:, :, J].astype(jnp.float32) * mus.scales[:, :, 0]  # (K, ROWS)
+
+  deq = np.asarray(run_key(words), np.float64)  # (keys, K, ROWS)
+  k = np.arange(1, SR_STEPS + 1)
+  want = (B1 ** k)[:, None] * deq0[None, :]  # (K, ROWS)
+  n = NUM_KEYS * ROWS
+  mean = deq.mean(axis=0).mean(axis=1)  # (K,)
+  want_mean = want.mean(axis=1)
+  var_bound = s**2 / 4 * np.cumsum(B1 ** (2 * np.arange(SR_STEPS)))  # per sample
+  se = np.sqrt(var_bound / n)
+  assert (np.abs(mean - want_mean) <= 5 * se).all(), np.c_[mean, want_mean, se]
+  # It really decays (round-to-nearest would keep deq0 forever) ...
+  assert mean[-1] < 0.1 * deq0.mean()
+  # ... and each sample moved by at most one code per step from b1 * previous.
+  prev = np.concatenate([np.broadcast_to(deq0, (NUM_KEYS, 1, ROWS)), deq[:, :-1]], axis=1)
+  assert (np.abs(deq - B1 * prev) < s * (1 + 1e-5)).all()
+
+
+# -----------------------------------------------------------------------------
+# 3. Reproducible counter-based stochastic rounding.
+# -----------------------------------------------------------------------------
+
+
+def _sr_params():
+  w = jnp.asarray(np.random.default_rng(3).standard_normal((16, 64)), jnp.float32)
+  return {"a": {"kernel": w}, "b": {"kernel": w}}  # two identical leaves
+
+
+def _sr_run(key, steps=3, params=None):
+  params = _sr_params() if params is None else params
+  tx = scale_by_adam_mini(B1, B2, EPS, quantization=Int8Quantization(min_size=0),
+                          stochastic_rounding="all", key=key)
+  state = _quiet(tx.init, params)
+  update = jax.jit(tx.update)
+  for t in range(steps):
+    g = _random_like(params, 100 + t)
+    g = {"a": g["a"], "b": g["a"]}  # identical gradients for the identical leaves
+    _, state = update(g, state)
+  return state
+
+
+def test_stochastic_rounding_same_key_is_bitwise_reproducible():
+  chex.assert_trees_all_equal(_sr_run(3), _sr_run(3))
+  # A typed key and the legacy raw key of the same seed give the same state.
+  chex.assert_trees_all_equal(_sr_run(jax.random.key(11)), _sr_run(jax.random.PRNGKey(11)))
+
+
+def test_stochastic_rounding_codes_are_floor_or_ceil():
+  state = _sr_run(3, steps=1)
+  g = _random_like(_sr_params(), 100)["a"]["kernel"]
+  m = (1 - B1) * np.asarray(g, np.float64)  # 64 per row < 256: whole-tensor groups
+  q = state.mu["a"]["kernel"]
+  codes, scales = np.asarray(q.codes), np.asarray(q.scales).reshape(-1)
+  y = (m.reshape(-1, 256) / scales[:, None]).reshape(m.shape)
+  c = codes.astype(np.float64)
+  # (1e-4 slack: y here is float64, the library's float32.)
+  assert ((c >= np.floor(y - 1e-4)) & (c <= np.ceil(y + 1e-4))).all()
+  # Both directions occur (not round-to-nearest, not always floor).
+  nearest = np.floor(y + 0.5)
+  frac_away = np.mean(c != nearest)
+  assert 0.1 < frac_away < 0.5, frac_away  # E = mean(min(f, 1-f)) ~ 1/4
+
+
+def test_stochastic_rounding_streams_differ_by_key_step_and_leaf():
+  s3, s4 = _sr_run(3), _sr_run(4)
+  ca, cb = np.asarray(s3.mu["a"]["kernel"].codes), np.asarray(s3.mu["b"]["kernel"].codes)
+  # Different keys: different codes.
+  assert (np.asarray(s4.mu["a"]["kernel"].codes) != ca).mean() > 0.05
+  # Different leaves with identical values and gradients: different codes.
+  assert (ca != cb).mean() > 0.05
+  # Different steps: the same stored state and gradient at another count.
+  params = _sr_params()
+  tx = scale_by_adam_mini(B1, B2, EPS, quantization=Int8Quantization(min_size=0),
+                          stochastic_rounding="all", key=3)
+  g = _random_like(params, 7)
+  _, n1 = tx.update(g, s3)
+  _, n2 = tx.update(g, s3._replace(count=s3.count + 5))
+  c1, c2 = np.asarray(n1.mu["a"]["kernel"].codes), np.asarray(n2.mu["a"]["kernel"].codes)
+  assert (c1 != c2).mean() > 0.05
+  assert (np.abs(c1.astype(int) - c2) <= 1).all()  # only the rounding differs
+  chex.assert_trees_all_equal(n1.nu, n2.nu)
+
+
+# -----------------------------------------------------------------------------
+# 4. Leaves left alone and mismatched trees.
+# -----------------------------------------------------------------------------
+
+
+def test_int_and_empty_leaves_are_left_alone():
+  params = {"mlp": {"kernel": jnp.ones((4, 8), jnp.float32)},
+            "step": jnp.array([3, 4, 5], jnp.int32),
+            "empty": jnp.zeros((0, 4), jnp.float32)}
+  grads = {"mlp": {"kernel": jnp.full((4, 8), 0.5, jnp.float32)},
+           "step": jnp.array([7, -2, 9], jnp.int32),  # nonzero: must be ignored
+           "empty": jnp.zeros((0, 4), jnp.float32)}
+  for tx in (scale_by_adam_mini(B1, B2, EPS),
+             scale_by_adam_mini(B1, B2, EPS, quantization=Int8Quantization(min_size=0)),
+             qadam_mini_jax.adam_mini(0.1, weight_decay=0.1),
+             qadam_mini_jax.q_adam_mini(0.1, weight_decay=0.1,
+                                        quantization=Int8Quantization(min_size=0))):
+    state = _quiet(tx.init, params)
+    update = jax.jit(tx.update)
+    p = params
+    for _ in range(2):
+      u, state = update(grads, state, p)
+      assert u["step"].shape == (3,) and u["empty"].shape == (0, 4)
+      np.testing.assert_array_equal(u["step"], 0)
+      p = optax.apply_updates(p, u)
+    np.testing.assert_array_equal(p["step"], params["step"])
+    assert p["step"].dtype == jnp.int32
+    assert p["empty"].shape == (0, 4) and p["empty"].dtype == jnp.float32
+    assert not np.allclose(p["mlp"]["kernel"], 1.0)  # the float leaf did move
+  inner = _quiet(scale_by_adam_mini().init, params)
+  assert isinstance(inner.mu["step"], optax.MaskedNode)
+  assert isinstance(inner.nu["empty"], optax.MaskedNode)
+
+
+def test_float0_gradient_of_int_leaf_passes_through():
+  params = {"w": jnp.ones((2, 3)), "n": jnp.array(2, jnp.int32)}
+
+  def loss(p):
+    return jnp.sum(p["w"] ** 2) * p["n"]
+
+  grads = jax.grad(loss, allow_int=True)(params)
+  assert grads["n"].dtype == jax.dtypes.float0
+  tx = scale_by_adam_mini()
+  u, _ = tx.update(grads, _quiet(tx.init, params))
+  assert u["n"].dtype == jax.dtypes.float0
+  assert u["w"].shape == (2, 3)
+
+
+def _expect_path_error(tx, init_params, update_params, path):
+  state = _quiet(tx.init, init_params)
+  grads = jax.tree.map(jnp.ones_like, update_params)
+  with pytest.raises(ValueError, match=path):
+    tx.update(grads, state)
+
+
+def test_mismatched_tree_names_the_path():
+  a = {"mlp": {"kernel": jnp.ones((4, 8))}, "norm": {"scale": jnp.ones(8)}}
+  b = {"mlp": {"kernel": jnp.ones((4, 8))}, "other": {"scale": jnp.ones(8)}}
+  _expect_path_error(scale_by_adam_mini(), a, b, "other/scale")
+
+
+@pytest.mark.parametrize("quantization", [None, Int8Quantization(min_size=0)])
+@pytest.mark.parametrize("path, init_shape, update_shape", [
+    ("mlp/kernel", (4, 8), (4, 16)),   # nu shape differs too: (1, 8) vs (1, 16)
+    ("norm/scale", (32,), (16,)),      # whole-tensor block: nu (1,) either way
+    ("mlp/kernel", (4, 8), (1, 8)),    # per-column blocks: nu (1, 8) either way
+])
+def test_mismatched_leaf_shape_names_the_path(path, init_shape, update_shape,
+                                              quantization):
+  tx = scale_by_adam_mini(quantization=quantization)
+  _expect_path_error(tx, _nest({path: jnp.ones(init_shape)}),
+                     _nest({path: jnp.ones(update_shape)}), path)
+
+
+# -----------------------------------------------------------------------------
+# 5. bfloat16 parameters.
+# -----------------------------------------------------------------------------
+
+
+def _bf16_params():
+  rng = np.random.default_rng(5)
+  return {"embed": {"embedding": jnp.asarray(rng.standard_normal((64, 32)), jnp.bfloat16)},
+          "mlp": {"kernel": jnp.asarray(rng.standard_normal((32, 64)), jnp.bfloat16)},
+          "norm": {"scale": jnp.ones((32,), jnp.bfloat16)}}
+
+
+@pytest.mark.parametrize("mode, mu_dtype", [
+    ("float", jnp.float32), ("int8", jnp.int8), ("bf16", jnp.bfloat16)])
+def test_bf16_params(mode, mu_dtype):
+  params = _bf16_params()
+  kwargs = {"float": {}, "int8": dict(quantization=Int8Quantization(min_size=0)),
+            "bf16": dict(mu_dtype="bfloat16")}[mode]
+  tx = scale_by_adam_mini(B1, B2, EPS, **kwargs)
+  state = _quiet(tx.init, params)
+  update = jax.jit(tx.update)
+  grads = _random_like(params, 6)
+  for _ in range(2):
+    u, state = update(grads, state)
+    chex.assert_trees_all_equal_shapes_and_dtypes(u, params)  # bf16 updates
+    for nu in jax.tree.leaves(state.nu):
+      assert nu.dtype == jnp.float32
+    for mu in jax.tree.leaves(state.mu, is_leaf=_is_q):
+      if mode == "int8":
+        assert isinstance(mu, QuantizedArray)
+        assert mu.codes.dtype == jnp.int8 and mu.scales.dtype == jnp.float32
+      else:
+        assert mu.dtype == mu_dtype
+  # Values: constant gradients -> m = (1 - b1^2) g, u = g / sqrt(mean_B g^2). Bound:
+  # bf16 rounding of u and of a bf16 m (relative 2^-9 each, 2^-7 allowed) and, for
+  # INT8, the step-1 rounding error (<= s/2 round-to-nearest, < s for the
+  # stochastically rounded embedding; s = group max|0.1 g|/127) carried into m_2
+  # by b1 and divided by (1 - b1^2) and the denominator.
+  g32 = {k: np.asarray(v, np.float32) for k, v in _flat(grads).items()}
+  for k, v in _flat(u).items():
+    block = {"embed/embedding": 1, "mlp/kernel": 0, "norm/scale": None}[k]
+    den = np.sqrt(np.mean(g32[k] ** 2, axis=block, keepdims=block is not None))
+    want = g32[k] / den
+    bound = 2**-7 * np.abs(want) + 1e-3
+    if mode == "int8":  # groups: 256 consecutive elements of the flattened leaf
+      flat = np.abs(0.1 * g32[k]).reshape(-1)
+      s = np.concatenate([np.full(len(flat[i:i + 256]), flat[i:i + 256].max() / 127)
+                          for i in range(0, flat.size, 256)]).reshape(want.shape)
+      c = 1.0 if k == "embed/embedding" else 0.5  # stochastic_rounding="auto"
+      bound = bound + B1 * c * s / (1 - B1**2) / den
+    err = np.abs(np.asarray(v, np.float32) - want)
+    assert (err <= bound).all(), (k, (err / bound).max())
+    assert (err / bound).max() > 0.01  # not vacuous
+  if mode == "bf16":
+    for k, m in _flat(state.mu).items():
+      np.testing.assert_allclose(np.asarray(m, np.float32), (1 - B1**2) * g32[k],
+                                 rtol=2**-7, err_msg=k)
+  # Through the alias, bf16 params stay bf16.
+  tx = qadam_mini_jax.adam_mini(1e-2, weight_decay=0.1, mu_dtype=kwargs.get("mu_dtype"))
+  s = _quiet(tx.init, params)
+  u, _ = tx.update(grads, s, params)
+  chex.assert_trees_all_equal_shapes_and_dtypes(optax.apply_updates(params, u), params)
