@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from qadam_mini_jax import pallas_update
 from qadam_mini_jax import partition as partition_lib
 from qadam_mini_jax import quantize as quantize_lib
 from qadam_mini_jax import random_bits
@@ -57,6 +58,24 @@ class Int8Quantization:
 #: ``"auto"`` (embedding and output blocks), ``"all"``, ``"none"``, a pytree of
 #: bools like the params, or a callable ``params -> pytree of bools``.
 StochasticRounding = Union[str, Any, Callable[[Any], Any]]
+
+
+IMPLEMENTATIONS = ("auto", "xla", "pallas")
+
+
+def resolve_implementation(implementation: str, quantization: Int8Quantization | None) -> str | None:
+  """The Pallas backend INT8 leaves use, or ``None`` for the jnp path."""
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}.")
+  platform = jax.default_backend()
+  if implementation == "xla" or quantization is None or (
+      implementation == "auto" and platform != "gpu"):
+    return None
+  if platform not in ("gpu", "cpu"):
+    raise ValueError(f"implementation='pallas' runs on CUDA GPUs (Triton) and, in interpret "
+                     f"mode, on CPU; this platform is {platform!r}: use 'xla'.")
+  pallas_update.check_group_size(quantization.group_size)
+  return pallas_update.default_backend()
 
 
 class ScaleByAdamMiniState(NamedTuple):
@@ -104,7 +123,20 @@ def _rounding_mask(stochastic_rounding: StochasticRounding, specs: Any, tree: An
   return [bool(x) for x in leaves]
 
 
-def scale_by_adam_mini(
+class Epilogue(NamedTuple):
+  """The rest of the ``q_adam_mini`` chain, fused into the step.
+
+  With it the step returns new parameters ``p + (-lr)*(u + wd*p)`` (``wd``
+  only where ``decay`` is true) instead of the direction ``u``.
+  """
+
+  params: Any
+  neg_lr: jax.Array
+  wd: jax.Array
+  decay: Any  # pytree of bools like params
+
+
+def adam_mini_step(
     b1: chex.Numeric = 0.9,
     b2: chex.Numeric = 0.999,
     eps: chex.Numeric = 1e-8,
@@ -114,26 +146,12 @@ def scale_by_adam_mini(
     quantization: Int8Quantization | None = None,
     stochastic_rounding: StochasticRounding = "auto",
     key: Any = 0,
-) -> optax.GradientTransformationExtraArgs:
-  """Rescale updates by Adam-mini's block-wise second moment.
-
-  Args:
-    b1: decay of the first moment.
-    b2: decay of the block second moment.
-    eps: added to ``sqrt(v_B)/sqrt(1-b2^t)`` (outside the square root).
-    partition: block rules; default :class:`~.partition.BlockPartition()`.
-    mu_dtype: float dtype of a float-stored ``m`` (default float32).
-    quantization: store ``m`` in INT8 (Q-Adam-mini) with these settings;
-      ``None`` stores it in ``mu_dtype``.
-    stochastic_rounding: which INT8 leaves round stochastically (the rest
-      round to nearest): ``"auto"`` = embedding and output blocks.
-    key: int seed or JAX PRNG key of the rounding noise (held in the state).
-
-  Returns:
-    An ``optax.GradientTransformationExtraArgs``.
-  """
+    implementation: str = "xla",
+) -> tuple[Callable[[Any], ScaleByAdamMiniState], Callable[..., tuple[Any, ScaleByAdamMiniState]]]:
+  """``(init, step)`` of :func:`scale_by_adam_mini`; ``step(g, state, epilogue=None)``."""
   partition = partition_lib.BlockPartition() if partition is None else partition
   mu_dtype = _resolve_dtype(mu_dtype)
+  backend = resolve_implementation(implementation, quantization)
 
   def stores_int8(shape):
     return quantization is not None and math.prod(shape) >= quantization.min_size
@@ -155,55 +173,124 @@ def scale_by_adam_mini(
         count=jnp.zeros([], jnp.int32), key=random_bits.key_words(key),
         mu=jax.tree.unflatten(treedef, mu), nu=jax.tree.unflatten(treedef, nu))
 
-  def update_fn(updates, state, params=None, **extra_args):
-    del params, extra_args
+  def step_fn(updates, state, epilogue: Epilogue | None = None):
     specs = partition_lib.block_specs(updates, partition)
     _check_state_matches(updates, specs, state, stores_int8)
     count = optax.safe_increment(state.count)
     t = count.astype(jnp.float32)
-    b1_ = jnp.asarray(b1, jnp.float32)
-    b2_ = jnp.asarray(b2, jnp.float32)
+    b1_, b2_ = jnp.asarray(b1, jnp.float32), jnp.asarray(b2, jnp.float32)
     bc1 = 1.0 - b1_**t
     sqrt_bc2 = jnp.sqrt(1.0 - b2_**t)
     stochastic = _rounding_mask(stochastic_rounding, specs, updates)
 
     g_leaves, treedef = jax.tree.flatten(updates)
-    spec_leaves = treedef.flatten_up_to(specs)
-    mu_leaves = treedef.flatten_up_to(state.mu)
-    nu_leaves = treedef.flatten_up_to(state.nu)
-    out_u, out_mu, out_nu = [], [], []
-    for index, (g, spec, mu, nu, sr) in enumerate(
-        zip(g_leaves, spec_leaves, mu_leaves, nu_leaves, stochastic)):
-      if spec is None:  # left alone: a zero update (float0 gradients pass through)
-        out_u.append(g if g.dtype == jax.dtypes.float0 else jnp.zeros_like(g))
+    per_leaf = zip(g_leaves, *(treedef.flatten_up_to(tree) for tree in (
+        specs, state.mu, state.nu,
+        epilogue.params if epilogue else state.mu, epilogue.decay if epilogue else state.mu)),
+        stochastic)
+    out, out_mu, out_nu = [], [], []
+    for index, (g, spec, mu, nu, p, decay, sr) in enumerate(per_leaf):
+      if spec is None:  # left alone (non-float or empty)
+        out.append(p if epilogue else
+                   g if g.dtype == jax.dtypes.float0 else jnp.zeros_like(g))
         out_mu.append(mu)
         out_nu.append(nu)
         continue
       g32 = g.astype(jnp.float32)
       nu = b2_ * nu + (1.0 - b2_) * partition_lib.block_mean(g32 * g32, spec)
-      quantized = stores_int8(g.shape)
-      if quantized:  # (flax.nnx turns the QuantizedArray into a State: rebuild it)
-        mu = quantize_lib.QuantizedArray(mu.codes, mu.scales)
-        m_prev = quantize_lib.dequantize(mu, quantization.group_size)
+      # One factor per block, so the per-element work is a single multiply:
+      # u = m * 1/((1-b1^t) * (sqrt(v_B)/sqrt(1-b2^t) + eps)).
+      factor = 1.0 / (bc1 * (jnp.sqrt(nu) / sqrt_bc2 + eps))
+      wd = (epilogue.wd if decay else jnp.zeros([], jnp.float32)) if epilogue else None
+
+      def finish(u):
+        """The chain after the preconditioner: decay, learning rate, apply."""
+        u = u.astype(g.dtype)
+        if epilogue is None:
+          return u
+        u = (u + wd * p) if decay else u
+        return jnp.asarray(p + epilogue.neg_lr.astype(u.dtype) * u).astype(p.dtype)
+
+      def moment_and_direction(m_prev):
+        m = b1_ * m_prev + (1.0 - b1_) * g32
+        return m, m * partition_lib.broadcast_block(factor, spec, g.shape)
+
+      if not stores_int8(g.shape):
+        m, u = moment_and_direction(mu.astype(jnp.float32))
+        out.append(finish(u))
+        out_mu.append(m.astype(mu.dtype))
+        out_nu.append(nu)
+        continue
+      mu = quantize_lib.QuantizedArray(mu.codes, mu.scales)  # flax.nnx hands it back as a State
+      seeds = random_bits.stream_seeds(state.key, count, index) if sr else None
+      if backend is None:
+        m, u = moment_and_direction(quantize_lib.dequantize(mu, quantization.group_size))
+        noise = None if seeds is None else random_bits.uniform(g.shape, *seeds)
+        out.append(finish(u))
+        out_mu.append(quantize_lib.quantize(m, quantization.group_size, noise))
       else:
-        m_prev = mu.astype(jnp.float32)
-      m = b1_ * m_prev + (1.0 - b1_) * g32
-      denom = jnp.sqrt(nu) / sqrt_bc2 + eps
-      u = (m / bc1) / partition_lib.broadcast_block(denom, spec, g.shape)
-      if quantized:
-        noise = None
-        if sr:
-          s0, s1 = random_bits.stream_seeds(state.key, count, index)
-          noise = random_bits.uniform(g.shape, s0, s1)
-        mu = quantize_lib.quantize(m, quantization.group_size, noise)
-      else:
-        mu = m.astype(mu.dtype)
-      out_u.append(u.astype(g.dtype))
-      out_mu.append(mu)
+        zero = jnp.zeros([], jnp.float32)
+        hyper = [b1_, 1.0 - b1_, epilogue.neg_lr if epilogue else zero, wd if epilogue else zero]
+        new, mu = pallas_update.fused_leaf_update(
+            p if epilogue else g, g, mu,
+            pallas_update.factors_2d(factor, spec, g.shape, quantization.group_size),
+            jnp.stack([jnp.asarray(h, jnp.float32) for h in hyper] + [zero] * 4),
+            jnp.zeros((2,), jnp.uint32) if seeds is None else jnp.stack(seeds),
+            group_size=quantization.group_size, stochastic=sr, fuse_step=epilogue is not None,
+            **pallas_update.factor_axes(spec, g.shape, quantization.group_size),
+            backend=backend)
+        out.append(new)
+        out_mu.append(mu)
       out_nu.append(nu)
     unflatten = lambda leaves: jax.tree.unflatten(treedef, leaves)
-    return unflatten(out_u), ScaleByAdamMiniState(
+    return unflatten(out), ScaleByAdamMiniState(
         count=count, key=state.key, mu=unflatten(out_mu), nu=unflatten(out_nu))
+
+  return init_fn, step_fn
+
+
+def scale_by_adam_mini(
+    b1: chex.Numeric = 0.9,
+    b2: chex.Numeric = 0.999,
+    eps: chex.Numeric = 1e-8,
+    *,
+    partition: partition_lib.BlockPartition | None = None,
+    mu_dtype: Any = None,
+    quantization: Int8Quantization | None = None,
+    stochastic_rounding: StochasticRounding = "auto",
+    key: Any = 0,
+    implementation: str = "xla",
+) -> optax.GradientTransformationExtraArgs:
+  """Rescale updates by Adam-mini's block-wise second moment.
+
+  Args:
+    b1: decay of the first moment.
+    b2: decay of the block second moment.
+    eps: added to ``sqrt(v_B)/sqrt(1-b2^t)`` (outside the square root).
+    partition: block rules; default :class:`~.partition.BlockPartition()`.
+    mu_dtype: float dtype of a float-stored ``m`` (default float32).
+    quantization: store ``m`` in INT8 (Q-Adam-mini) with these settings;
+      ``None`` stores it in ``mu_dtype``.
+    stochastic_rounding: which INT8 leaves round stochastically (the rest
+      round to nearest): ``"auto"`` = embedding and output blocks.
+    key: int seed or JAX PRNG key of the rounding noise (held in the state).
+    implementation: how INT8 leaves are updated: ``"xla"`` (jnp, the
+      specification), ``"pallas"`` (the fused kernel of
+      :mod:`.pallas_update`: Triton on GPU, interpret mode elsewhere) or
+      ``"auto"`` (``"pallas"`` on GPU, else ``"xla"``). Float leaves always
+      take the jnp path. Both give the same state up to float32 rounding
+      (see :mod:`.pallas_update`).
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+  """
+  init_fn, step_fn = adam_mini_step(
+      b1, b2, eps, partition=partition, mu_dtype=mu_dtype, quantization=quantization,
+      stochastic_rounding=stochastic_rounding, key=key, implementation=implementation)
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del params, extra_args
+    return step_fn(updates, state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
