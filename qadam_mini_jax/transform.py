@@ -175,7 +175,7 @@ def adam_mini_step(
 
   def step_fn(updates, state, epilogue: Epilogue | None = None):
     specs = partition_lib.block_specs(updates, partition)
-    _check_state_matches(updates, specs, state, stores_int8)
+    paths = _check_tree_matches(updates, specs, state)
     count = optax.safe_increment(state.count)
     t = count.astype(jnp.float32)
     b1_, b2_ = jnp.asarray(b1, jnp.float32), jnp.asarray(b2, jnp.float32)
@@ -196,6 +196,7 @@ def adam_mini_step(
         out_mu.append(mu)
         out_nu.append(nu)
         continue
+      _check_leaf_matches(paths[index], tuple(g.shape), spec, mu, nu, stores_int8(g.shape))
       g32 = g.astype(jnp.float32)
       nu = b2_ * nu + (1.0 - b2_) * partition_lib.block_mean(g32 * g32, spec)
       # One factor per block, so the per-element work is a single multiply:
@@ -295,29 +296,28 @@ def scale_by_adam_mini(
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _check_state_matches(updates: Any, specs: Any, state: ScaleByAdamMiniState,
-                         stores_int8: Callable[[tuple[int, ...]], bool]) -> None:
-  """Raise a ValueError naming the paths where updates and state disagree."""
-  def flat(tree, **kw):
-    return {partition_lib.path_str(p): x
-            for p, x in jax.tree_util.tree_flatten_with_path(tree, **kw)[0]}
+def _check_tree_matches(updates: Any, specs: Any, state: ScaleByAdamMiniState) -> list[str]:
+  """The updates' paths; a ValueError naming paths that the state lacks or has extra."""
+  def paths(tree, **kw):
+    return [partition_lib.path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree, **kw)[0]]
 
-  got = flat(updates)
-  specs = flat(specs, is_leaf=lambda x: isinstance(x, partition_lib.BlockSpec))
-  nu = flat(state.nu)
-  if specs.keys() != nu.keys():
-    missing = sorted(nu.keys() - specs.keys())
-    extra = sorted(specs.keys() - nu.keys())
-    raise ValueError("The updates' tree does not match the optimizer state's: "
-                     f"missing from updates {missing[:5]}, not in state {extra[:5]}.")
-  mu = flat(state.mu)
-  for path, spec in specs.items():
-    shape = tuple(got[path].shape)
-    want_nu = partition_lib.block_shape(spec, shape)
-    m_path = f"{path}/codes" if stores_int8(shape) else path
-    m_shape = tuple(mu[m_path].shape) if m_path in mu else None
-    if tuple(nu[path].shape) != want_nu or m_shape != shape:
-      raise ValueError(
-          f"{path}: update of shape {shape} does not match the optimizer state "
-          f"(first moment {m_shape}, second moment {tuple(nu[path].shape)}); was the "
-          "state initialised for other parameters?")
+  got = paths(updates)
+  updated = set(paths(specs, is_leaf=lambda x: isinstance(x, partition_lib.BlockSpec)))
+  in_state = set(paths(state.nu))
+  if updated != in_state:
+    raise ValueError("The updates' tree does not match the optimizer state's: missing from "
+                     f"updates {sorted(in_state - updated)[:5]}, not in state "
+                     f"{sorted(updated - in_state)[:5]}.")
+  return got
+
+
+def _check_leaf_matches(path: str, shape: tuple[int, ...], spec: partition_lib.BlockSpec,
+                        mu: Any, nu: Any, int8: bool) -> None:
+  m = getattr(mu, "codes", None) if int8 else mu
+  m_shape = None if m is None or not hasattr(m, "shape") else tuple(m.shape)
+  want_nu = partition_lib.block_shape(spec, shape)
+  if tuple(nu.shape) != want_nu or m_shape != shape:
+    raise ValueError(
+        f"{path}: update of shape {shape} does not match the optimizer state (first moment "
+        f"{m_shape}{' int8' if int8 else ''}, second moment {tuple(nu.shape)}); was the state "
+        "initialised for other parameters or another quantization?")

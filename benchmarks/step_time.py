@@ -1,0 +1,131 @@
+"""Optimizer step time on LLaMA parameter shapes, as ratios to optax.adamw.
+
+    python benchmarks/step_time.py                # GPU: 1B (and 7B if it fits); CPU: 130M, XLA rows
+    python benchmarks/step_time.py --model 60M --iters 10
+
+Each row times one jitted optimizer step alone: ``tx.update`` plus
+``optax.apply_updates`` (or ``fused_q_adam_mini``'s ``step``, which writes the
+parameters itself), parameters and state donated, warmed up, median of
+``--iters`` runs with ``block_until_ready``. Bandwidth counts the bytes a
+perfectly fused step must move: read parameters, gradients and state, write
+parameters and state. Results go to ``benchmarks/results/step_time_<device>.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import llama_shapes  # noqa: E402
+
+import qadam_mini_jax as qam  # noqa: E402
+
+RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+PEAK_GBPS = {"H100": 3350.0, "H200": 4800.0}  # HBM peak, by device-kind substring
+
+
+def optimizers(config, on_gpu: bool) -> dict:
+  """Row name -> (init, step(grads, state, params) -> (params, state))."""
+  part = qam.BlockPartition(num_heads=config.num_heads, num_kv_heads=config.num_kv_heads)
+  kw = dict(b2=0.95, weight_decay=0.1)
+
+  def chain(tx):
+    def step(grads, state, params):
+      updates, state = tx.update(grads, state, params)
+      return optax.apply_updates(params, updates), state
+    return tx.init, step
+
+  rows = {
+      "optax.adamw": chain(optax.adamw(1e-3, **kw)),
+      "optax.adamw (mu bf16)": chain(optax.adamw(1e-3, mu_dtype=jnp.bfloat16, **kw)),
+      "adam_mini": chain(qam.adam_mini(1e-3, partition=part, **kw)),
+      "q_adam_mini xla": chain(qam.q_adam_mini(1e-3, partition=part, implementation="xla", **kw)),
+  }
+  if on_gpu:
+    rows["q_adam_mini pallas"] = chain(
+        qam.q_adam_mini(1e-3, partition=part, implementation="pallas", **kw))
+    fused = qam.fused_q_adam_mini(1e-3, partition=part, implementation="pallas", **kw)
+    rows["fused_q_adam_mini pallas"] = (fused.init, fused.step)
+  return rows
+
+
+def time_step(init, step, params, iters: int) -> tuple[float, int]:
+  """Median seconds of one step, and the state's bytes."""
+  params = jax.tree.map(jnp.copy, params)  # donated below: keep the caller's
+  state = init(params)
+  grads = jax.tree.map(lambda p: jnp.full(p.shape, 1e-3, p.dtype), params)
+  run = jax.jit(step, donate_argnums=(1, 2))
+  params, state = run(grads, state, params)  # compile and warm up
+  jax.block_until_ready((params, state))
+  times = []
+  for _ in range(iters):
+    start = time.perf_counter()
+    params, state = run(grads, state, params)
+    jax.block_until_ready((params, state))
+    times.append(time.perf_counter() - start)
+  return statistics.median(times), qam.tree_nbytes(state)
+
+
+def main() -> None:
+  on_gpu = jax.default_backend() == "gpu"
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--model", nargs="+", default=["1B", "7B"] if on_gpu else ["130M"])
+  parser.add_argument("--iters", type=int, default=50 if on_gpu else 5)
+  args = parser.parse_args()
+  device = jax.devices()[0]
+  kind = getattr(device, "device_kind", device.platform)
+  peak = next((v for k, v in PEAK_GBPS.items() if k in kind), None)
+  lines = [f"Produced by `python benchmarks/step_time.py {' '.join(sys.argv[1:])}`".rstrip()
+           + f" on {kind} ({jax.device_count()} device, jax {jax.__version__}); "
+           f"median of {args.iters} steps; fp32 params.", ""]
+  for model in args.model:
+    config = llama_shapes.CONFIGS[model]
+    params = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                          llama_shapes.param_shapes(model))
+    param_bytes = qam.tree_nbytes(params)
+    header = ["optimizer", "step ms", "speed vs adamw", "state B/param", "GB/s"]
+    if peak:
+      header.append("% of peak HBM")
+    rows, base = [], None
+    for name, (init, step) in optimizers(config, on_gpu).items():
+      try:
+        seconds, state_bytes = time_step(init, step, params, args.iters)
+      except jax.errors.JaxRuntimeError as e:  # out of memory at 7B: report it, go on
+        print(f"{model} {name}: {e}", file=sys.stderr)
+        rows.append([name, "out of memory" if "RESOURCE_EXHAUSTED" in str(e) else "failed"]
+                    + [""] * (len(header) - 2))
+        continue
+      base = base or seconds
+      moved = 3 * param_bytes + 2 * state_bytes  # read p, g, state; write p, state
+      gbps = moved / seconds / 1e9
+      row = [name, f"{seconds * 1e3:.2f}", f"{base / seconds:.2f}x",
+             f"{state_bytes * 4 / param_bytes:.3f}", f"{gbps:.0f}"]
+      if peak:
+        row.append(f"{100 * gbps / peak:.0f}%")
+      rows.append(row)
+      print(model, *row, flush=True)
+    del params
+    lines += [f"## LLaMA {model} shapes", "",
+              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows] + [""]
+  if not on_gpu:
+    lines.append("CPU run: the Pallas rows need a GPU (interpret mode is for tests, not speed).")
+  text = "\n".join(lines) + "\n"
+  print(text)
+  RESULTS.mkdir(exist_ok=True)
+  out = RESULTS / f"step_time_{'gpu' if on_gpu else 'cpu'}.md"
+  out.write_text(text)
+  print(f"Wrote {out}")
+
+
+if __name__ == "__main__":
+  main()

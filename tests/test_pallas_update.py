@@ -1,0 +1,184 @@
+"""The fused Pallas kernel agrees with the jnp path (interpret mode off GPU).
+
+Bound: the kernel and XLA may contract ``b1*m + (1-b1)*g`` into an FMA
+differently, so ``m`` differs by float32 rounding (a few ulp of
+``|b1*m| + |(1-b1)*g|``). Hence: directions ``u`` within 1e-6 of the leaf's
+largest ``|u|``, scales within 4 ulp, INT8 codes equal except rare +-1 where
+``m/scale`` sits on a rounding threshold, and the same trajectory over steps.
+The random bits are the same function in both paths, so stochastic rounding
+agrees to the same bound. On a GPU the same tests run the Triton kernel.
+"""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import qadam_mini_jax as q
+from qadam_mini_jax import pallas_update, quantize as Q
+
+PART = q.BlockPartition(num_heads=8)
+INT8 = q.Int8Quantization(min_size=1000)
+
+
+def _params(dtype=jnp.float32):
+  shapes = {
+      "embed/embedding": (100, 300),          # per token; rows of 300 -> groups 256 + 44
+      "attn/q_proj/kernel": (64, 512),       # per head
+      "attn/k_proj/kernel": (64, 128),       # per head, 8 heads of 16
+      "attn/value/kernel": (40, 4, 16),       # 3-D, per neuron; a row spans (4, 16)
+      "mlp/up_proj/kernel": (33, 1000),      # per output neuron, ragged groups and rows
+      "lm_head/kernel": (16, 100),           # whole tensor is one row (1600 elements)
+      "norm/scale": (64,),                   # small: float m
+      "tiny/kernel": (3, 5),                 # small: float m
+      "empty/kernel": (0, 8),                # left alone
+      "count": (),                           # int: left alone
+  }
+  out = {}
+  for path, shape in shapes.items():
+    leaf = (jnp.asarray(3, jnp.int32) if path == "count" else
+            jax.random.normal(jax.random.key(len(path)), shape, dtype))
+    node = out
+    *parents, name = path.split("/")
+    for parent in parents:
+      node = node.setdefault(parent, {})
+    node[name] = leaf
+  return out
+
+
+def _grads(params, step):
+  return jax.tree.map(
+      lambda p: (jax.random.normal(jax.random.key(100 + step), p.shape, p.dtype)
+                 if jnp.issubdtype(p.dtype, jnp.floating) else p), params)
+
+
+def _quantized(tree):
+  return jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, Q.QuantizedArray))
+
+
+def assert_states_agree(a, b):
+  for x, y in zip(_quantized(a.mu), _quantized(b.mu)):
+    if isinstance(x, Q.QuantizedArray):
+      np.testing.assert_allclose(y.scales, x.scales, rtol=4 * 2**-23, atol=0)
+      diff = np.abs(np.asarray(x.codes, np.int32) - np.asarray(y.codes, np.int32))
+      assert diff.max(initial=0) <= 1 and diff.mean() < 1e-3
+    else:
+      np.testing.assert_array_equal(x, y)  # float leaves: the same jnp code
+  chex.assert_trees_all_equal(a.nu, b.nu)
+  chex.assert_trees_all_equal(a.count, b.count)
+
+
+def assert_directions_agree(u, v):
+  for x, y in zip(jax.tree.leaves(u), jax.tree.leaves(v)):
+    x, y = np.asarray(x, np.float32), np.asarray(y, np.float32)
+    tol = 1e-6 if x.dtype == np.float32 else 0
+    assert np.abs(x - y).max(initial=0) <= 1e-6 * np.abs(x).max(initial=0) + tol
+
+
+@pytest.mark.parametrize("rounding", ["auto", "all", "none"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_kernel_matches_jnp_path_step_by_step(rounding, dtype):
+  params = _params(dtype)
+  make = lambda impl: q.scale_by_adam_mini(
+      0.9, 0.95, partition=PART, quantization=INT8, stochastic_rounding=rounding,
+      key=7, implementation=impl)
+  ref, ker = make("xla"), make("pallas")
+  state = ref.init(params)
+  ker_state = ker.init(params)
+  for step in range(4):
+    g = _grads(params, step)
+    u_ref, next_state = jax.jit(ref.update)(g, state)
+    u_ker, next_ker = jax.jit(ker.update)(g, state)       # from the same state
+    assert_directions_agree(u_ref, u_ker)
+    assert_states_agree(next_state, next_ker)
+    _, ker_state = jax.jit(ker.update)(g, ker_state)       # its own trajectory
+    state = next_state
+  assert_states_agree(state, ker_state)
+
+
+@pytest.mark.parametrize("implementation", ["xla", "pallas"])
+def test_fused_step_matches_chain_and_apply_updates(implementation):
+  params = _params()
+  sched = optax.warmup_cosine_decay_schedule(0.0, 1e-2, 2, 10)
+  kw = dict(b2=0.95, weight_decay=0.1, partition=PART, quantization=INT8, key=3)
+  chain = q.q_adam_mini(sched, implementation="xla", **kw)
+  fused = q.fused_q_adam_mini(sched, implementation=implementation, **kw)
+  state, fused_state = chain.init(params), fused.init(params)
+  chex.assert_trees_all_equal_structs(state, fused_state)
+  p_chain = p_fused = params
+  for step in range(4):
+    g = _grads(params, step)
+    u, state = jax.jit(chain.update)(g, state, p_chain)
+    p_chain = optax.apply_updates(p_chain, u)
+    p_fused, fused_state = jax.jit(fused.step)(g, fused_state, p_fused)
+    for a, b in zip(jax.tree.leaves(p_chain), jax.tree.leaves(p_fused)):
+      np.testing.assert_allclose(b, a, rtol=4 * 2**-23, atol=1e-7)
+  assert int(p_fused["count"]) == 3 and p_fused["empty"]["kernel"].shape == (0, 8)
+  chex.assert_trees_all_equal(state[2], fused_state[2])  # the schedule's count
+  assert_states_agree(state[0], fused_state[0])
+
+
+def test_fused_step_bf16_params_within_bf16_rounding():
+  """The chain rounds the direction to bf16 before decay and learning rate; the
+  fused step rounds once at the end. So they differ by at most one bf16 ulp of
+  the parameter (<= 2^-7 relative) plus one of the step taken."""
+  params = jax.tree.map(lambda p: p.astype(jnp.bfloat16) if p.dtype == jnp.float32 else p,
+                        _params())
+  kw = dict(b2=0.95, weight_decay=0.1, partition=PART, quantization=INT8)
+  chain, fused = q.q_adam_mini(1e-2, **kw), q.fused_q_adam_mini(1e-2, implementation="pallas", **kw)
+  g = _grads(params, 0)
+  u, _ = chain.update(g, chain.init(params), params)
+  want = optax.apply_updates(params, u)
+  got, _ = fused.step(g, fused.init(params), params)
+  for p, a, b in zip(jax.tree.leaves(params), jax.tree.leaves(want), jax.tree.leaves(got)):
+    assert a.dtype == b.dtype
+    if a.dtype == jnp.bfloat16:
+      p, a, b = (np.asarray(x, np.float32) for x in (p, a, b))
+      assert np.all(np.abs(b - a) <= 2**-7 * (np.abs(a) + np.abs(a - p)) + 1e-7)
+
+
+def test_inject_hyperparams_does_not_recompile_the_kernel():
+  params = _params()
+  tx = optax.inject_hyperparams(q.q_adam_mini)(
+      learning_rate=1e-2, b1=0.9, b2=0.95, weight_decay=0.1, partition=PART,
+      quantization=INT8, implementation="pallas")
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  _, state = update(_grads(params, 0), state, params)
+  state.hyperparams["learning_rate"] = jnp.asarray(3e-3, jnp.float32)
+  state.hyperparams["b1"] = jnp.asarray(0.8, jnp.float32)
+  u, state = update(_grads(params, 1), state, params)
+  assert update._cache_size() == 1
+  assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(u))
+
+
+def test_bad_implementation_and_group_size():
+  with pytest.raises(ValueError, match="implementation must be one of"):
+    q.q_adam_mini(1e-3, implementation="cuda")
+  with pytest.raises(ValueError, match="power-of-two group size"):
+    q.q_adam_mini(1e-3, quantization=q.Int8Quantization(group_size=100), implementation="pallas")
+  q.q_adam_mini(1e-3, quantization=q.Int8Quantization(group_size=100), implementation="auto")
+
+
+@pytest.mark.parametrize("stochastic, fuse_step", [(False, False), (True, True)])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_kernel_lowers_to_triton(stochastic, fuse_step, dtype):
+  """Pallas's Triton lowering accepts the kernel (checked without a GPU).
+
+  ``jax.export`` lowers for CUDA on any host; this runs the Pallas-to-Triton
+  lowering (power-of-two blocks, supported primitives), not the Triton compiler.
+  """
+  shape, spec = (33, 1000), q.BlockSpec((0,))
+  axes = pallas_update.factor_axes(spec, shape, 256)
+  rows, length, groups = Q.group_layout(shape, 256)
+  s = jax.ShapeDtypeStruct
+  args = (s(shape, dtype), s(shape, dtype), Q.QuantizedArray(s(shape, jnp.int8), s(rows + (groups,), jnp.float32)),
+          s((1, length), jnp.float32), s((8,), jnp.float32), s((2,), jnp.uint32))
+  fn = lambda *a: pallas_update.fused_leaf_update(
+      *a, group_size=256, stochastic=stochastic, fuse_step=fuse_step, backend="triton", **axes)
+  exported = jax.export.export(
+      jax.jit(fn), platforms=["cuda"],
+      disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*args)
+  assert "__gpu$xla.gpu.triton" in exported.mlir_module()
