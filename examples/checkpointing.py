@@ -1,0 +1,129 @@
+"""Orbax checkpoints of a training state, checked before they are trusted.
+
+A checkpoint is one Orbax step directory holding
+
+* ``state``: every array of the training state (parameters and the whole
+  optimizer state: INT8 codes and scales of ``m``, ``v``, step counts, the
+  stochastic-rounding key), stored flat under its ``/``-joined pytree path;
+* ``meta``: JSON describing the run (model, optimizer, data position, ...).
+
+Orbax writes each step into a temporary directory and renames it when
+complete, so a crash or a full disk mid-save never damages the previous
+checkpoint. Restoring checks, before reading any array, that the stored
+``meta`` agrees with what the caller expects (same model, same optimizer) and
+that every stored path, shape and dtype matches the target state; any
+disagreement or unreadable file raises :class:`CheckpointError` naming the
+problem and the other checkpoints available.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint is missing, unreadable, or written for another model/optimizer."""
+
+
+def flatten(tree: Any) -> dict[str, Any]:
+  """``{"a/b/0/c": leaf}`` for every leaf of ``tree``."""
+  return {jax.tree_util.keystr(path, simple=True, separator="/"): leaf
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _differences(stored: Mapping[str, Any], expected: Mapping[str, Any]) -> list[str]:
+  return [f"{k}: checkpoint {stored.get(k)!r}, this run {expected.get(k)!r}"
+          for k in sorted(set(stored) | set(expected)) if stored.get(k) != expected.get(k)]
+
+
+class Checkpoints:
+  """The checkpoints of one run directory (the newest ``keep`` are kept)."""
+
+  def __init__(self, directory: str | pathlib.Path, keep: int = 2):
+    self.directory = pathlib.Path(directory).resolve()
+    self._manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=True, enable_async_checkpointing=False),
+        item_handlers={"state": ocp.StandardCheckpointHandler(),
+                       "meta": ocp.JsonCheckpointHandler()})
+
+  def steps(self) -> list[int]:
+    """Steps with a complete checkpoint, oldest first."""
+    self._manager.reload()
+    return sorted(self._manager.all_steps())
+
+  def save(self, step: int, state: Any, meta: Mapping[str, Any]) -> None:
+    """Write ``state`` (a pytree of arrays) and ``meta`` (JSON) as ``step``."""
+    self._manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(flatten(state)), meta=ocp.args.JsonSave(dict(meta))))
+    self._manager.wait_until_finished()
+
+  def _fail(self, step: int, problem: str) -> CheckpointError:
+    others = [s for s in self.steps() if s != step]
+    hint = (f" Other checkpoints here: steps {others} (resume one with --resume-step)."
+            if others else "")
+    return CheckpointError(f"checkpoint step {step} in {self.directory}: {problem}.{hint}")
+
+  def read_meta(self, step: int) -> dict[str, Any]:
+    """The JSON ``meta`` of ``step``."""
+    try:
+      meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+      return dict(meta.meta)
+    except Exception as err:  # any unreadable file is reported the same way
+      raise self._fail(step, f"its metadata is unreadable ({type(err).__name__}: {err})") from err
+
+  def restore(self, target: Any, must_match: Mapping[str, Mapping[str, Any]],
+              step: int | None = None) -> tuple[Any, dict[str, Any]]:
+    """Restore ``(state, meta)`` of ``step`` (default: the newest) into ``target``'s structure.
+
+    Args:
+      target: a pytree of arrays or ``jax.ShapeDtypeStruct``s like the saved state.
+      must_match: ``{meta key: {field: value}}`` that the checkpoint's ``meta``
+        must equal (e.g. the model and optimizer settings).
+      step: which step; ``None`` for the newest.
+    """
+    steps = self.steps()
+    if not steps:
+      raise CheckpointError(f"no checkpoint in {self.directory}.")
+    step = steps[-1] if step is None else step
+    if step not in steps:
+      raise CheckpointError(f"no checkpoint of step {step} in {self.directory}; "
+                            f"steps available: {steps}.")
+    meta = self.read_meta(step)
+    for key, expected in must_match.items():
+      diffs = _differences(meta.get(key) or {}, expected)
+      if diffs:
+        raise self._fail(step, f"written for a different {key} (" + "; ".join(diffs) + ")")
+    want = {k: jax.ShapeDtypeStruct(np.shape(x), x.dtype) for k, x in flatten(target).items()}
+    self._check_arrays(step, want)
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(want)))
+    except Exception as err:
+      raise self._fail(step, f"its arrays are unreadable ({type(err).__name__}: {err})") from err
+    leaves = [restored.state[k] for k in want]
+    return jax.tree.unflatten(jax.tree.structure(target), leaves), meta
+
+  def _check_arrays(self, step: int, want: Mapping[str, jax.ShapeDtypeStruct]) -> None:
+    """Stored paths, shapes and dtypes must be those of ``want``."""
+    try:
+      stored = dict(self._manager.item_metadata(step)["state"])
+    except Exception as err:
+      raise self._fail(step, f"its array index is unreadable ({type(err).__name__}: {err})") from err
+    missing, extra = sorted(want.keys() - stored.keys()), sorted(stored.keys() - want.keys())
+    wrong = [f"{k} {tuple(stored[k].shape)} {stored[k].dtype} (want {w.shape} {w.dtype})"
+             for k, w in want.items() if k in stored
+             and (tuple(stored[k].shape) != w.shape or np.dtype(stored[k].dtype) != w.dtype)]
+    if missing or extra or wrong:
+      problems = [f"{name}: {items[:4]}" for name, items in
+                  (("missing arrays", missing), ("unexpected arrays", extra),
+                   ("different shapes", wrong)) if items]
+      raise self._fail(step, "its arrays do not fit this model and optimizer ("
+                       + "; ".join(problems) + ")")

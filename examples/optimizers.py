@@ -1,0 +1,132 @@
+"""The optimizers the training script can select, with one shared recipe around them.
+
+Every optimizer gets the same schedule (linear warmup, cosine decay to
+``min_lr_ratio * lr``), global-norm gradient clipping, decoupled weight decay on
+the same leaves (:func:`qadam_mini_jax.default_decay_mask`: kernels and
+embeddings, not norms) and, with ``grad_accum > 1``, ``optax.MultiSteps``.
+
+* ``adamw``: ``optax.adamw``.
+* ``adam_mini``, ``q_adam_mini``: this library, with the Adam-mini block
+  partition chosen by ``partition`` (see :data:`PARTITIONS`).
+* ``adafactor``: ``optax.adafactor`` with factored second moments, no
+  momentum, update clipping 1.0 and ``multiply_by_parameter_scale=False`` (so
+  its learning rate means what Adam's does); weight decay ``lr * wd``.
+* ``lion``: ``optax.lion``; its learning rate is ``LION_LR_SCALE`` times the
+  one given and its weight decay ``1 / LION_LR_SCALE`` times (the Lion paper's
+  advice: a sign update needs a 3-10x smaller step), keeping ``lr * wd``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import optax
+
+import qadam_mini_jax
+from llama_model import LlamaConfig
+
+OPTIMIZERS = ("adamw", "adam_mini", "q_adam_mini", "adafactor", "lion")
+ADAM_MINI_FAMILY = ("adam_mini", "q_adam_mini")
+LION_LR_SCALE = 0.1
+
+#: Adam-mini block partitions (``--partition``):
+#: ``reference``: the paper's and the reference code's: one ``v`` per token for
+#: the embedding and output layer, per head for query/key, per output neuron
+#: for value, attention output and MLP, per tensor for norms.
+#: ``value_one_block``: the same with the value kernel as one block.
+#: ``adam_embed_output``: the reference with a ``v`` per element (plain Adam)
+#: for the embedding and output layers.
+#: ``adam_embed_output_value_one_block``: both changes.
+PARTITIONS = ("reference", "value_one_block", "adam_embed_output",
+              "adam_embed_output_value_one_block")
+EMBED_OUTPUT_PATHS = ("embed/embedding", "lm_head/kernel")
+DEFAULT_PARTITION = "reference"
+
+#: Settings that change the optimizer state's structure or meaning: a
+#: checkpoint resumes only under the same values.
+STRUCTURAL_FIELDS = ("name", "partition", "grad_accum", "stochastic_rounding")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+  """Everything that defines the optimizer and its schedule."""
+
+  name: str = "q_adam_mini"
+  lr: float = 3e-3
+  total_steps: int = 1000
+  warmup_steps: int = 100
+  min_lr_ratio: float = 0.1
+  b1: float = 0.9
+  b2: float = 0.95
+  weight_decay: float = 0.1
+  clip_norm: float = 1.0
+  grad_accum: int = 1
+  partition: str = DEFAULT_PARTITION
+  stochastic_rounding: bool = True
+  seed: int = 0
+
+  def __post_init__(self):
+    if self.name not in OPTIMIZERS:
+      raise ValueError(f"unknown optimizer {self.name!r}; choose from {', '.join(OPTIMIZERS)}.")
+    if self.partition not in PARTITIONS:
+      raise ValueError(f"unknown partition {self.partition!r}; choose from {', '.join(PARTITIONS)}.")
+    if self.lr <= 0 or self.total_steps < 1 or self.grad_accum < 1:
+      raise ValueError("lr must be > 0, total_steps and grad_accum >= 1.")
+    if not 0 <= self.warmup_steps <= self.total_steps:
+      raise ValueError(f"warmup_steps={self.warmup_steps} must be in [0, total_steps].")
+
+
+def schedule(c: OptimizerConfig) -> optax.Schedule:
+  """Linear warmup from 0 to ``lr``, then cosine decay to ``min_lr_ratio * lr``."""
+  return optax.warmup_cosine_decay_schedule(
+      0.0, c.lr, c.warmup_steps, c.total_steps, end_value=c.lr * c.min_lr_ratio)
+
+
+def block_partition(c: OptimizerConfig, model: LlamaConfig) -> qadam_mini_jax.BlockPartition:
+  """The Adam-mini partition of ``c.partition`` for this model's heads."""
+  rules = ({p: "per_element" for p in EMBED_OUTPUT_PATHS}
+           if c.partition.startswith("adam_embed_output") else None)
+  return qadam_mini_jax.BlockPartition(
+      num_heads=model.num_heads, num_kv_heads=model.num_kv_heads, head_dim=model.head_dim,
+      value_as_one_block=c.partition.endswith("value_one_block"), rules=rules)
+
+
+def _embed_output_mask(params: Any) -> Any:
+  """True for the embedding and output kernels (where m rounds stochastically)."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: jax.tree_util.keystr(path, simple=True, separator="/")
+      in EMBED_OUTPUT_PATHS, params)
+
+
+def core(c: OptimizerConfig, model: LlamaConfig) -> optax.GradientTransformation:
+  """The optimizer itself (no clipping or accumulation)."""
+  lr, mask = schedule(c), qadam_mini_jax.default_decay_mask
+  if c.name == "adamw":
+    return optax.adamw(lr, c.b1, c.b2, weight_decay=c.weight_decay, mask=mask)
+  if c.name == "adam_mini":
+    return qadam_mini_jax.adam_mini(lr, c.b1, c.b2, weight_decay=c.weight_decay, mask=mask,
+                                    partition=block_partition(c, model))
+  if c.name == "q_adam_mini":
+    return qadam_mini_jax.q_adam_mini(
+        lr, c.b1, c.b2, weight_decay=c.weight_decay, mask=mask,
+        partition=block_partition(c, model), key=c.seed,
+        stochastic_rounding=_embed_output_mask if c.stochastic_rounding else "none")
+  if c.name == "adafactor":
+    return optax.adafactor(lr, multiply_by_parameter_scale=False,
+                           weight_decay_rate=lambda count: c.weight_decay * lr(count),
+                           weight_decay_mask=mask)
+  return optax.lion(lambda count: LION_LR_SCALE * lr(count), c.b1, 0.99,
+                    weight_decay=c.weight_decay / LION_LR_SCALE, mask=mask)
+
+
+def make(c: OptimizerConfig, model: LlamaConfig) -> optax.GradientTransformation:
+  """Clipping, then the optimizer; wrapped in ``optax.MultiSteps`` to accumulate."""
+  tx = optax.chain(optax.clip_by_global_norm(c.clip_norm), core(c, model))
+  return optax.MultiSteps(tx, c.grad_accum) if c.grad_accum > 1 else tx
+
+
+def state_nbytes(c: OptimizerConfig, model: LlamaConfig, params: Any) -> int:
+  """Bytes of the optimizer's own state (without gradient-accumulation buffers)."""
+  return qadam_mini_jax.tree_nbytes(jax.eval_shape(core(c, model).init, params))

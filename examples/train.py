@@ -1,0 +1,367 @@
+"""Pretrain a byte-level LLaMA (Flax NNX) with Adam-mini, Q-Adam-mini or an optax baseline.
+
+Runs offline on the Python documentation text that ships with CPython (or on
+``--data`` files), with a progress bar (loss, tokens/s), validation loss and
+perplexity, a JSON-lines metrics log, Orbax checkpoints that ``--resume``
+continues bit for bit, and a report of optimizer-state bytes and of the
+compiled step's memory. From the repository root::
+
+    python examples/train.py                              # tiny model, q_adam_mini
+    python examples/train.py --optimizer adamw --out-dir runs/adamw
+    python examples/train.py --no-stochastic-rounding     # watch the embedding norm grow
+    python examples/train.py --model 20M --data my_texts/ --steps 5000 --dtype bfloat16
+
+Outputs (in ``--out-dir``): ``metrics.jsonl`` (one JSON object per logged
+step), ``summary.json`` (final numbers) and ``checkpoints/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import pathlib
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import checkpointing  # noqa: E402  (the examples directory, added above)
+import data as data_lib  # noqa: E402
+import optimizers  # noqa: E402
+from llama_model import CONFIGS, Llama, LlamaConfig, next_token_loss  # noqa: E402
+
+DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """The training loop's settings (the model and optimizer have their own)."""
+
+  data: tuple[str, ...] = ()
+  val_fraction: float = 0.1
+  seq_len: int = 128
+  batch_size: int = 16
+  dtype: str = "float32"
+  seed: int = 0
+  log_every: int = 10
+  eval_every: int = 100
+  eval_batches: int = 8
+  out_dir: str = "runs/default"
+  checkpoint_every: int = 250
+  keep_checkpoints: int = 2
+  resume: bool = False
+  resume_step: int | None = None
+  stop_at: int | None = None
+  progress: bool = True  # a tqdm progress bar
+  verbose: bool = True  # print the setup and final numbers
+
+
+@dataclasses.dataclass
+class Result:
+  """What :func:`train` hands back: the final state and the summary it wrote."""
+
+  state: dict[str, Any]
+  summary: dict[str, Any]
+
+
+def init_fn(model_cfg: LlamaConfig, tx: optax.GradientTransformation, seed: int,
+            dtype: str) -> tuple[nnx.GraphDef, Any]:
+  """The model's graph definition and a jitted ``init() -> {"params", "opt_state"}``.
+
+  The state is plain pytrees, created inside one ``jax.jit`` (one compilation
+  instead of one per operation); ``jax.eval_shape(init)`` gives its shapes for
+  free, which is all a restore needs.
+  """
+  create = lambda: Llama(model_cfg, nnx.Rngs(seed), dtype=DTYPES[dtype])
+  graphdef, _ = nnx.split(nnx.eval_shape(create), nnx.Param)
+
+  @jax.jit
+  def init():
+    params = nnx.to_pure_dict(nnx.state(create(), nnx.Param))
+    return {"params": params, "opt_state": tx.init(params)}
+
+  return graphdef, init
+
+
+def make_step_fns(graphdef: nnx.GraphDef, tx: optax.GradientTransformation):
+  """Jitted ``train_step(state, tokens) -> (state, metrics)`` and ``eval_loss(params, tokens)``."""
+  def loss_fn(params, tokens):
+    return next_token_loss(nnx.merge(graphdef, params)(tokens), tokens)
+
+  def train_step(state, tokens):
+    loss, grads = jax.value_and_grad(loss_fn)(state["params"], tokens)
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
+               "embed_norm": jnp.linalg.norm(params["embed"]["embedding"])}
+    return {"params": params, "opt_state": opt_state}, metrics
+
+  return jax.jit(train_step, donate_argnums=0), jax.jit(loss_fn)
+
+
+def memory_report(compiled: Any) -> dict[str, int]:
+  """Argument, output, aliased and temporary bytes of a compiled step (XLA's analysis)."""
+  stats = compiled.memory_analysis()
+  if stats is None:  # some backends do not report
+    return {}
+  return {name: int(getattr(stats, f"{name}_size_in_bytes"))
+          for name in ("argument", "output", "alias", "temp", "generated_code")}
+
+
+def evaluate(eval_loss, params, batches: list[np.ndarray]) -> float:
+  """Mean next-token loss over fixed validation batches (weighted by batch size)."""
+  total = sum(float(eval_loss(params, b)) * len(b) for b in batches)
+  return total / sum(len(b) for b in batches)
+
+
+class MetricsLog:
+  """``metrics.jsonl``: one JSON object per logged step; a resume drops later lines."""
+
+  def __init__(self, path: pathlib.Path, resume_step: int | None):
+    self.path = path
+    kept = []
+    if resume_step is not None and path.exists():
+      kept = [line for line in path.read_text().splitlines()
+              if line.strip() and json.loads(line)["step"] <= resume_step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+  def write(self, record: dict[str, Any]) -> None:
+    with self.path.open("a") as f:
+      f.write(json.dumps(record) + "\n")
+
+
+def _fmt_bytes(n: float) -> str:
+  for unit in ("B", "kB", "MB", "GB"):
+    if n < 1000 or unit == "GB":
+      return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.2f} {unit}"
+    n /= 1000
+  raise AssertionError
+
+
+def train(model_cfg: LlamaConfig, opt_cfg: optimizers.OptimizerConfig,
+          cfg: TrainConfig) -> Result:
+  """Train, evaluate, log and checkpoint; see the module docstring."""
+  say = print if cfg.verbose else (lambda *a, **k: None)
+  corpus = data_lib.load_corpus(cfg.data, cfg.seq_len, cfg.val_fraction)
+  out = pathlib.Path(cfg.out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  ckpts = checkpointing.Checkpoints(out / "checkpoints", keep=cfg.keep_checkpoints)
+  tx = optimizers.make(opt_cfg, model_cfg)
+  graphdef, init = init_fn(model_cfg, tx, cfg.seed, cfg.dtype)
+  meta = {
+      "model": dataclasses.asdict(model_cfg),
+      "optimizer": {k: getattr(opt_cfg, k) for k in optimizers.STRUCTURAL_FIELDS},
+      "settings": {"optimizer": dataclasses.asdict(opt_cfg),
+                   "train": {k: v for k, v in dataclasses.asdict(cfg).items()
+                             if k in ("seq_len", "batch_size", "dtype", "seed")},
+                   "data": {"name": corpus.name, "fingerprint": corpus.fingerprint}},
+  }
+
+  start_step, resuming = 0, cfg.resume or cfg.resume_step is not None
+  if not resuming and ckpts.steps():
+    raise checkpointing.CheckpointError(
+        f"{ckpts.directory} already holds checkpoints (steps {ckpts.steps()}); pass --resume "
+        "to continue that run, or choose another --out-dir.")
+  if resuming and ckpts.steps():
+    state, old = ckpts.restore(jax.eval_shape(init), {k: meta[k] for k in ("model", "optimizer")},
+                               cfg.resume_step)
+    start_step = old["step"]
+    changed = [k for k in meta["settings"] if old["settings"].get(k) != meta["settings"][k]]
+    if changed:
+      say(f"note: {', '.join(changed)} settings differ from the checkpoint's; "
+          "the run continues, but not on the original trajectory.")
+    say(f"resumed from step {start_step} ({ckpts.directory})")
+  else:
+    if resuming:
+      say(f"no checkpoint in {ckpts.directory}: starting from scratch")
+    state = init()
+
+  train_step, eval_loss = make_step_fns(graphdef, tx)
+  accum = opt_cfg.grad_accum
+  micro_batch = lambda index: data_lib.train_batch(
+      corpus.train, index, cfg.batch_size, cfg.seq_len, cfg.seed)
+  compiled = train_step.lower(state, micro_batch(0)).compile()
+  memory = memory_report(compiled)
+  val = data_lib.val_batches(corpus.val, cfg.batch_size, cfg.seq_len, cfg.eval_batches)
+  n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
+  state_bytes = optimizers.state_nbytes(opt_cfg, model_cfg, state["params"])
+  tokens_per_step = accum * cfg.batch_size * cfg.seq_len
+  say(f"data: {corpus.name}: {len(corpus.train):,} training and {len(corpus.val):,} "
+      f"validation bytes (byte-level tokens, vocabulary {data_lib.VOCAB_SIZE})")
+  say(f"model: {n_params:,} parameters {model_cfg}")
+  say(f"optimizer: {opt_cfg.name}: state {state_bytes:,} bytes "
+      f"({state_bytes / n_params:.3f} B/param)")
+  if memory:
+    say("compiled train step: " + ", ".join(
+        f"{k} {_fmt_bytes(v)}" for k, v in memory.items() if k != "generated_code"))
+
+  log = MetricsLog(out / "metrics.jsonl", start_step if start_step else None)
+  schedule = optimizers.schedule(opt_cfg)
+  last_step = min(opt_cfg.total_steps, cfg.stop_at or opt_cfg.total_steps)
+  progress = _progress_bar(cfg.progress, opt_cfg.total_steps, start_step)
+  window, window_start, train_time = [], time.perf_counter(), 0.0
+  val_loss = None
+  for step in range(start_step + 1, last_step + 1):
+    for k in range(accum):
+      state, metrics = compiled(state, micro_batch((step - 1) * accum + k))
+      window.append(metrics)
+    if step % cfg.log_every and step % cfg.eval_every and step != last_step:
+      continue
+    fetched = jax.device_get(window)
+    elapsed = time.perf_counter() - window_start
+    train_time += elapsed
+    record = {"step": step, "tokens": step * tokens_per_step,
+              "loss": float(np.mean([m["loss"] for m in fetched])),
+              "lr": float(schedule(step - 1)),
+              "grad_norm": float(np.mean([m["grad_norm"] for m in fetched])),
+              "embed_norm": float(fetched[-1]["embed_norm"]),
+              "tokens_per_s": len(fetched) * cfg.batch_size * cfg.seq_len / elapsed}
+    if step % cfg.eval_every == 0 or step == last_step:
+      val_loss = evaluate(eval_loss, state["params"], val)
+      record.update(val_loss=val_loss, val_ppl=math.exp(val_loss))
+    log.write(record)
+    progress.update(step - progress.n)
+    progress.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:,.0f}",
+                         **({"val": f"{val_loss:.3f}"} if val_loss is not None else {}))
+    if step % cfg.checkpoint_every == 0 or step == last_step:
+      ckpts.save(step, state, {**meta, "step": step, "batches_consumed": step * accum})
+    window, window_start = [], time.perf_counter()
+  progress.close()
+
+  steps_run = last_step - start_step
+  summary = {
+      "optimizer": opt_cfg.name, "lr": opt_cfg.lr, "partition": opt_cfg.partition,
+      "stochastic_rounding": opt_cfg.stochastic_rounding, "step": last_step,
+      "params": n_params, "state_bytes": state_bytes,
+      "state_bytes_per_param": state_bytes / n_params, "compiled_step_memory": memory,
+      "val_loss": val_loss, "val_ppl": math.exp(val_loss) if val_loss is not None else None,
+      "embed_norm": float(jnp.linalg.norm(state["params"]["embed"]["embedding"])),
+      "tokens_per_s": steps_run * tokens_per_step / train_time if train_time else None,
+      "data": corpus.name, "model": dataclasses.asdict(model_cfg),
+  }
+  (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+  if val_loss is not None:
+    say(f"step {last_step}: validation loss {val_loss:.4f} (perplexity {math.exp(val_loss):.3f}, "
+        f"{val_loss / math.log(2):.3f} bits/byte); embedding norm {summary['embed_norm']:.2f}; "
+        f"{summary['tokens_per_s'] or 0:,.0f} tokens/s; logs in {out}")
+  return Result(state, summary)
+
+
+def _progress_bar(enabled: bool, total: int, initial: int):
+  """A tqdm bar, or a stand-in with the same methods when disabled or tqdm is absent."""
+  try:
+    from tqdm.auto import tqdm
+  except ImportError:
+    enabled = False
+  if enabled:
+    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
+
+  class _Silent:
+    n = initial
+
+    def update(self, k):
+      self.n += k
+
+    def set_postfix(self, **_):
+      pass
+
+    def close(self):
+      pass
+
+  return _Silent()
+
+
+def build_parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  g = p.add_argument_group("model")
+  g.add_argument("--model", default="tiny", choices=CONFIGS,
+                 help="LLaMA size (the vocabulary is always 256 bytes)")
+  for flag, field in (("--dim", "dim"), ("--layers", "num_layers"), ("--heads", "num_heads"),
+                      ("--kv-heads", "num_kv_heads"), ("--ffn-dim", "ffn_dim"),
+                      ("--head-dim", "head_dim")):
+    g.add_argument(flag, dest=field, type=int, help=f"override the config's {field}")
+  g.add_argument("--dtype", default="float32", choices=DTYPES,
+                 help="compute dtype (parameters and optimizer state stay float32)")
+  g = p.add_argument_group("data")
+  g.add_argument("--data", nargs="+", default=(),
+                 help="text files/directories, or hf:NAME[:CONFIG]; default: the Python "
+                      "documentation shipped with CPython (pydoc_data)")
+  g.add_argument("--val-fraction", type=float, default=0.1)
+  g.add_argument("--seq-len", type=int, default=128)
+  g.add_argument("--batch-size", type=int, default=16)
+  g = p.add_argument_group("optimizer")
+  g.add_argument("--optimizer", default="q_adam_mini", choices=optimizers.OPTIMIZERS)
+  g.add_argument("--lr", type=float, default=optimizers.OptimizerConfig.lr, help="peak lr")
+  g.add_argument("--steps", type=int, default=1000, help="optimizer steps")
+  g.add_argument("--warmup-steps", type=int, help="default: 10%% of --steps")
+  g.add_argument("--min-lr-ratio", type=float, default=0.1, help="final lr / peak lr")
+  g.add_argument("--b1", type=float, default=0.9)
+  g.add_argument("--b2", type=float, default=0.95)
+  g.add_argument("--weight-decay", type=float, default=0.1)
+  g.add_argument("--clip-norm", type=float, default=1.0)
+  g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step")
+  g.add_argument("--partition", default=optimizers.DEFAULT_PARTITION,
+                 choices=optimizers.PARTITIONS, help="Adam-mini block partition")
+  g.add_argument("--no-stochastic-rounding", dest="stochastic_rounding", action="store_false",
+                 help="q_adam_mini: round m to nearest everywhere")
+  g.add_argument("--seed", type=int, default=0)
+  g = p.add_argument_group("run")
+  g.add_argument("--out-dir", help="default: runs/<optimizer>")
+  g.add_argument("--log-every", type=int, default=10)
+  g.add_argument("--eval-every", type=int, default=100)
+  g.add_argument("--eval-batches", type=int, default=8)
+  g.add_argument("--checkpoint-every", type=int, default=250)
+  g.add_argument("--keep-checkpoints", type=int, default=2)
+  g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+  g.add_argument("--resume-step", type=int, help="continue from this checkpoint step")
+  g.add_argument("--stop-at", type=int, help="stop (with a checkpoint) after this step")
+  g.add_argument("--no-progress", dest="progress", action="store_false")
+  return p
+
+
+def configs_from_args(args: argparse.Namespace):
+  """``(LlamaConfig, OptimizerConfig, TrainConfig)``; ValueError on a bad combination."""
+  overrides = {f: getattr(args, f) for f in
+               ("dim", "num_layers", "num_heads", "num_kv_heads", "ffn_dim", "head_dim")
+               if getattr(args, f) is not None}
+  model_cfg = dataclasses.replace(CONFIGS[args.model], vocab=data_lib.VOCAB_SIZE, **overrides)
+  opt_cfg = optimizers.OptimizerConfig(
+      name=args.optimizer, lr=args.lr, total_steps=args.steps,
+      warmup_steps=args.steps // 10 if args.warmup_steps is None else args.warmup_steps,
+      min_lr_ratio=args.min_lr_ratio, b1=args.b1, b2=args.b2, weight_decay=args.weight_decay,
+      clip_norm=args.clip_norm, grad_accum=args.grad_accum, partition=args.partition,
+      stochastic_rounding=args.stochastic_rounding, seed=args.seed)
+  train_cfg = TrainConfig(
+      data=tuple(args.data), val_fraction=args.val_fraction, seq_len=args.seq_len,
+      batch_size=args.batch_size, dtype=args.dtype, seed=args.seed, log_every=args.log_every,
+      eval_every=args.eval_every, eval_batches=args.eval_batches,
+      out_dir=args.out_dir or f"runs/{args.optimizer}", checkpoint_every=args.checkpoint_every,
+      keep_checkpoints=args.keep_checkpoints, resume=args.resume, resume_step=args.resume_step,
+      stop_at=args.stop_at, progress=args.progress)
+  return model_cfg, opt_cfg, train_cfg
+
+
+def main(argv: list[str] | None = None) -> None:
+  parser = build_parser()
+  args = parser.parse_args(argv)
+  try:
+    configs = configs_from_args(args)
+  except ValueError as err:
+    parser.error(str(err))
+  try:
+    train(*configs)
+  except (data_lib.DataError, checkpointing.CheckpointError) as err:
+    sys.exit(f"error: {err}")
+
+
+if __name__ == "__main__":
+  main()
