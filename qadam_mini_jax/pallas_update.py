@@ -10,10 +10,10 @@ of :mod:`qadam_mini_jax.quantize` and :mod:`qadam_mini_jax.transform`, in the
 same order, and the rounding bits are :func:`qadam_mini_jax.random_bits.element_bits`
 of the element's flat index, generated in the kernel.
 
-Layout: the leaf is viewed as ``(R, L)`` = (rows, row length) of its quantization
-grouping (:func:`qadam_mini_jax.quantize.group_layout`); one program handles
-``block_rows`` rows of one group (``group_size`` columns, a power of two). The
-block factors come from the XLA reduction pass as an ``(R|1, L|1)`` array:
+Layout: the leaf is viewed as the ``(a, b)`` matrix of its quantization grouping
+(:func:`qadam_mini_jax.quantize.group_layout`); one program handles one group
+(``group_size``, a power of two) of several columns or rows (:func:`tile_shape`).
+The block factors come from the XLA reduction pass as an ``(a|1, b|1)`` array:
 only the axes they vary along are materialised.
 
 Lowering lives behind :func:`pallas_call_options`: ``"triton"`` (Pallas's Triton
@@ -37,7 +37,7 @@ from qadam_mini_jax import quantize as quantize_lib
 from qadam_mini_jax import random_bits
 
 BACKENDS = ("triton", "interpret")
-_TILE_ELEMENTS = 4096  # elements per program
+_TILE_ELEMENTS = 8192  # elements per program
 
 
 def pallas_call_options(backend: str) -> dict[str, Any]:
@@ -66,15 +66,12 @@ def check_group_size(group_size: int) -> None:
 
 def _kernel(hyper_ref, seed_ref, p_ref, g_ref, codes_ref, scales_ref, factor_ref,
             out_ref, codes_out_ref, scales_out_ref, *,
-            rows: int, row_length: int, block_rows: int, group_size: int,
-            groups: int, stochastic: bool, fuse_step: bool):
+            a: int, b: int, tile: tuple[int, int], tiles_b: int, columns: bool,
+            stochastic: bool, fuse_step: bool):
   pid = pl.program_id(0)
-  row0 = (pid // groups) * block_rows
-  col0 = (pid % groups) * group_size
-  shape = (block_rows, group_size)
-  r = row0 + jax.lax.broadcasted_iota(jnp.int32, shape, 0)
-  c = col0 + jax.lax.broadcasted_iota(jnp.int32, shape, 1)
-  valid = (r < rows) & (c < row_length)
+  i = jax.lax.broadcasted_iota(jnp.int32, tile, 0) + (pid // tiles_b) * tile[0]
+  j = jax.lax.broadcasted_iota(jnp.int32, tile, 1) + (pid % tiles_b) * tile[1]
+  valid = (i < a) & (j < b)
 
   b1, one_minus_b1 = hyper_ref[0], hyper_ref[1]
   g = g_ref[...].astype(jnp.float32)
@@ -86,12 +83,12 @@ def _kernel(hyper_ref, seed_ref, p_ref, g_ref, codes_ref, scales_ref, factor_ref
     u = p + neg_lr * (u + wd * p)
   out_ref[...] = u.astype(out_ref.dtype)
 
-  absmax = jnp.max(jnp.where(valid, jnp.abs(m), 0.0), axis=1, keepdims=True)
+  group_axis = 0 if columns else 1
+  absmax = jnp.max(jnp.where(valid, jnp.abs(m), 0.0), axis=group_axis, keepdims=True)
   scale = absmax / np.float32(quantize_lib.QMAX)
   y = jnp.where(scale > 0, m / jnp.where(scale > 0, scale, 1.0), 0.0)
   if stochastic:
-    index = (r * row_length + c).astype(jnp.uint32)
-    bits = random_bits.element_bits(index, seed_ref[0], seed_ref[1])
+    bits = random_bits.element_bits((i * b + j).astype(jnp.uint32), seed_ref[0], seed_ref[1])
     y = y + random_bits.bits_to_uniform(bits)
   else:
     y = y + np.float32(0.5)
@@ -104,19 +101,28 @@ def _next_pow2(n: int) -> int:
   return 1 << max(n - 1, 0).bit_length()
 
 
+def tile_shape(layout: quantize_lib.GroupLayout) -> tuple[int, int]:
+  """One program's block of the ``(a, b)`` view: one group by up to the rest."""
+  g = layout.group_size
+  if layout.columns:
+    return g, max(1, min(_next_pow2(layout.b), _TILE_ELEMENTS // g))
+  return max(1, min(_next_pow2(layout.a), _TILE_ELEMENTS // g)), g
+
+
 @functools.partial(jax.jit, static_argnames=(
-    "group_size", "stochastic", "fuse_step", "rows_vary", "cols_vary", "backend"))
+    "layout", "stochastic", "fuse_step", "a_varies", "b_varies", "backend"))
 def fused_leaf_update(p, g, q: quantize_lib.QuantizedArray, factor, hyper, seeds, *,
-                      group_size: int, stochastic: bool, fuse_step: bool,
-                      rows_vary: bool, cols_vary: bool, backend: str):
+                      layout: quantize_lib.GroupLayout, stochastic: bool, fuse_step: bool,
+                      a_varies: bool, b_varies: bool, backend: str):
   """One fused step of an INT8 leaf.
 
   Args:
     p: parameter (read only when ``fuse_step``).
     g: gradient, same shape.
-    q: stored first moment.
-    factor: block factors ``r_B`` broadcast to ``(R, L)`` and reduced to
-      ``(R if rows_vary else 1, L if cols_vary else 1)`` (:func:`factors_2d`).
+    q: stored first moment, grouped by ``layout``.
+    factor: block factors ``r_B`` on the ``(a, b)`` view of ``layout``,
+      reduced to ``(a if a_varies else 1, b if b_varies else 1)``
+      (:func:`factors_2d`).
     hyper: float32 ``[b1, 1-b1, -lr, wd, 0, 0, 0, 0]``.
     seeds: uint32 ``[s0, s1]`` of :func:`random_bits.stream_seeds`.
     fuse_step: return the new parameter ``p + (-lr)*(u + wd*p)`` instead of
@@ -125,54 +131,48 @@ def fused_leaf_update(p, g, q: quantize_lib.QuantizedArray, factor, hyper, seeds
   Returns:
     ``(out, QuantizedArray)``: ``out`` has ``g``'s dtype (``p``'s when fused).
   """
-  check_group_size(group_size)
-  shape = g.shape
-  row_shape, row_length, groups = quantize_lib.group_layout(shape, group_size)
-  rows = int(np.prod(row_shape, dtype=np.int64))
-  block_rows = max(1, min(_next_pow2(rows), _TILE_ELEMENTS // group_size))
-  row_tiles = -(-rows // block_rows)
-  grid = (row_tiles * groups,)
-  tile = lambda i: (i // groups, i % groups)
-  full = pl.BlockSpec((block_rows, group_size), tile)
-  per_group = pl.BlockSpec((block_rows, 1), tile)
+  check_group_size(layout.group_size)
+  a, b, groups = layout.a, layout.b, layout.groups
+  tile = tile_shape(layout)
+  tiles_a, tiles_b = -(-a // tile[0]), -(-b // tile[1])
+  index = lambda k: (k // tiles_b, k % tiles_b)
+  full = pl.BlockSpec(tile, index)
+  scale_spec = pl.BlockSpec((1, tile[1]) if layout.columns else (tile[0], 1), index)
   factor_spec = pl.BlockSpec(
-      (block_rows if rows_vary else 1, group_size if cols_vary else 1),
-      lambda i: (i // groups if rows_vary else 0, i % groups if cols_vary else 0))
-  scalar = lambda n: pl.BlockSpec((n,), lambda i: (0,))
+      (tile[0] if a_varies else 1, tile[1] if b_varies else 1),
+      lambda k: (k // tiles_b if a_varies else 0, k % tiles_b if b_varies else 0))
+  scalar = lambda n: pl.BlockSpec((n,), lambda k: (0,))
+  scales_2d = (groups, b) if layout.columns else (a, groups)
   out_dtype = p.dtype if fuse_step else g.dtype
-  kernel = functools.partial(
-      _kernel, rows=rows, row_length=row_length, block_rows=block_rows,
-      group_size=group_size, groups=groups, stochastic=stochastic, fuse_step=fuse_step)
+  kernel = functools.partial(_kernel, a=a, b=b, tile=tile, tiles_b=tiles_b,
+                             columns=layout.columns, stochastic=stochastic, fuse_step=fuse_step)
   out, codes, scales = pl.pallas_call(
       kernel,
-      out_shape=(jax.ShapeDtypeStruct((rows, row_length), out_dtype),
-                 jax.ShapeDtypeStruct((rows, row_length), jnp.int8),
-                 jax.ShapeDtypeStruct((rows, groups), jnp.float32)),
-      grid=grid,
-      in_specs=[scalar(8), scalar(2), full, full, full, per_group, factor_spec],
-      out_specs=(full, full, per_group),
+      out_shape=(jax.ShapeDtypeStruct((a, b), out_dtype),
+                 jax.ShapeDtypeStruct((a, b), jnp.int8),
+                 jax.ShapeDtypeStruct(scales_2d, jnp.float32)),
+      grid=(tiles_a * tiles_b,),
+      in_specs=[scalar(8), scalar(2), full, full, full, scale_spec, factor_spec],
+      out_specs=(full, full, scale_spec),
       input_output_aliases={2 if fuse_step else 3: 0, 4: 1, 5: 2},
       name="q_adam_mini_leaf",
       **pallas_call_options(backend),
-  )(hyper, seeds, p.reshape(rows, row_length), g.reshape(rows, row_length),
-    q.codes.reshape(rows, row_length), q.scales.reshape(rows, groups), factor)
-  return out.reshape(shape), quantize_lib.QuantizedArray(
-      codes.reshape(shape), scales.reshape(q.scales.shape))
+  )(hyper, seeds, p.reshape(a, b), g.reshape(a, b), q.codes.reshape(a, b),
+    q.scales.reshape(scales_2d), factor)
+  return out.reshape(layout.shape), quantize_lib.QuantizedArray(
+      codes.reshape(layout.shape), scales.reshape(layout.scales_shape))
 
 
-def factor_axes(spec, shape: tuple[int, ...], group_size: int) -> dict[str, bool]:
-  """Whether a leaf's block factors vary along the rows / within a row."""
-  split = len(quantize_lib.group_layout(shape, group_size)[0])
-  kept = [a for a in range(len(shape)) if a not in spec.axes and shape[a] > 1]
-  return {"rows_vary": any(a < split for a in kept),
-          "cols_vary": any(a >= split for a in kept)}
+def factor_axes(spec: partition_lib.BlockSpec, layout: quantize_lib.GroupLayout) -> dict[str, bool]:
+  """Whether a leaf's block factors vary along ``a`` / ``b`` of its layout view."""
+  kept = [k for k, n in enumerate(layout.shape) if k not in spec.axes and n > 1]
+  return {"a_varies": any(k < layout.split for k in kept),
+          "b_varies": any(k >= layout.split for k in kept)}
 
 
-def factors_2d(factor, spec, shape: tuple[int, ...], group_size: int):
-  """Keep-dims block factors as the kernel's ``(R|1, L|1)`` array."""
-  rows_shape, row_length, _ = quantize_lib.group_layout(shape, group_size)
-  full = partition_lib.broadcast_block(factor, spec, shape).reshape(
-      int(np.prod(rows_shape, dtype=np.int64)), row_length)
-  axes = factor_axes(spec, shape, group_size)
-  full = full if axes["rows_vary"] else full[:1]
-  return full if axes["cols_vary"] else full[:, :1]
+def factors_2d(factor, spec: partition_lib.BlockSpec, layout: quantize_lib.GroupLayout):
+  """Keep-dims block factors as the kernel's ``(a|1, b|1)`` array."""
+  full = partition_lib.broadcast_block(factor, spec, layout.shape).reshape(layout.a, layout.b)
+  axes = factor_axes(spec, layout)
+  full = full if axes["a_varies"] else full[:1]
+  return full if axes["b_varies"] else full[:, :1]

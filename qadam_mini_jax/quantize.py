@@ -2,11 +2,18 @@
 
 Scheme (chosen to avoid the reference implementation's flaws):
 
-* Groups are ``group_size`` consecutive row-major elements inside a "row". A
-  row is the flattening of the shortest suffix of trailing axes holding at
-  least ``group_size`` elements (the whole tensor if none does). The last group
-  of a row may be shorter (ragged), so no shape has to divide by the group size,
-  and a group never spans two rows.
+* A leaf is viewed as a matrix ``(A, B)`` by splitting its axes in two, and
+  groups are ``group_size`` consecutive elements of one column (``columns``
+  layout: the first ``split`` axes form ``A``) or of one row (``rows`` layout).
+  The last group of a column or row may be shorter (ragged), so no shape has
+  to divide by the group size.
+* Groups follow the Adam-mini blocks: a Flax ``(in, out)`` kernel has one block
+  per output neuron, a column, so its groups run down the columns (over
+  ``in``) and never mix neurons, whose momenta can differ by orders of
+  magnitude (frequent and never-seen tokens of an output layer). Leaves whose
+  blocks do not start with a reduced leading axis (embedding rows, biases,
+  whole-tensor blocks) use the rows layout, where a row is the shortest suffix
+  of trailing axes holding at least ``group_size`` elements.
 * Symmetric absmax scaling: ``scale = max|m| / 127`` per group in float32 and
   ``code = clip(floor(m / scale + r), -127, 127)`` in int8, where ``r = 1/2``
   for round-to-nearest and ``r ~ U[0, 1)`` for stochastic rounding. Zero is
@@ -22,6 +29,7 @@ no ``round``; the GPU kernel performs the same arithmetic.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import jax
@@ -34,59 +42,105 @@ QMAX = 127
 class QuantizedArray(NamedTuple):
   """INT8 codes in the parameter's shape and one float32 scale per group.
 
-  ``scales`` has shape ``row_shape + (groups_per_row,)`` (see
-  :func:`group_layout`); dequantized value = ``code * scale``.
+  ``scales`` has shape :attr:`GroupLayout.scales_shape`; dequantized value =
+  ``code * scale``.
   """
 
   codes: jax.Array
   scales: jax.Array
 
 
-def group_layout(shape: tuple[int, ...], group_size: int) -> tuple[tuple[int, ...], int, int]:
-  """``(row_shape, row_length, groups_per_row)`` of the grouping of ``shape``."""
-  split = len(shape)
-  row_length = 1
+class GroupLayout(NamedTuple):
+  """How a leaf of ``shape`` is cut into groups.
+
+  The leaf is the matrix ``(a, b)`` = (product of ``shape[:split]``, product
+  of the rest). With ``columns`` the groups run down each column (scales
+  ``(groups, b)``), else along each row (scales ``(a, groups)``).
+  """
+
+  shape: tuple[int, ...]
+  split: int
+  columns: bool
+  group_size: int
+
+  @property
+  def a(self) -> int:
+    return math.prod(self.shape[:self.split])
+
+  @property
+  def b(self) -> int:
+    return math.prod(self.shape[self.split:])
+
+  @property
+  def groups(self) -> int:
+    """Groups per column (``columns``) or per row."""
+    return -(-(self.a if self.columns else self.b) // self.group_size)
+
+  @property
+  def scales_shape(self) -> tuple[int, ...]:
+    if self.columns:
+      return (self.groups,) + self.shape[self.split:]
+    return self.shape[:self.split] + (self.groups,)
+
+
+def group_layout(shape: tuple[int, ...], group_size: int, column_axes: int = 0) -> GroupLayout:
+  """Columns layout over the first ``column_axes`` axes, or rows if 0 or all."""
+  shape = tuple(shape)
+  if 0 < column_axes < len(shape):
+    return GroupLayout(shape, column_axes, True, group_size)
+  split, row_length = len(shape), 1
   while split > 0 and row_length < group_size:
     split -= 1
     row_length *= shape[split]
-  return tuple(shape[:split]), row_length, -(-row_length // group_size)
+  return GroupLayout(shape, split, False, group_size)
 
 
-def _grouped(x: jax.Array, group_size: int) -> jax.Array:
-  """View ``x`` as ``row_shape + (groups_per_row, group_size)``, zero padded."""
-  rows, length, groups = group_layout(x.shape, group_size)
-  x = x.reshape(rows + (length,))
-  pad = groups * group_size - length
-  if pad:
-    x = jnp.pad(x, [(0, 0)] * len(rows) + [(0, pad)])
-  return x.reshape(rows + (groups, group_size))
+def _grouped(x: jax.Array, layout: GroupLayout) -> jax.Array:
+  """``x`` as ``(a, groups, group_size)`` (rows) or ``(groups, group_size, b)``."""
+  g = layout.group_size
+  x = x.reshape(layout.a, layout.b)
+  if layout.columns:
+    x = jnp.pad(x, [(0, layout.groups * g - layout.a), (0, 0)])
+    return x.reshape(layout.groups, g, layout.b)
+  x = jnp.pad(x, [(0, 0), (0, layout.groups * g - layout.b)])
+  return x.reshape(layout.a, layout.groups, g)
 
 
-def _ungrouped(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-  rows, length, _ = group_layout(shape, x.shape[-1])
-  return x.reshape(rows + (-1,))[..., :length].reshape(shape)
+def _ungrouped(x: jax.Array, layout: GroupLayout) -> jax.Array:
+  if layout.columns:
+    x = x.reshape(-1, layout.b)[:layout.a]
+  else:
+    x = x.reshape(layout.a, -1)[:, :layout.b]
+  return x.reshape(layout.shape)
 
 
-def quantize(x: jax.Array, group_size: int, noise: jax.Array | None = None) -> QuantizedArray:
+def _group_axis(layout: GroupLayout) -> int:
+  return 1 if layout.columns else 2
+
+
+def quantize(x: jax.Array, layout: GroupLayout, noise: jax.Array | None = None) -> QuantizedArray:
   """Quantize ``x`` group-wise to int8.
 
   Args:
-    x: float array (computed in float32).
-    group_size: elements per group.
+    x: float array of ``layout.shape`` (computed in float32).
+    layout: the grouping (:func:`group_layout`).
     noise: uniform [0, 1) float32 array of ``x``'s shape for stochastic
       rounding, or ``None`` for round-to-nearest.
   """
-  x = x.astype(jnp.float32)
-  g = _grouped(x, group_size)
-  scales = jnp.max(jnp.abs(g), axis=-1) / np.float32(QMAX)
-  s = scales[..., None]
-  y = jnp.where(s > 0, g / jnp.where(s > 0, s, 1.0), 0.0)
-  r = np.float32(0.5) if noise is None else _grouped(noise, group_size)
+  axis = _group_axis(layout)
+  g = _grouped(x.astype(jnp.float32), layout)
+  scales = jnp.max(jnp.abs(g), axis=axis, keepdims=True) / np.float32(QMAX)
+  y = jnp.where(scales > 0, g / jnp.where(scales > 0, scales, 1.0), 0.0)
+  r = np.float32(0.5) if noise is None else _grouped(noise, layout)
   codes = jnp.clip(jnp.floor(y + r), -QMAX, QMAX).astype(jnp.int8)
-  return QuantizedArray(_ungrouped(codes, x.shape), scales)
+  return QuantizedArray(_ungrouped(codes, layout),
+                        scales.reshape(layout.scales_shape))
 
 
-def dequantize(q: QuantizedArray, group_size: int) -> jax.Array:
+def dequantize(q: QuantizedArray, layout: GroupLayout) -> jax.Array:
   """float32 values ``code * scale`` of a :func:`quantize` result."""
-  codes = _grouped(q.codes.astype(jnp.float32), group_size)
-  return _ungrouped(codes * q.scales[..., None], q.codes.shape)
+  codes = _grouped(q.codes.astype(jnp.float32), layout)
+  scales = jnp.expand_dims(q.scales.reshape(
+      (layout.groups, layout.b) if layout.columns else (layout.a, layout.groups)),
+      _group_axis(layout))
+  return _ungrouped(codes * scales, layout)

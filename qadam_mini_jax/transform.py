@@ -39,7 +39,9 @@ class Int8Quantization:
   """INT8 first-moment storage (Q-Adam-mini).
 
   Attributes:
-    group_size: consecutive elements sharing one float32 scale.
+    group_size: consecutive elements sharing one float32 scale (they run
+      inside one Adam-mini block where the layout allows, see
+      :func:`layout_for`).
     min_size: leaves with fewer elements keep ``m`` in float (4 B/element;
       they are a negligible share of a large model).
   """
@@ -53,6 +55,20 @@ class Int8Quantization:
       if not isinstance(value, (int, np.integer)) or value < (1 if name == "group_size" else 0):
         raise ValueError(f"Int8Quantization.{name} must be a non-negative int "
                          f"(group_size >= 1), got {value!r}.")
+
+
+def layout_for(spec: partition_lib.BlockSpec, shape: tuple[int, ...],
+               quantization: Int8Quantization) -> quantize_lib.GroupLayout:
+  """INT8 groups of a leaf: down the columns over its leading reduced axes.
+
+  A Flax ``(in, out)`` kernel with a block per output neuron gets groups over
+  ``in`` inside each neuron; leaves whose blocks do not reduce axis 0
+  (embedding rows, biases) or reduce every axis get row groups.
+  """
+  leading = 0
+  while leading < len(shape) and leading in spec.axes:
+    leading += 1
+  return quantize_lib.group_layout(shape, quantization.group_size, leading)
 
 
 #: ``"auto"`` (embedding and output blocks), ``"all"``, ``"none"``, a pytree of
@@ -162,7 +178,7 @@ def adam_mini_step(
     nu = jnp.zeros(partition_lib.block_shape(spec, leaf.shape), jnp.float32)
     if stores_int8(leaf.shape):
       zeros = jnp.zeros(leaf.shape, jnp.float32)
-      return quantize_lib.quantize(zeros, quantization.group_size), nu
+      return quantize_lib.quantize(zeros, layout_for(spec, leaf.shape, quantization)), nu
     return jnp.zeros(leaf.shape, mu_dtype or jnp.float32), nu
 
   def init_fn(params):
@@ -223,22 +239,23 @@ def adam_mini_step(
         out_nu.append(nu)
         continue
       mu = quantize_lib.QuantizedArray(mu.codes, mu.scales)  # flax.nnx hands it back as a State
+      layout = layout_for(spec, g.shape, quantization)
       seeds = random_bits.stream_seeds(state.key, count, index) if sr else None
       if backend is None:
-        m, u = moment_and_direction(quantize_lib.dequantize(mu, quantization.group_size))
+        m, u = moment_and_direction(quantize_lib.dequantize(mu, layout))
         noise = None if seeds is None else random_bits.uniform(g.shape, *seeds)
         out.append(finish(u))
-        out_mu.append(quantize_lib.quantize(m, quantization.group_size, noise))
+        out_mu.append(quantize_lib.quantize(m, layout, noise))
       else:
         zero = jnp.zeros([], jnp.float32)
         hyper = [b1_, 1.0 - b1_, epilogue.neg_lr if epilogue else zero, wd if epilogue else zero]
         new, mu = pallas_update.fused_leaf_update(
             p if epilogue else g, g, mu,
-            pallas_update.factors_2d(factor, spec, g.shape, quantization.group_size),
+            pallas_update.factors_2d(factor, spec, layout),
             jnp.stack([jnp.asarray(h, jnp.float32) for h in hyper] + [zero] * 4),
             jnp.zeros((2,), jnp.uint32) if seeds is None else jnp.stack(seeds),
-            group_size=quantization.group_size, stochastic=sr, fuse_step=epilogue is not None,
-            **pallas_update.factor_axes(spec, g.shape, quantization.group_size),
+            layout=layout, stochastic=sr, fuse_step=epilogue is not None,
+            **pallas_update.factor_axes(spec, layout),
             backend=backend)
         out.append(new)
         out_mu.append(mu)

@@ -294,25 +294,33 @@ def test_q_adam_mini_without_quantization_is_bit_identical_to_adam_mini():
 GROUP = 256
 
 
-def _groups(n):
-  """Flat index ranges of the quantization groups of the LLaMA leaves.
+def _groups(key, shape):
+  """Flat index arrays of a leaf's quantization groups, in the order of its scales.
 
-  Every leaf here has a last axis shorter than 256 and at most 2048 elements, so
-  its "row" is the whole tensor: groups are 256 consecutive row-major elements
-  (one shorter group for the 32- and 64-element leaves).
+  Kernels (blocks per output neuron or head, so their blocks reduce axis 0) are
+  grouped down each column, 256 rows at a time: here every kernel has <= 64
+  rows, so one group per column. The other leaves (embedding rows, norms, the
+  bias) are grouped along rows of >= 256 trailing elements: all of them here
+  are at most 2048 elements with a last axis under 256, so their row is the
+  whole tensor, cut into 256 consecutive row-major elements.
   """
-  return [slice(i, min(i + GROUP, n)) for i in range(0, n, GROUP)]
+  n = int(np.prod(shape))
+  flat = np.arange(n).reshape(shape)
+  if key.endswith("/kernel"):
+    rows, cols = shape
+    return [flat[i:i + GROUP, j] for i in range(0, rows, GROUP) for j in range(cols)]
+  return [np.arange(i, min(i + GROUP, n)) for i in range(0, n, GROUP)]
 
 
-def _dequantize_np(q: QuantizedArray):
+def _dequantize_np(key, q: QuantizedArray):
   codes = np.asarray(q.codes)
   scales = np.asarray(q.scales).reshape(-1)
   flat = codes.reshape(-1).astype(np.float32)
   per_elem = np.empty_like(flat)
-  groups = _groups(flat.size)
+  groups = _groups(key, codes.shape)
   assert scales.shape == (len(groups),)
-  for gi, sl in enumerate(groups):
-    per_elem[sl] = scales[gi]
+  for gi, index in enumerate(groups):
+    per_elem[index] = scales[gi]
   return (flat * per_elem).reshape(codes.shape), per_elem.reshape(codes.shape)
 
 
@@ -357,12 +365,12 @@ def test_q_adam_mini_int8_stays_within_derived_bound_of_adam_mini():
       q = mu[k]
       assert q.codes.dtype == jnp.int8 and q.codes.shape == shape, k
       assert q.scales.dtype == jnp.float32, k
-      deq, scale = _dequantize_np(q)
+      deq, scale = _dequantize_np(k, q)
       m_full = (np.float32(B1) * prev_deq[k]
                 + np.float32(1 - B1) * grads[t - 1][k]).astype(np.float32)
       # Scales are the group absmax / 127.
       flat = np.abs(m_full).reshape(-1)
-      want_scales = np.array([flat[sl].max() / 127 for sl in _groups(flat.size)])
+      want_scales = np.array([flat[ix].max() / 127 for ix in _groups(k, shape)])
       np.testing.assert_allclose(np.asarray(q.scales).reshape(-1), want_scales,
                                  rtol=1e-5, err_msg=f"{k} step {t}")
       c = 1.0 if k in STOCHASTIC_LEAVES else 0.5

@@ -57,10 +57,12 @@ STATE_LEAVES = {
     # (vocab, dim): one block per row; 2048 >= 512: INT8. Last axis 32 < 256, so a
     # quantization row is the whole tensor: 8 groups of 256.
     "embed/embedding": ((64, 32), (64, 1), True, (8,)),
-    # Dense (in, out) MLP: per output column. Rows of 300 -> groups [256, 44].
-    "mlp/kernel": ((3, 300), (1, 300), True, (3, 2)),
-    # DenseGeneral query (in, heads, head_dim): one block per head.
-    "attn/query/kernel": ((32, 4, 8), (1, 4, 1), True, (4,)),
+    # Dense (in, out) MLP: per output column; INT8 groups run down each column
+    # (within its block), 3 < 256 rows: one group per column.
+    "mlp/kernel": ((3, 300), (1, 300), True, (1, 300)),
+    # DenseGeneral query (in, heads, head_dim): one block per head; groups down
+    # axis 0 (32 rows): one per (head, head_dim) column.
+    "attn/query/kernel": ((32, 4, 8), (1, 4, 1), True, (1, 4, 8)),
     # Under min_size: float32 m. Whole-tensor block.
     "norm/scale": ((16,), (1,), False, None),
     "mlp/bias": ((300,), (300,), False, None),
@@ -102,9 +104,10 @@ def _np_block_mean_sq(path, g):
 
 def _np_groups(path, shape):
   """Hand-written quantization groups: list of (scale index, element index)."""
-  if path == "mlp/kernel":  # per row of 300: [0:256] and [256:300]
-    return [((r, 0), (r, slice(0, 256))) for r in range(shape[0])] + [
-        ((r, 1), (r, slice(256, 300))) for r in range(shape[0])]
+  if path == "mlp/kernel":  # down each of the 300 columns (3 rows: one group each)
+    return [((0, c), (slice(None), c)) for c in range(shape[1])]
+  if path == "attn/query/kernel":  # down axis 0 for each (head, head_dim)
+    return [((0, h, d), (slice(None), h, d)) for h in range(shape[1]) for d in range(shape[2])]
   n = math.prod(shape)  # whole tensor flattened, 256 consecutive elements
   return [((i // 256,), slice(i, i + 256)) for i in range(0, n, 256)]
 
