@@ -1,14 +1,15 @@
 """Fused Q-Adam-mini leaf update as a Pallas kernel (Triton backend on GPU).
 
-One pass over an INT8-stored leaf: dequantize ``m``, ``m <- b1*m + (1-b1)*g``,
+One pass over an INT8-stored leaf: decode ``m`` (:func:`quantize.decode`), ``m <- b1*m + (1-b1)*g``,
 ``u = m * r_B`` with the block factor ``r_B = 1/((1-b1^t)(sqrt(v_B)/sqrt(1-b2^t) + eps))``
 (Adam-mini, arXiv:2406.16793, Alg. 1),
 optionally ``u <- -lr*(u + wd*p)`` (decoupled weight decay and learning rate, the
-rest of the ``q_adam_mini`` chain) and ``p <- p + u``, then re-quantize ``m``
-group-wise with round-to-nearest or stochastic rounding. The arithmetic is that
-of :mod:`qadam_mini_jax.quantize` and :mod:`qadam_mini_jax.transform`, in the
-same order, and the rounding bits are :func:`qadam_mini_jax.random_bits.element_bits`
-of the element's flat index, generated in the kernel.
+rest of the ``q_adam_mini`` chain) and ``p <- p + u``, then re-encode ``m``
+group-wise (:func:`quantize.encode`) with round-to-nearest or stochastic
+rounding. The arithmetic is that of :mod:`qadam_mini_jax.quantize` and
+:mod:`qadam_mini_jax.transform`, in the same order, and the rounding bits are
+:func:`qadam_mini_jax.random_bits.element_bits` of the element's flat index,
+generated in the kernel.
 
 Layout: the leaf is viewed as the ``(a, b)`` matrix of its quantization grouping
 (:func:`qadam_mini_jax.quantize.group_layout`); one program handles one group
@@ -75,7 +76,7 @@ def _kernel(hyper_ref, seed_ref, p_ref, g_ref, codes_ref, scales_ref, factor_ref
 
   b1, one_minus_b1 = hyper_ref[0], hyper_ref[1]
   g = g_ref[...].astype(jnp.float32)
-  m = b1 * (codes_ref[...].astype(jnp.float32) * scales_ref[...]) + one_minus_b1 * g
+  m = b1 * quantize_lib.decode(codes_ref[...], scales_ref[...]) + one_minus_b1 * g
   u = m * factor_ref[...]
   if fuse_step:  # -lr * (u + wd * p), then p + that: the q_adam_mini chain
     p = p_ref[...].astype(jnp.float32)
@@ -84,16 +85,13 @@ def _kernel(hyper_ref, seed_ref, p_ref, g_ref, codes_ref, scales_ref, factor_ref
   out_ref[...] = u.astype(out_ref.dtype)
 
   group_axis = 0 if columns else 1
-  absmax = jnp.max(jnp.where(valid, jnp.abs(m), 0.0), axis=group_axis, keepdims=True)
-  scale = absmax / np.float32(quantize_lib.QMAX)
-  y = jnp.where(scale > 0, m / jnp.where(scale > 0, scale, 1.0), 0.0)
+  scale = jnp.max(jnp.where(valid, jnp.abs(m), 0.0), axis=group_axis, keepdims=True)
   if stochastic:
     bits = random_bits.element_bits((i * b + j).astype(jnp.uint32), seed_ref[0], seed_ref[1])
-    y = y + random_bits.bits_to_uniform(bits)
+    r = random_bits.bits_to_uniform(bits)
   else:
-    y = y + np.float32(0.5)
-  q = jnp.clip(jnp.floor(y), -quantize_lib.QMAX, quantize_lib.QMAX)
-  codes_out_ref[...] = q.astype(jnp.int8)
+    r = np.float32(0.5)
+  codes_out_ref[...] = quantize_lib.encode(m, scale, r)
   scales_out_ref[...] = scale
 
 

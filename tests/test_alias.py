@@ -313,15 +313,26 @@ def _groups(key, shape):
 
 
 def _dequantize_np(key, q: QuantizedArray):
+  """Square-law code: value = s * sign(c) * (c/127)^2 with s = the group's max|m|.
+
+  Returns the values and each element's group max ``s``.
+  """
   codes = np.asarray(q.codes)
   scales = np.asarray(q.scales).reshape(-1)
-  flat = codes.reshape(-1).astype(np.float32)
+  flat = codes.reshape(-1).astype(np.float64)
   per_elem = np.empty_like(flat)
   groups = _groups(key, codes.shape)
   assert scales.shape == (len(groups),)
   for gi, index in enumerate(groups):
     per_elem[index] = scales[gi]
-  return (flat * per_elem).reshape(codes.shape), per_elem.reshape(codes.shape)
+  values = np.sign(flat) * (flat / 127) ** 2 * per_elem
+  return values.reshape(codes.shape), per_elem.reshape(codes.shape)
+
+
+def _level_gap(m, s):
+  """Distance between the two code levels around |m| in a group of max s."""
+  k = np.floor(127 * np.sqrt(np.abs(m) / np.where(s > 0, s, 1)))
+  return (2 * k + 1) / 127**2 * s
 
 
 def test_q_adam_mini_int8_stays_within_derived_bound_of_adam_mini():
@@ -329,14 +340,15 @@ def test_q_adam_mini_int8_stays_within_derived_bound_of_adam_mini():
 
   Per step (from the state the INT8 run itself is in): the update uses the
   full-precision ``m_t = b1*deq(m_{t-1}) + (1-b1)*g_t``; what is stored is
-  ``deq_t = code*s`` with ``s = max_group|m_t|/127``. Then
-  ``|deq_t - m_t| <= s/2`` for round-to-nearest leaves and ``< s`` for
+  ``deq_t = s*sign(c)*(c/127)^2`` with ``s = max_group|m_t|``. With ``gap_t``
+  the distance between the two code levels around ``|m_t|``,
+  ``|deq_t - m_t| <= gap_t/2`` for round-to-nearest leaves and ``< gap_t`` for
   stochastically rounded leaves (embedding and lm_head under "auto").
 
   Trajectory bound (element-wise, a priori): v depends only on g, so both runs
   share the denominators ``den_t``. With ``r_t = deq_t - m_t`` and
   ``d_t = m^int8_t - m^float_t``, ``d_1 = 0`` and ``d_t = b1*(r_{t-1} + d_{t-1})``,
-  so ``|d_t| <= D_t`` with ``D_t = b1*(c*s_{t-1} + D_{t-1})`` (c = 1/2 or 1).
+  so ``|d_t| <= D_t`` with ``D_t = b1*(c*gap_{t-1} + D_{t-1})`` (c = 1/2 or 1).
   The parameter gap ``e_t = (1-lr*wd)*e_{t-1} - lr*d_t/((1-b1^t)*den_t)`` obeys
   ``|e_t| <= E_t = E_{t-1} + lr*D_t/((1-b1^t)*den_t)``. The test checks
   ``|p^int8_t - p^float_t| <= E_t + 2e-6`` (float32 slack as in test 1).
@@ -357,7 +369,7 @@ def test_q_adam_mini_int8_stays_within_derived_bound_of_adam_mini():
   prev_deq = {k: np.zeros(s, np.float32) for k, (s, *_) in LEAVES.items()}
   D = {k: np.zeros(s) for k, (s, *_) in LEAVES.items()}
   E = {k: np.zeros(s) for k, (s, *_) in LEAVES.items()}
-  prev_scale = {k: np.zeros(s) for k, (s, *_) in LEAVES.items()}
+  prev_gap = {k: np.zeros(s) for k, (s, *_) in LEAVES.items()}
   for t in range(1, STEPS + 1):
     mu = _flat(_adam_mini_state(states[t - 1]).mu)
     mu = {k: QuantizedArray(*[mu[f"{k}/{f}"] for f in ("codes", "scales")]) for k in LEAVES}
@@ -368,24 +380,25 @@ def test_q_adam_mini_int8_stays_within_derived_bound_of_adam_mini():
       deq, scale = _dequantize_np(k, q)
       m_full = (np.float32(B1) * prev_deq[k]
                 + np.float32(1 - B1) * grads[t - 1][k]).astype(np.float32)
-      # Scales are the group absmax / 127.
+      # Scales are the group max |m|.
       flat = np.abs(m_full).reshape(-1)
-      want_scales = np.array([flat[ix].max() / 127 for ix in _groups(k, shape)])
+      want_scales = np.array([flat[ix].max() for ix in _groups(k, shape)])
       np.testing.assert_allclose(np.asarray(q.scales).reshape(-1), want_scales,
                                  rtol=1e-5, err_msg=f"{k} step {t}")
       c = 1.0 if k in STOCHASTIC_LEAVES else 0.5
       err = np.abs(deq - m_full)
-      assert (err <= c * scale * (1 + 1e-5) + 1e-12).all(), (
-          f"{k} step {t}: max |deq-m|/scale = {(err / scale).max()} > {c}")
+      gap = _level_gap(m_full, scale)
+      assert (err <= c * gap * (1 + 1e-5) + 1e-12).all(), (
+          f"{k} step {t}: max |deq-m|/gap = {(err / gap).max()} > {c}")
       if k not in STOCHASTIC_LEAVES:
-        assert (err / scale).max() > 0.3, k  # really rounded (not trivially exact)
+        assert (err / gap).max() > 0.3, k  # really rounded (not trivially exact)
       # A-priori trajectory bound.
-      D[k] = B1 * (c * prev_scale[k] + D[k]) if t > 1 else np.zeros(shape)
+      D[k] = B1 * (c * prev_gap[k] + D[k]) if t > 1 else np.zeros(shape)
       E[k] = E[k] + LR * D[k] / ((1 - B1**t) * dens[t - 1][k])
-      gap = np.abs(p_q[t - 1][k].astype(np.float64) - p_f[t - 1][k])
-      assert (gap <= E[k] + 2e-6).all(), (
-          f"{k} step {t}: gap {gap.max()} exceeds bound at {np.argmax(gap - E[k])}")
-      prev_deq[k], prev_scale[k] = deq, scale
+      p_gap = np.abs(p_q[t - 1][k].astype(np.float64) - p_f[t - 1][k])
+      assert (p_gap <= E[k] + 2e-6).all(), (
+          f"{k} step {t}: gap {p_gap.max()} exceeds bound at {np.argmax(p_gap - E[k])}")
+      prev_deq[k], prev_gap[k] = deq.astype(np.float32), gap
 
   p0 = make_params()
   rel = {k: np.linalg.norm(p_q[-1][k] - p_f[-1][k]) / np.linalg.norm(p_f[-1][k] - p0[k])

@@ -112,6 +112,17 @@ def _np_groups(path, shape):
   return [((i // 256,), slice(i, i + 256)) for i in range(0, n, 256)]
 
 
+def _np_decode(codes, s):
+  """Square-law code: s * sign(c) * (c/127)^2."""
+  c = np.asarray(codes, np.float64)
+  return np.sign(c) * (c / 127) ** 2 * np.asarray(s, np.float64)
+
+
+def _np_level_below(m, s):
+  """Index k of the code level at or below |m| (levels (k/127)^2 * s)."""
+  return np.floor(127 * np.sqrt(np.abs(m) / s))
+
+
 def _check_state_layout(state):
   assert isinstance(state, ScaleByAdamMiniState)
   assert ScaleByAdamMiniState._fields == ("count", "key", "mu", "nu")
@@ -156,10 +167,13 @@ def test_state_layout_and_values_after_one_step():
       for sidx, eidx in _np_groups(k, shape):
         group = m.reshape(-1)[eidx] if isinstance(eidx, slice) else m[eidx]
         gcodes = codes.reshape(-1)[eidx] if isinstance(eidx, slice) else codes[eidx]
-        s = np.abs(group).max() / 127
+        s = np.abs(group).max()
         np.testing.assert_allclose(scales[sidx], s, rtol=1e-6, err_msg=k)
-        # Round to nearest: |code*s - m| <= s/2 and the max element hits +-127.
-        assert (np.abs(gcodes * scales[sidx] - group) <= 0.5 * s * (1 + 1e-5)).all(), k
+        # Round to nearest: within half the gap between the two levels around m,
+        # and the max element hits +-127.
+        gap = (2 * _np_level_below(group, s) + 1) / 127**2 * s
+        err = np.abs(_np_decode(gcodes, scales[sidx]) - group)
+        assert (err <= 0.5 * gap * (1 + 1e-5) + 1e-7 * s).all(), k
         assert np.abs(gcodes).max() == 127, k
     else:
       np.testing.assert_allclose(mu[k], m, rtol=1e-6, atol=1e-9, err_msg=k)
@@ -225,15 +239,15 @@ def test_round_to_nearest_momentum_stalls_for_zero_gradient():
   tx = _decay_tx("none")
   state, mus = jax.jit(lambda s: _run(tx, s, 1, RTN_STEPS))(_quiet(tx.init, params))
   codes, scales = np.asarray(mus.codes), np.asarray(mus.scales)  # (T, 4, 256), (T, 4, 1)
-  # The pinned element: code 127 and scale ~ 1/127 (m0 -> 1).
+  # The pinned element: code 127 and scale (the group max) ~ 1 (m0 -> 1).
   assert (codes[-100:, :, 0] == 127).all()
-  np.testing.assert_allclose(scales[-100:], 1 / 127, rtol=1e-5)
+  np.testing.assert_allclose(scales[-100:], 1.0, rtol=1e-5)
   # The zero-gradient element stalls: the same nonzero code over the last 100 steps,
   # although b1^(RTN_STEPS - WARMUP_STEPS) ~ 3e-11 of its value would remain in float.
   stalled = codes[-100:, :, J]
   assert (stalled == stalled[0]).all(), stalled
   assert (stalled[0] != 0).all(), stalled[0]
-  assert (codes[-1] * scales[-1])[:, J].min() > 0.01
+  assert _np_decode(codes[-1], scales[-1])[:, J].min() >= 1 / 127**2  # >= the lowest level
   # The same run with float32 momentum decays to (almost) zero.
   tx_f = _decay_tx("none", quantization=None)
   state_f, _ = jax.jit(lambda s: _run(tx_f, s, 1, RTN_STEPS))(_quiet(tx_f.init, params))
@@ -244,18 +258,22 @@ def test_stochastic_rounding_momentum_decays_like_b1_power_in_mean():
   """From a stalled round-to-nearest state, SR makes E[deq m_J] = b1^k * m_J(0).
 
   Each step stores ``deq_k = m_k + r_k`` with E[r_k | m_k] = 0 and
-  Var(r_k | m_k) <= s^2/4, and ``m_{k+1} = b1*deq_k`` (zero gradient). So
-  E[deq_k] = b1^k deq_0 and Var(deq_k) <= s^2/4 * sum_{i<k} b1^(2i). Over
-  NUM_KEYS keys x ROWS rows (independent streams) the empirical mean must be
-  within 5 standard errors of b1^k * deq_0 at every step k.
+  Var(r_k | m_k) <= gap^2/4, where gap bounds the distance between the two
+  code levels around any value <= deq_0 (one level above its code), and
+  ``m_{k+1} = b1*deq_k`` (zero gradient). So E[deq_k] = b1^k deq_0 and
+  Var(deq_k) <= gap^2/4 * sum_{i<k} b1^(2i). Over NUM_KEYS keys x ROWS rows
+  (independent streams) the empirical mean must be within 5 standard errors
+  of b1^k * deq_0 at every step k.
   """
   params = {"embed": {"embedding": jnp.zeros((ROWS, WIDTH), jnp.float32)}}
   tx_rtn, tx_sr = _decay_tx("none"), _decay_tx("all")
   start, _ = jax.jit(lambda s: _run(tx_rtn, s, 1, 200))(_quiet(tx_rtn.init, params))
   q0 = start.mu["embed"]["embedding"]
-  deq0 = np.asarray(q0.codes[:, J], np.float64) * np.asarray(q0.scales[:, 0], np.float64)
+  deq0 = _np_decode(q0.codes[:, J], q0.scales[:, 0])
   assert (deq0 > 0).all()  # stalled at a nonzero code
   s = float(np.asarray(q0.scales).max())
+  top = float(np.abs(np.asarray(q0.codes[:, J])).max()) + 1  # highest level reachable
+  gap = (2 * top + 1) / 127**2 * s
 
   words = jax.random.bits(jax.random.key(0), (NUM_KEYS, 2), jnp.uint32)
 
@@ -263,7 +281,8 @@ def test_stochastic_rounding_momentum_decays_like_b1_power_in_mean():
   @jax.vmap
   def run_key(w):
     _, mus = _run(tx_sr, start._replace(key=w), 201, SR_STEPS)
-    return mus.codes[:, :, J].astype(jnp.float32) * mus.scales[:, :, 0]  # (K, ROWS)
+    c = mus.codes[:, :, J].astype(jnp.float32)
+    return c * jnp.abs(c) / 127**2 * mus.scales[:, :, 0]  # (K, ROWS)
 
   deq = np.asarray(run_key(words), np.float64)  # (keys, K, ROWS)
   k = np.arange(1, SR_STEPS + 1)
@@ -271,14 +290,14 @@ def test_stochastic_rounding_momentum_decays_like_b1_power_in_mean():
   n = NUM_KEYS * ROWS
   mean = deq.mean(axis=0).mean(axis=1)  # (K,)
   want_mean = want.mean(axis=1)
-  var_bound = s**2 / 4 * np.cumsum(B1 ** (2 * np.arange(SR_STEPS)))  # per sample
+  var_bound = gap**2 / 4 * np.cumsum(B1 ** (2 * np.arange(SR_STEPS)))  # per sample
   se = np.sqrt(var_bound / n)
   assert (np.abs(mean - want_mean) <= 5 * se).all(), np.c_[mean, want_mean, se]
   # It really decays (round-to-nearest would keep deq0 forever) ...
   assert mean[-1] < 0.1 * deq0.mean()
-  # ... and each sample moved by at most one code per step from b1 * previous.
+  # ... and each sample moved by at most one level gap per step from b1 * previous.
   prev = np.concatenate([np.broadcast_to(deq0, (NUM_KEYS, 1, ROWS)), deq[:, :-1]], axis=1)
-  assert (np.abs(deq - B1 * prev) < s * (1 + 1e-5)).all()
+  assert (np.abs(deq - B1 * prev) < gap * (1 + 1e-5)).all()
 
 
 # -----------------------------------------------------------------------------
@@ -316,12 +335,18 @@ def test_stochastic_rounding_codes_are_floor_or_ceil():
   m = (1 - B1) * np.asarray(g, np.float64)  # 64 per row < 256: whole-tensor groups
   q = state.mu["a"]["kernel"]
   codes, scales = np.asarray(q.codes), np.asarray(q.scales).reshape(-1)
-  y = (m.reshape(-1, 256) / scales[:, None]).reshape(m.shape)
-  c = codes.astype(np.float64)
-  # (1e-4 slack: y here is float64, the library's float32.)
-  assert ((c >= np.floor(y - 1e-4)) & (c <= np.ceil(y + 1e-4))).all()
+  s = np.repeat(scales, 256).reshape(m.shape)
+  c = np.abs(codes.astype(np.float64))
+  assert (np.sign(codes) * np.sign(m) >= 0).all()
+  # The code is the level at or below |m| or the one above it (1e-4 slack:
+  # float64 here, float32 in the library).
+  k_lo = _np_level_below(np.abs(m) * (1 - 1e-4), s)
+  k_hi = _np_level_below(np.abs(m) * (1 + 1e-4), s) + 1
+  assert ((c >= k_lo) & (c <= k_hi)).all()
   # Both directions occur (not round-to-nearest, not always floor).
-  nearest = np.floor(y + 0.5)
+  k = _np_level_below(m, s)
+  lo, hi = (k / 127) ** 2 * s, ((k + 1) / 127) ** 2 * s
+  nearest = np.where(np.abs(m) - lo < hi - np.abs(m), k, k + 1)
   frac_away = np.mean(c != nearest)
   assert 0.1 < frac_away < 0.5, frac_away  # E = mean(min(f, 1-f)) ~ 1/4
 
