@@ -26,6 +26,7 @@ import optax
 import pytest
 
 import qadam_mini_jax
+from tiny_models import nest
 from qadam_mini_jax import BlockPartition, Int8Quantization, QuantizedArray
 
 LR, B1, B2, EPS, WD = 1e-2, 0.9, 0.95, 1e-8, 0.1
@@ -73,18 +74,6 @@ LEAVES = {
 }
 # Leaves whose m is stochastically rounded under stochastic_rounding="auto".
 STOCHASTIC_LEAVES = {"embed/embedding", "lm_head/kernel"}
-
-
-def _nest(flat):
-  """{'a/b/c': x} -> {'a': {'b': {'c': x}}}."""
-  out = {}
-  for path, value in flat.items():
-    node = out
-    *parents, last = path.split("/")
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[last] = value
-  return out
 
 
 def _key_name(k):
@@ -188,14 +177,14 @@ def run_optax(tx, params, grads, *, keep_states=False):
     u, s = tx.update(g, s, p)
     return optax.apply_updates(p, u), s
 
-  p = _nest({k: jnp.asarray(v) for k, v in params.items()})
+  p = nest({k: jnp.asarray(v) for k, v in params.items()})
   with warnings.catch_warnings():
     # The tree has embedding, output, query and key leaves: no partition warning.
     warnings.filterwarnings("error", message="Adam-mini partition")
     state = tx.init(p)
   params_hist, states = [], []
   for g in grads:
-    p, state = step(p, state, _nest({k: jnp.asarray(v) for k, v in g.items()}))
+    p, state = step(p, state, nest({k: jnp.asarray(v) for k, v in g.items()}))
     params_hist.append({k: np.asarray(v) for k, v in _flat(p).items()})
     states.append(state)
   return (params_hist, states) if keep_states else params_hist
@@ -267,7 +256,7 @@ def test_reference_is_sensitive_to_the_blocks():
 
 def test_default_decay_mask():
   mask = _flat(qadam_mini_jax.default_decay_mask(
-      _nest({k: jnp.zeros(s) for k, (s, *_) in LEAVES.items()})))
+      nest({k: jnp.zeros(s) for k, (s, *_) in LEAVES.items()})))
   assert mask == {k: decayed for k, (_, _, _, decayed) in LEAVES.items()}
 
 
@@ -456,8 +445,8 @@ SWITCH_STEPS, SWITCH_AT = 8, 4
 
 def _tree_data():
   params, grads = make_params(), make_grads(SWITCH_STEPS)
-  p0 = _nest({k: jnp.asarray(v) for k, v in params.items()})
-  return p0, [_nest({k: jnp.asarray(v) for k, v in g.items()}) for g in grads]
+  p0 = nest({k: jnp.asarray(v) for k, v in params.items()})
+  return p0, [nest({k: jnp.asarray(v) for k, v in g.items()}) for g in grads]
 
 
 def _run_injected(config, changes):
@@ -580,10 +569,10 @@ def test_injected_schedule_drives_the_update():
   params, grads = make_params(), make_grads(STEPS)
   want, _, _ = numpy_adam_mini(params, grads, wd=0.0,
                                lr_fn=lambda t: _warmup_cosine_by_hand(t - 1))
-  p = _nest({k: jnp.asarray(v) for k, v in params.items()})
+  p = nest({k: jnp.asarray(v) for k, v in params.items()})
   state = tx.init(p)
   for t, g in enumerate(grads, start=1):
-    p, state = step(p, state, _nest({k: jnp.asarray(v) for k, v in g.items()}))
+    p, state = step(p, state, nest({k: jnp.asarray(v) for k, v in g.items()}))
     # After t updates the stored value is the lr used at step t: schedule(t-1).
     np.testing.assert_allclose(state.hyperparams["learning_rate"],
                                _warmup_cosine_by_hand(t - 1), rtol=1e-6)

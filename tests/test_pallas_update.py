@@ -18,6 +18,7 @@ import pytest
 
 import qadam_mini_jax as q
 from qadam_mini_jax import pallas_update, quantize as Q, transform
+from tiny_models import nest
 
 PART = q.BlockPartition(num_heads=8)
 INT8 = q.Int8Quantization(min_size=1000)
@@ -37,16 +38,9 @@ def _params(dtype=jnp.float32):
       "empty/kernel": (0, 8),                # left alone
       "count": (),                           # int: left alone
   }
-  out = {}
-  for path, shape in shapes.items():
-    leaf = (jnp.asarray(3, jnp.int32) if path == "count" else
-            jax.random.normal(jax.random.key(len(path)), shape, dtype))
-    node = out
-    *parents, name = path.split("/")
-    for parent in parents:
-      node = node.setdefault(parent, {})
-    node[name] = leaf
-  return out
+  return nest({path: jnp.asarray(3, jnp.int32) if path == "count" else
+               jax.random.normal(jax.random.key(len(path)), shape, dtype)
+               for path, shape in shapes.items()})
 
 
 def _grads(params, step):

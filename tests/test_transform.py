@@ -13,6 +13,7 @@ import optax
 import pytest
 
 import qadam_mini_jax
+from tiny_models import nest
 from qadam_mini_jax import (Int8Quantization, QuantizedArray, ScaleByAdamMiniState,
                             scale_by_adam_mini)
 
@@ -71,19 +72,8 @@ STATE_LEAVES = {
 
 def _state_params():
   rng = np.random.default_rng(0)
-  return _nest({k: jnp.asarray(rng.standard_normal(s), jnp.float32)
+  return nest({k: jnp.asarray(rng.standard_normal(s), jnp.float32)
                 for k, (s, *_) in STATE_LEAVES.items()})
-
-
-def _nest(flat):
-  out = {}
-  for path, value in flat.items():
-    node = out
-    *parents, last = path.split("/")
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[last] = value
-  return out
 
 
 def _np_block_mean_sq(path, g):
@@ -441,8 +431,8 @@ def test_mismatched_tree_names_the_path():
 def test_mismatched_leaf_shape_names_the_path(path, init_shape, update_shape,
                                               quantization):
   tx = scale_by_adam_mini(quantization=quantization)
-  _expect_path_error(tx, _nest({path: jnp.ones(init_shape)}),
-                     _nest({path: jnp.ones(update_shape)}), path)
+  _expect_path_error(tx, nest({path: jnp.ones(init_shape)}),
+                     nest({path: jnp.ones(update_shape)}), path)
 
 
 # -----------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Tiny LLaMA-like Flax models (NNX and linen) for partition and integration tests."""
+"""Tiny LLaMA-like Flax models (NNX and linen) and tree helpers shared by the tests."""
 
 from __future__ import annotations
 
@@ -32,6 +32,18 @@ class LinenLm(nn.Module):
     h = nn.RMSNorm(name="mlp_norm")(x)
     x = x + nn.Dense(DIM, name="down_proj")(nn.silu(nn.Dense(FFN, name="up_proj")(h)))
     return nn.Dense(VOCAB, use_bias=False, name="lm_head")(nn.RMSNorm(name="norm")(x))
+
+
+def nest(flat: dict) -> dict:
+  """{'a/b/c': x} -> {'a': {'b': {'c': x}}}: parameter trees from path tables."""
+  out = {}
+  for path, value in flat.items():
+    node = out
+    *parents, last = path.split("/")
+    for parent in parents:
+      node = node.setdefault(parent, {})
+    node[last] = value
+  return out
 
 
 def tokens(key, batch=2, seq=8):
