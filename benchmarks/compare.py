@@ -1,31 +1,35 @@
-"""Train several optimizers on the same data, seed and budget; plot and tabulate.
+"""Train several optimizers on the same data, seeds and budget; plot and tabulate.
 
 Every variant (a set of ``examples/train.py`` flags, e.g. ``--optimizer adamw``)
-is trained at every learning rate of one grid with everything else equal, and
-reported at its best learning rate (lowest final validation loss). From the
-repository root::
+is trained at every learning rate of one grid and every seed, with everything
+else equal, and reported at its best learning rate (lowest final validation
+loss averaged over the seeds: at this scale one seed's noise is about 1%, as
+large as the differences measured). A variant that sets its own ``--lr`` runs
+at that learning rate only. From the repository root::
 
     python benchmarks/compare.py                     # the committed comparison
-    python benchmarks/compare.py --steps 200 --lrs 3e-3 --out /tmp/quick
+    python benchmarks/compare.py --steps 200 --lrs 3e-3 --seeds 0 --out /tmp/quick
     python benchmarks/compare.py --report-only       # redraw from finished runs
 
 Flags that ``examples/train.py`` understands (``--model``, ``--dim``,
 ``--batch-size``, ``--data``...) apply to every run. Each finished run writes
 ``<out>/runs/<name>.json`` (its summary and curves) and is skipped when the
 command is repeated; an interrupted run resumes from its checkpoint in
-``runs/compare/<name>/``. Then ``<out>/compare.md`` (the table),
-``compare.png`` (validation loss at each variant's best learning rate, and the
-embedding norm) and ``compare.json`` are (re)written.
+``runs/compare/``. Then ``<out>/compare.md`` (the table), ``compare.png``
+(validation loss at each variant's best learning rate, and the embedding norm)
+and ``compare.json`` are (re)written.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import json
 import math
 import pathlib
 import shlex
+import statistics
 import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -33,40 +37,61 @@ sys.path.insert(0, str(ROOT / "examples"))
 import train as train_lib  # noqa: E402  (examples/, added above)
 
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "compare"
-DEFAULT_VARIANTS = ("--optimizer adamw", "--optimizer adam_mini", "--optimizer q_adam_mini",
-                    "--optimizer q_adam_mini --no-stochastic-rounding")
+DEFAULT_VARIANTS = (
+    "--optimizer adamw",
+    "--optimizer adam_mini --partition reference",
+    "--optimizer adam_mini",
+    "--optimizer q_adam_mini",
+    "--optimizer q_adam_mini --no-stochastic-rounding --lr 3e-3",
+)
 DEFAULT_LRS = (1e-3, 3e-3, 6e-3)
+DEFAULT_SEEDS = (0, 1, 2)
+CURVE_KEYS = ("step", "loss", "val_loss", "embed_norm")  # kept from metrics.jsonl
 BASELINE = "adamw"  # the variant others are compared with
 #: The model and budget of the committed comparison (flags of examples/train.py).
-DEFAULT_TRAIN_FLAGS = ("--model", "tiny", "--dim", "192", "--layers", "4", "--heads", "6",
-                       "--kv-heads", "2", "--ffn-dim", "512", "--steps", "1000",
-                       "--batch-size", "16", "--seq-len", "128", "--eval-every", "100")
+DEFAULT_TRAIN_FLAGS = ("--model", "tiny", "--layers", "4", "--steps", "1000",
+                       "--batch-size", "16", "--seq-len", "128", "--eval-every", "100",
+                       "--eval-batches", "32")
 
 
 def variant_name(flags: str) -> str:
-  """``"--optimizer q_adam_mini --no-stochastic-rounding"`` -> ``"q_adam_mini-no-stochastic-rounding"``."""
-  words = shlex.split(flags)
+  """``"--optimizer q_adam_mini --no-stochastic-rounding"`` -> ``"q_adam_mini-no-stochastic-rounding"``.
+
+  ``--lr`` and its value are left out (they are part of the run's name).
+  """
+  words, kept, skip = shlex.split(flags), [], False
+  for i, word in enumerate(words):
+    if skip or word in ("--optimizer", "--lr"):
+      skip = word in ("--optimizer", "--lr")
+      continue
+    kept.append(word.lstrip("-"))
   name = words[words.index("--optimizer") + 1] if "--optimizer" in words else "q_adam_mini"
-  rest = [w.lstrip("-") for i, w in enumerate(words)
-          if w != "--optimizer" and (i == 0 or words[i - 1] != "--optimizer")]
-  return "-".join([name, *rest])
+  return "-".join([name, *kept])
 
 
-def run_one(variant: str, lr: float, train_flags: list[str], out: pathlib.Path) -> dict:
-  """Train one (variant, lr) unless its result exists; return the result record."""
-  name = f"{variant_name(variant)}_lr{lr:g}"
+def variant_lrs(flags: str, grid: list[float]) -> list[float]:
+  """The variant's own ``--lr``, else the grid."""
+  words = shlex.split(flags)
+  return [float(words[words.index("--lr") + 1])] if "--lr" in words else list(grid)
+
+
+def run_one(variant: str, lr: float, seed: int, train_flags: list[str],
+            out: pathlib.Path) -> dict:
+  """Train one (variant, lr, seed) unless its result exists; return the result record."""
+  name = f"{variant_name(variant)}_lr{lr:g}_seed{seed}"
   result_path = out / "runs" / f"{name}.json"
   if result_path.exists():
     return json.loads(result_path.read_text())
   run_dir = ROOT / "runs" / "compare" / out.name / name
-  argv = [*train_flags, *shlex.split(variant), "--lr", str(lr), "--out-dir", str(run_dir),
-          "--no-progress", "--resume"]
+  argv = [*train_flags, *shlex.split(variant), "--lr", str(lr), "--seed", str(seed),
+          "--out-dir", str(run_dir), "--no-progress", "--resume"]
   model_cfg, opt_cfg, cfg = train_lib.configs_from_args(train_lib.build_parser().parse_args(argv))
   print(f"[compare] {name}", flush=True)
   summary = train_lib.train(model_cfg, opt_cfg, dataclasses.replace(cfg, verbose=False)).summary
-  curve = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+  curve = [{k: v for k, v in json.loads(line).items() if k in CURVE_KEYS}
+           for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
   record = {"name": name, "variant": variant_name(variant), "flags": variant, "lr": lr,
-            "train_flags": train_flags, "summary": summary, "curve": curve}
+            "seed": seed, "train_flags": train_flags, "summary": summary, "curve": curve}
   result_path.parent.mkdir(parents=True, exist_ok=True)
   result_path.write_text(json.dumps(record) + "\n")
   print(f"[compare] {name}: val loss {summary['val_loss']:.4f}, "
@@ -74,61 +99,95 @@ def run_one(variant: str, lr: float, train_flags: list[str], out: pathlib.Path) 
   return record
 
 
-def _final_val(record: dict) -> float:
-  loss = record["summary"]["val_loss"]
-  return loss if loss is not None and math.isfinite(loss) else math.inf
+@dataclasses.dataclass
+class Cell:
+  """The runs of one (variant, lr) over seeds."""
+
+  variant: str
+  lr: float
+  runs: list[dict]
+
+  @property
+  def val_losses(self) -> list[float]:
+    return [r["summary"]["val_loss"] if math.isfinite(r["summary"]["val_loss"] or math.nan)
+            else math.inf for r in self.runs]
+
+  @property
+  def val_loss(self) -> float:
+    return statistics.mean(self.val_losses)
+
+  def mean(self, key: str) -> float:
+    return statistics.mean(r["summary"][key] for r in self.runs)
+
+  def mean_curve(self, key: str) -> tuple[list[int], list[float]]:
+    """Steps where every seed logged ``key``, and the mean over seeds."""
+    points = collections.defaultdict(list)
+    for r in self.runs:
+      for p in r["curve"]:
+        if key in p:
+          points[p["step"]].append(p[key])
+    steps = sorted(s for s, v in points.items() if len(v) == len(self.runs))
+    return steps, [statistics.mean(points[s]) for s in steps]
 
 
-def best_per_variant(records: list[dict]) -> dict[str, dict]:
-  """Variant -> its record at the learning rate with the lowest final validation loss."""
-  best: dict[str, dict] = {}
+def cells(records: list[dict]) -> dict[tuple[str, float], Cell]:
+  grouped = collections.defaultdict(list)
   for r in records:
-    if r["variant"] not in best or _final_val(r) < _final_val(best[r["variant"]]):
-      best[r["variant"]] = r
-  return best
+    grouped[r["variant"], r["lr"]].append(r)
+  return {k: Cell(k[0], k[1], sorted(v, key=lambda r: r["seed"])) for k, v in grouped.items()}
 
 
-def table(records: list[dict], lrs: list[float]) -> str:
-  """Markdown: per variant the loss at every lr, and the best run's numbers."""
-  best = best_per_variant(records)
-  by_key = {(r["variant"], r["lr"]): r for r in records}
+def best_per_variant(all_cells: dict[tuple[str, float], Cell]) -> dict[str, Cell]:
+  """Variant -> its cell at the lr with the lowest mean final validation loss (baseline first)."""
+  best: dict[str, Cell] = {}
+  for cell in all_cells.values():
+    if cell.variant not in best or cell.val_loss < best[cell.variant].val_loss:
+      best[cell.variant] = cell
+  return dict(sorted(best.items(), key=lambda item: (item[0] != BASELINE, item[0])))
+
+
+def table(all_cells: dict[tuple[str, float], Cell], lrs: list[float]) -> str:
+  """Markdown: per variant the mean loss at every lr, and the best lr's numbers."""
+  best = best_per_variant(all_cells)
   base = best.get(BASELINE)
-  head = ["optimizer", *[f"val loss @ lr {lr:g}" for lr in lrs], "best lr", "final val loss",
-          "perplexity", f"vs {BASELINE}", "state B/param", "state bytes", "tokens/s",
-          "embedding norm"]
+  head = ["optimizer", *[f"val loss @ lr {lr:g}" for lr in lrs], "best lr",
+          "final val loss (per seed)", "perplexity", f"vs {BASELINE}", "state B/param",
+          "state bytes", "tokens/s", "embedding norm"]
   rows = [head, ["---"] + ["---:"] * (len(head) - 1)]
-  for variant, r in best.items():
-    s = r["summary"]
-    cells = [f"{_final_val(by_key[variant, lr]):.4f}" if (variant, lr) in by_key else "-"
-             for lr in lrs]
-    gap = (f"{100 * (_final_val(r) / _final_val(base) - 1):+.2f}%" if base else "-")
-    rows.append([f"`{variant}`", *cells, f"{r['lr']:g}", f"**{_final_val(r):.4f}**",
-                 f"{math.exp(_final_val(r)):.3f}", gap, f"{s['state_bytes_per_param']:.3f}",
-                 f"{s['state_bytes']:,}", f"{s['tokens_per_s']:,.0f}", f"{s['embed_norm']:.2f}"])
+  for variant, c in best.items():
+    losses = [f"{all_cells[variant, lr].val_loss:.4f}" if (variant, lr) in all_cells else "-"
+              for lr in lrs]
+    gap = f"{100 * (c.val_loss / base.val_loss - 1):+.2f}%" if base else "-"
+    seeds = ", ".join(f"{v:.4f}" for v in c.val_losses)
+    rows.append([f"`{variant}`", *losses, f"{c.lr:g}", f"**{c.val_loss:.4f}** ({seeds})",
+                 f"{math.exp(c.val_loss):.3f}", gap, f"{c.mean('state_bytes_per_param'):.3f}",
+                 f"{c.runs[0]['summary']['state_bytes']:,}", f"{c.mean('tokens_per_s'):,.0f}",
+                 f"{c.mean('embed_norm'):.2f}"])
   return "\n".join("| " + " | ".join(row) + " |" for row in rows)
 
 
-def plot(records: list[dict], path: pathlib.Path) -> None:
-  """Validation loss (best lr per variant) and embedding norm against steps."""
+def plot(all_cells: dict[tuple[str, float], Cell], path: pathlib.Path) -> None:
+  """Validation loss at each variant's best lr; embedding norm at one shared lr."""
   import matplotlib
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  fig, (ax_loss, ax_norm) = plt.subplots(1, 2, figsize=(12, 4.5))
-  for variant, r in best_per_variant(records).items():
-    evals = [p for p in r["curve"] if "val_loss" in p]
-    label = f"{variant} (lr {r['lr']:g})"
-    ax_loss.plot([p["step"] for p in evals], [p["val_loss"] for p in evals], marker=".",
-                 label=label)
-    ax_norm.plot([p["step"] for p in r["curve"]], [p["embed_norm"] for p in r["curve"]],
-                 label=label)
-  ax_loss.set(xlabel="step", ylabel="validation loss (nats/byte)",
+  best = best_per_variant(all_cells)
+  norm_lr = min(c.lr for c in best.values() if c.variant.startswith("q_adam_mini")) if any(
+      v.startswith("q_adam_mini") for v in best) else next(iter(best.values())).lr
+  fig, (ax_loss, ax_norm) = plt.subplots(1, 2, figsize=(13, 4.8))
+  for variant, c in best.items():
+    ax_loss.plot(*c.mean_curve("val_loss"), marker=".", label=f"{variant} (lr {c.lr:g})")
+    if (variant, norm_lr) in all_cells:
+      ax_norm.plot(*all_cells[variant, norm_lr].mean_curve("embed_norm"), label=variant)
+  finals = [c.val_loss for c in best.values() if math.isfinite(c.val_loss)]
+  if finals:
+    ax_loss.set_ylim(min(finals) - 0.05, min(finals) + 0.8)
+  ax_loss.set(xlabel="step", ylabel="validation loss (nats/byte), mean over seeds",
               title="validation loss, each optimizer at its best lr")
-  finals = [_final_val(r) for r in best_per_variant(records).values()]
-  if finals and all(math.isfinite(f) for f in finals):
-    ax_loss.set_ylim(min(finals) - 0.05, min(finals) + 1.0)
-  ax_norm.set(xlabel="step", ylabel="||embedding||_F", title="embedding weight norm")
+  ax_norm.set(xlabel="step", ylabel="||embedding||_F, mean over seeds",
+              title=f"embedding weight norm at lr {norm_lr:g}")
   for ax in (ax_loss, ax_norm):
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -141,20 +200,27 @@ def report(out: pathlib.Path, lrs: list[float]) -> None:
   records = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))]
   if not records:
     sys.exit(f"no finished runs in {out / 'runs'}")
+  all_cells = cells(records)
   lrs = sorted({r["lr"] for r in records} | set(lrs))
-  first = records[0]
-  s = first["summary"]
+  s = records[0]["summary"]
+  seeds = sorted({r["seed"] for r in records})
   header = (
-      f"# Optimizer comparison\n\nCommand: `python benchmarks/compare.py`; the budget: "
-      f"`{' '.join(first['train_flags'])}`: a {s['params']:,}-parameter byte-level LLaMA "
-      f"({s['model']['num_layers']} layers, dim {s['model']['dim']}), trained on "
-      f"{s['data']} with the same data order, seed, warmup + cosine schedule, clipping "
-      "and weight decay for every optimizer. Each optimizer is run at every learning rate "
-      "of the grid and reported at its best (lowest final validation loss; bold). "
-      "Loss is nats per byte; perplexity is per byte.\n\n")
-  (out / "compare.md").write_text(header + table(records, lrs) + "\n")
-  plot(records, out / "compare.png")
-  best = {v: {"lr": r["lr"], **r["summary"]} for v, r in best_per_variant(records).items()}
+      f"# Optimizer comparison\n\n`python benchmarks/compare.py`: a {s['params']:,}-parameter "
+      f"byte-level LLaMA ({s['model']['num_layers']} layers, dim {s['model']['dim']}, "
+      f"{s['model']['num_heads']} heads, {s['model']['num_kv_heads']} KV heads) trained on "
+      f"{s['data']} with `{' '.join(records[0]['train_flags'])}`. Every optimizer gets the "
+      f"same data order, seeds ({', '.join(map(str, seeds))}), warmup + cosine schedule, "
+      "gradient clipping, betas (0.9, 0.95) and weight decay 0.1 on the same leaves; each "
+      "runs at every learning rate of the grid and is reported at its best (lowest final "
+      "validation loss averaged over the seeds, in bold; the seeds' own values in "
+      "brackets). Loss is nats per byte; perplexity is per byte; tokens/s on the CPU the "
+      "runs shared.\n\n")
+  (out / "compare.md").write_text(header + table(all_cells, lrs) + "\n")
+  plot(all_cells, out / "compare.png")
+  best = {v: {"lr": c.lr, "val_loss_mean": c.val_loss, "val_losses": c.val_losses,
+              **{k: c.mean(k) for k in ("state_bytes_per_param", "tokens_per_s",
+                                         "embed_norm")}}
+          for v, c in best_per_variant(all_cells).items()}
   (out / "compare.json").write_text(json.dumps(best, indent=1) + "\n")
   print((out / "compare.md").read_text())
 
@@ -166,6 +232,7 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS),
                       help="each a quoted string of examples/train.py flags")
   parser.add_argument("--lrs", nargs="+", type=float, default=list(DEFAULT_LRS))
+  parser.add_argument("--seeds", nargs="+", type=int, default=list(DEFAULT_SEEDS))
   parser.add_argument("--out", type=pathlib.Path, default=DEFAULT_OUT)
   parser.add_argument("--report-only", action="store_true")
   args, train_flags = parser.parse_known_args(argv)
@@ -173,9 +240,10 @@ def main(argv: list[str] | None = None) -> None:
   train_lib.build_parser().parse_args(train_flags)  # fail early on a typo
   args.out.mkdir(parents=True, exist_ok=True)
   if not args.report_only:
-    for variant in args.variants:
-      for lr in args.lrs:
-        run_one(variant, lr, train_flags, args.out)
+    for seed in args.seeds:
+      for variant in args.variants:
+        for lr in variant_lrs(variant, args.lrs):
+          run_one(variant, lr, seed, train_flags, args.out)
   report(args.out, args.lrs)
 
 

@@ -53,7 +53,7 @@ class TrainConfig:
   seed: int = 0
   log_every: int = 10
   eval_every: int = 100
-  eval_batches: int = 8
+  eval_batches: int = 32
   out_dir: str = "runs/default"
   checkpoint_every: int = 250
   keep_checkpoints: int = 2
@@ -146,6 +146,40 @@ def _fmt_bytes(n: float) -> str:
   raise AssertionError
 
 
+def run_metadata(model_cfg: LlamaConfig, opt_cfg: optimizers.OptimizerConfig, cfg: TrainConfig,
+                 corpus: data_lib.Corpus) -> dict[str, Any]:
+  """What a checkpoint records about its run: ``model`` and ``optimizer`` must match on resume."""
+  return {
+      "model": dataclasses.asdict(model_cfg),
+      "optimizer": {k: getattr(opt_cfg, k) for k in optimizers.STRUCTURAL_FIELDS},
+      "settings": {"optimizer": dataclasses.asdict(opt_cfg),
+                   "train": {k: getattr(cfg, k) for k in ("seq_len", "batch_size", "dtype", "seed")},
+                   "data": {"name": corpus.name, "fingerprint": corpus.fingerprint}},
+  }
+
+
+def initial_state(ckpts: checkpointing.Checkpoints, init, meta: dict[str, Any], cfg: TrainConfig,
+                  say) -> tuple[dict[str, Any], int]:
+  """``(state, step)``: restored with ``--resume``/``--resume-step``, else freshly initialised."""
+  resuming = cfg.resume or cfg.resume_step is not None
+  if not resuming and ckpts.steps():
+    raise checkpointing.CheckpointError(
+        f"{ckpts.directory} already holds checkpoints (steps {ckpts.steps()}); pass --resume "
+        "to continue that run, or choose another --out-dir.")
+  if not (resuming and ckpts.steps()):
+    if resuming:
+      say(f"no checkpoint in {ckpts.directory}: starting from scratch")
+    return init(), 0
+  state, old = ckpts.restore(jax.eval_shape(init), {k: meta[k] for k in ("model", "optimizer")},
+                             cfg.resume_step)
+  changed = [k for k in meta["settings"] if old["settings"].get(k) != meta["settings"][k]]
+  if changed:
+    say(f"note: {', '.join(changed)} settings differ from the checkpoint's; "
+        "the run continues, but not on the original trajectory.")
+  say(f"resumed from step {old['step']} ({ckpts.directory})")
+  return state, old["step"]
+
+
 def train(model_cfg: LlamaConfig, opt_cfg: optimizers.OptimizerConfig,
           cfg: TrainConfig) -> Result:
   """Train, evaluate, log and checkpoint; see the module docstring."""
@@ -156,33 +190,8 @@ def train(model_cfg: LlamaConfig, opt_cfg: optimizers.OptimizerConfig,
   ckpts = checkpointing.Checkpoints(out / "checkpoints", keep=cfg.keep_checkpoints)
   tx = optimizers.make(opt_cfg, model_cfg)
   graphdef, init = init_fn(model_cfg, tx, cfg.seed, cfg.dtype)
-  meta = {
-      "model": dataclasses.asdict(model_cfg),
-      "optimizer": {k: getattr(opt_cfg, k) for k in optimizers.STRUCTURAL_FIELDS},
-      "settings": {"optimizer": dataclasses.asdict(opt_cfg),
-                   "train": {k: v for k, v in dataclasses.asdict(cfg).items()
-                             if k in ("seq_len", "batch_size", "dtype", "seed")},
-                   "data": {"name": corpus.name, "fingerprint": corpus.fingerprint}},
-  }
-
-  start_step, resuming = 0, cfg.resume or cfg.resume_step is not None
-  if not resuming and ckpts.steps():
-    raise checkpointing.CheckpointError(
-        f"{ckpts.directory} already holds checkpoints (steps {ckpts.steps()}); pass --resume "
-        "to continue that run, or choose another --out-dir.")
-  if resuming and ckpts.steps():
-    state, old = ckpts.restore(jax.eval_shape(init), {k: meta[k] for k in ("model", "optimizer")},
-                               cfg.resume_step)
-    start_step = old["step"]
-    changed = [k for k in meta["settings"] if old["settings"].get(k) != meta["settings"][k]]
-    if changed:
-      say(f"note: {', '.join(changed)} settings differ from the checkpoint's; "
-          "the run continues, but not on the original trajectory.")
-    say(f"resumed from step {start_step} ({ckpts.directory})")
-  else:
-    if resuming:
-      say(f"no checkpoint in {ckpts.directory}: starting from scratch")
-    state = init()
+  meta = run_metadata(model_cfg, opt_cfg, cfg, corpus)
+  state, start_step = initial_state(ckpts, init, meta, cfg, say)
 
   train_step, eval_loss = make_step_fns(graphdef, tx)
   accum = opt_cfg.grad_accum
@@ -224,34 +233,38 @@ def train(model_cfg: LlamaConfig, opt_cfg: optimizers.OptimizerConfig,
               "grad_norm": float(np.mean([m["grad_norm"] for m in fetched])),
               "embed_norm": float(fetched[-1]["embed_norm"]),
               "tokens_per_s": len(fetched) * cfg.batch_size * cfg.seq_len / elapsed}
+    progress.update(step - progress.n)
+    progress.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:,.0f}")
     if step % cfg.eval_every == 0 or step == last_step:
       val_loss = evaluate(eval_loss, state["params"], val)
       record.update(val_loss=val_loss, val_ppl=math.exp(val_loss))
+      if cfg.verbose:
+        progress.write(f"step {step:6d}  loss {record['loss']:.4f}  val loss {val_loss:.4f}  "
+                       f"val ppl {math.exp(val_loss):.3f}  embedding norm "
+                       f"{record['embed_norm']:.2f}  {record['tokens_per_s']:,.0f} tokens/s")
     log.write(record)
-    progress.update(step - progress.n)
-    progress.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:,.0f}",
-                         **({"val": f"{val_loss:.3f}"} if val_loss is not None else {}))
     if step % cfg.checkpoint_every == 0 or step == last_step:
       ckpts.save(step, state, {**meta, "step": step, "batches_consumed": step * accum})
     window, window_start = [], time.perf_counter()
   progress.close()
+  if val_loss is None:  # nothing left to train: report the restored state
+    val_loss = evaluate(eval_loss, state["params"], val)
 
-  steps_run = last_step - start_step
   summary = {
       "optimizer": opt_cfg.name, "lr": opt_cfg.lr, "partition": opt_cfg.partition,
       "stochastic_rounding": opt_cfg.stochastic_rounding, "step": last_step,
       "params": n_params, "state_bytes": state_bytes,
       "state_bytes_per_param": state_bytes / n_params, "compiled_step_memory": memory,
-      "val_loss": val_loss, "val_ppl": math.exp(val_loss) if val_loss is not None else None,
+      "val_loss": val_loss, "val_ppl": math.exp(val_loss),
       "embed_norm": float(jnp.linalg.norm(state["params"]["embed"]["embedding"])),
-      "tokens_per_s": steps_run * tokens_per_step / train_time if train_time else None,
+      "tokens_per_s": (last_step - start_step) * tokens_per_step / train_time if train_time else None,
       "data": corpus.name, "model": dataclasses.asdict(model_cfg),
   }
   (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-  if val_loss is not None:
-    say(f"step {last_step}: validation loss {val_loss:.4f} (perplexity {math.exp(val_loss):.3f}, "
-        f"{val_loss / math.log(2):.3f} bits/byte); embedding norm {summary['embed_norm']:.2f}; "
-        f"{summary['tokens_per_s'] or 0:,.0f} tokens/s; logs in {out}")
+  speed = f"{summary['tokens_per_s']:,.0f} tokens/s; " if summary["tokens_per_s"] else ""
+  say(f"step {last_step}: validation loss {val_loss:.4f} (perplexity {math.exp(val_loss):.3f}, "
+      f"{val_loss / math.log(2):.3f} bits/byte); embedding norm {summary['embed_norm']:.2f}; "
+      f"{speed}logs in {out}")
   return Result(state, summary)
 
 
@@ -272,6 +285,9 @@ def _progress_bar(enabled: bool, total: int, initial: int):
 
     def set_postfix(self, **_):
       pass
+
+    def write(self, line):
+      print(line)
 
     def close(self):
       pass
@@ -318,7 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
   g.add_argument("--out-dir", help="default: runs/<optimizer>")
   g.add_argument("--log-every", type=int, default=10)
   g.add_argument("--eval-every", type=int, default=100)
-  g.add_argument("--eval-batches", type=int, default=8)
+  g.add_argument("--eval-batches", type=int, default=32,
+                 help="validation batches (at most; the default corpus has 22)")
   g.add_argument("--checkpoint-every", type=int, default=250)
   g.add_argument("--keep-checkpoints", type=int, default=2)
   g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
