@@ -13,7 +13,8 @@ checkpoint. Restoring checks, before reading any array, that the stored
 ``meta`` agrees with what the caller expects (same model, same optimizer) and
 that every stored path, shape and dtype matches the target state; any
 disagreement or unreadable file raises :class:`CheckpointError` naming the
-problem and the other checkpoints available.
+problem and the other checkpoints available. Nothing is ever deleted except by
+Orbax's ``keep`` rotation after a newer save succeeded.
 """
 
 from __future__ import annotations
@@ -64,6 +65,24 @@ class Checkpoints:
     self._manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(flatten(state)), meta=ocp.args.JsonSave(dict(meta))))
     self._manager.wait_until_finished()
+
+  def set_aside_after(self, step: int) -> list[pathlib.Path]:
+    """Move checkpoints newer than ``step`` to ``<dir>-set-aside/``; return their new paths.
+
+    A resume from an older ``step`` starts a new trajectory: its checkpoints
+    must not be shadowed by (or silently skipped for) the old ones, which are
+    kept rather than deleted.
+    """
+    moved = []
+    for newer in [s for s in self.steps() if s > step]:
+      target = self.directory.with_name(self.directory.name + "-set-aside") / str(newer)
+      while target.exists():
+        target = target.with_name(target.name + "+")
+      target.parent.mkdir(parents=True, exist_ok=True)
+      (self.directory / str(newer)).rename(target)
+      moved.append(target)
+    self._manager.reload()
+    return moved
 
   def _fail(self, step: int, problem: str) -> CheckpointError:
     others = [s for s in self.steps() if s != step]

@@ -28,14 +28,14 @@ import qadam_mini_jax
 from llama_model import LlamaConfig
 
 OPTIMIZERS = ("adamw", "adam_mini", "q_adam_mini", "adafactor", "lion")
-ADAM_MINI_FAMILY = ("adam_mini", "q_adam_mini")
 LION_LR_SCALE = 0.1
 
 #: Adam-mini block partitions (``--partition``):
 #: ``qk_per_neuron`` (default here): the reference partition, except that query
 #: and key get one ``v`` per output neuron (per channel of each head) instead of
-#: one per head. At the small scale of this example it closes the gap to AdamW
-#: (see benchmarks/results/compare/compare.md) for ``dim`` more floats per layer.
+#: one per head: one float per query/key output channel instead of one per
+#: head, a negligible cost. At the small scale of this example it closes the
+#: gap to AdamW (benchmarks/results/compare/compare.md).
 #: ``reference``: the paper's and the reference code's: one ``v`` per token for
 #: the embedding and output layer, per head for query/key, per output neuron
 #: for value, attention output and MLP, per tensor for norms.

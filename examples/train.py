@@ -177,6 +177,8 @@ def initial_state(ckpts: checkpointing.Checkpoints, init, meta: dict[str, Any], 
     say(f"note: {', '.join(changed)} settings differ from the checkpoint's; "
         "the run continues, but not on the original trajectory.")
   say(f"resumed from step {old['step']} ({ckpts.directory})")
+  for path in ckpts.set_aside_after(old["step"]):
+    say(f"moved the newer checkpoint {path.name} to {path.parent}")
   return state, old["step"]
 
 
@@ -296,48 +298,56 @@ def _progress_bar(enabled: bool, total: int, initial: int):
 
 
 def build_parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   g = p.add_argument_group("model")
   g.add_argument("--model", default="tiny", choices=CONFIGS,
-                 help="LLaMA size (the vocabulary is always 256 bytes)")
+                 help="LLaMA size (default tiny; the vocabulary is always 256 bytes)")
   for flag, field in (("--dim", "dim"), ("--layers", "num_layers"), ("--heads", "num_heads"),
                       ("--kv-heads", "num_kv_heads"), ("--ffn-dim", "ffn_dim"),
                       ("--head-dim", "head_dim")):
     g.add_argument(flag, dest=field, type=int, help=f"override the config's {field}")
   g.add_argument("--dtype", default="float32", choices=DTYPES,
-                 help="compute dtype (parameters and optimizer state stay float32)")
+                 help="compute dtype (default float32; parameters and optimizer state "
+                      "stay float32)")
   g = p.add_argument_group("data")
   g.add_argument("--data", nargs="+", default=(),
                  help="text files/directories, or hf:NAME[:CONFIG]; default: the Python "
                       "documentation shipped with CPython (pydoc_data)")
-  g.add_argument("--val-fraction", type=float, default=0.1)
-  g.add_argument("--seq-len", type=int, default=128)
-  g.add_argument("--batch-size", type=int, default=16)
+  g.add_argument("--val-fraction", type=float, default=0.1, help="default 0.1")
+  g.add_argument("--seq-len", type=int, default=128, help="default 128")
+  g.add_argument("--batch-size", type=int, default=16, help="default 16")
   g = p.add_argument_group("optimizer")
-  g.add_argument("--optimizer", default="q_adam_mini", choices=optimizers.OPTIMIZERS)
-  g.add_argument("--lr", type=float, default=optimizers.OptimizerConfig.lr, help="peak lr")
-  g.add_argument("--steps", type=int, default=1000, help="optimizer steps")
-  g.add_argument("--warmup-steps", type=int, help="default: 10%% of --steps")
-  g.add_argument("--min-lr-ratio", type=float, default=0.1, help="final lr / peak lr")
-  g.add_argument("--b1", type=float, default=0.9)
-  g.add_argument("--b2", type=float, default=0.95)
-  g.add_argument("--weight-decay", type=float, default=0.1)
-  g.add_argument("--clip-norm", type=float, default=1.0)
-  g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step")
+  g.add_argument("--optimizer", default="q_adam_mini", choices=optimizers.OPTIMIZERS,
+                 help="default q_adam_mini")
+  g.add_argument("--lr", type=float, default=optimizers.OptimizerConfig.lr,
+                 help="peak learning rate (default 3e-3)")
+  g.add_argument("--steps", type=int, default=1000, help="optimizer steps (default 1000)")
+  g.add_argument("--warmup-steps", type=int, help="default 10%% of --steps")
+  g.add_argument("--min-lr-ratio", type=float, default=0.1,
+                 help="final / peak learning rate of the cosine decay (default 0.1)")
+  g.add_argument("--b1", type=float, default=0.9, help="default 0.9")
+  g.add_argument("--b2", type=float, default=0.95, help="default 0.95")
+  g.add_argument("--weight-decay", type=float, default=0.1, help="default 0.1")
+  g.add_argument("--clip-norm", type=float, default=1.0,
+                 help="global gradient-norm clipping (default 1.0)")
+  g.add_argument("--grad-accum", type=int, default=1,
+                 help="micro-batches per optimizer step, with optax.MultiSteps (default 1)")
   g.add_argument("--partition", default=optimizers.DEFAULT_PARTITION,
-                 choices=optimizers.PARTITIONS, help="Adam-mini block partition")
+                 choices=optimizers.PARTITIONS,
+                 help=f"Adam-mini block partition (default {optimizers.DEFAULT_PARTITION})")
   g.add_argument("--no-stochastic-rounding", dest="stochastic_rounding", action="store_false",
-                 help="q_adam_mini: round m to nearest everywhere")
-  g.add_argument("--seed", type=int, default=0)
+                 help="q_adam_mini: round m to nearest everywhere, also in the embedding "
+                      "and output layers")
+  g.add_argument("--seed", type=int, default=0,
+                 help="model initialisation, data order and rounding noise (default 0)")
   g = p.add_argument_group("run")
   g.add_argument("--out-dir", help="default: runs/<optimizer>")
-  g.add_argument("--log-every", type=int, default=10)
-  g.add_argument("--eval-every", type=int, default=100)
+  g.add_argument("--log-every", type=int, default=10, help="default 10 steps")
+  g.add_argument("--eval-every", type=int, default=100, help="default 100 steps")
   g.add_argument("--eval-batches", type=int, default=32,
-                 help="validation batches (at most; the default corpus has 22)")
-  g.add_argument("--checkpoint-every", type=int, default=250)
-  g.add_argument("--keep-checkpoints", type=int, default=2)
+                 help="validation batches, at most (default 32; the default corpus has 22)")
+  g.add_argument("--checkpoint-every", type=int, default=250, help="default 250 steps")
+  g.add_argument("--keep-checkpoints", type=int, default=2, help="default 2")
   g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
   g.add_argument("--resume-step", type=int, help="continue from this checkpoint step")
   g.add_argument("--stop-at", type=int, help="stop (with a checkpoint) after this step")

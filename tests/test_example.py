@@ -91,6 +91,9 @@ def test_corrupt_checkpoint_is_reported_and_the_previous_one_still_resumes(
     run(copied_run, *RESUME_FLAGS, "--resume")
   resumed = run(copied_run, *RESUME_FLAGS, "--resume-step", "3")
   assert_same_state(uninterrupted[1].state, resumed.state)
+  assert (copied_run / "checkpoints-set-aside" / "6").is_dir()  # kept, out of the way
+  again = run(copied_run, *RESUME_FLAGS, "--resume")  # the new step 6 is readable
+  assert_same_state(uninterrupted[1].state, again.state)
 
 
 def test_unfinished_save_is_ignored(copied_run):
