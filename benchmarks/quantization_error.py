@@ -4,12 +4,13 @@ Run from the repository root::
 
     python benchmarks/quantization_error.py
 
-Trains the example tiny LLaMA (``examples/llama_model.py``) on the stdlib-source
-corpus of ``examples/demo.py`` with ``adam_mini`` (float32 ``m``). At a few
-checkpoints it takes the first moment ``m`` of every leaf the library would
-store in INT8 (>= 4096 elements) and measures, per Adam-mini rule group, the
-relative L2 error ``||dq(q(m)) - m|| / ||m||`` and the underflow (share of
-nonzero ``m`` that dequantizes to exactly 0) of these schemes:
+Trains the example tiny LLaMA (``examples/llama_model.py``) on the source code
+of a few standard-library modules (:data:`STDLIB_FILES`) with ``adam_mini``
+(float32 ``m``). At a few checkpoints it takes the first moment ``m`` of every
+leaf the library would store in INT8 (>= 4096 elements) and measures, per
+Adam-mini rule group, the relative L2 error ``||dq(q(m)) - m|| / ||m||`` and
+the underflow (share of nonzero ``m`` that dequantizes to exactly 0) of these
+schemes:
 
 * ours, round-to-nearest: ``qadam_mini_jax.quantize.quantize`` with the
   library's grouping (``transform.layout_for``: groups inside Adam-mini blocks);
@@ -39,6 +40,7 @@ import functools
 import os
 import pathlib
 import sys
+import sysconfig
 import time
 
 import jax
@@ -49,8 +51,7 @@ from flax import nnx
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "examples"))
-import demo  # noqa: E402  (found through the sys.path entries above)
-import llama_shapes  # noqa: E402
+import llama_shapes  # noqa: E402  (found through the sys.path entries above)
 from llama_model import CONFIGS, Llama, next_token_loss  # noqa: E402
 
 import qadam_mini_jax  # noqa: E402
@@ -73,11 +74,26 @@ SCHEMES = ("ours RTN", "ours SR", "ours RTN, last-axis groups", "ref., PyTorch l
            f"ref., PyTorch layout, m at {SCALE_MODEL} scale")
 GROUP_STATS = ("ref. same-sign groups", "ref. floored groups",
                f"ref. floored groups at {SCALE_MODEL} scale")
+STDLIB_FILES = ("textwrap.py", "argparse.py", "difflib.py", "inspect.py", "typing.py")
 OPTIMIZERS = {
     "adam_mini": qadam_mini_jax.adam_mini,
     "adam_mini (m in bfloat16)": functools.partial(qadam_mini_jax.adam_mini, mu_dtype="bfloat16"),
     "q_adam_mini": qadam_mini_jax.q_adam_mini,
 }
+
+
+def stdlib_bytes() -> np.ndarray:
+  """A few hundred kB of standard-library source code as a uint8 array."""
+  root = pathlib.Path(sysconfig.get_paths()["stdlib"])
+  return np.frombuffer(b"\n".join((root / name).read_bytes() for name in STDLIB_FILES), np.uint8)
+
+
+def batches(data: np.ndarray, batch: int, seq: int, seed: int):
+  """Endless batches of random windows."""
+  rng = np.random.default_rng(seed)
+  while True:
+    starts = rng.integers(0, len(data) - seq, batch)
+    yield jnp.asarray(np.stack([data[s:s + seq] for s in starts]).astype(np.int32))
 
 
 def make_tx(factory, partition):
@@ -99,7 +115,7 @@ def train(tx, data):
     return optax.apply_updates(params, updates), opt_state, loss
 
   p, opt_state, losses, states = params, tx.init(params), [], {}
-  data_iter = demo.batches(data, BATCH, SEQ, SEED)
+  data_iter = batches(data, BATCH, SEQ, SEED)
   for i in range(1, STEPS + 1):
     p, opt_state, loss = step(p, opt_state, next(data_iter))
     losses.append(loss)
@@ -205,8 +221,9 @@ def report(errors: dict[int, dict], runs: dict, scale: float, seconds: float) ->
       f"{jax.__version__}, optax {optax.__version__}, qadam_mini_jax "
       f"{qadam_mini_jax.__version__}; {seconds:.0f} s in all.",
       "",
-      f"Model: LLaMA `{MODEL}` of `examples/llama_model.py`; data: `examples/demo.py` "
-      f"stdlib source, batch {BATCH} x {SEQ} bytes, seed {SEED}. Optimizer: "
+      f"Model: LLaMA `{MODEL}` of `examples/llama_model.py`; data: the source of "
+      f"{', '.join(f'`{f}`' for f in STDLIB_FILES)} from the standard library, batch "
+      f"{BATCH} x {SEQ} bytes, seed {SEED}. Optimizer: "
       f"`clip_by_global_norm({CLIP})` then `adam_mini` / `q_adam_mini` (defaults: "
       f"groups of {GROUP_SIZE}, SR on embedding and output), b2={B2}, weight decay "
       f"{WEIGHT_DECAY}, lr {LR} with {WARMUP} warmup steps and cosine decay to 0 over "
@@ -245,7 +262,7 @@ def report(errors: dict[int, dict], runs: dict, scale: float, seconds: float) ->
 
 def main() -> None:
   start = time.perf_counter()
-  data, c = demo.stdlib_bytes(), CONFIGS[MODEL]
+  data, c = stdlib_bytes(), CONFIGS[MODEL]
   partition = qadam_mini_jax.BlockPartition(num_heads=c.num_heads, num_kv_heads=c.num_kv_heads)
   runs = {name: train(make_tx(f, partition), data) for name, f in OPTIMIZERS.items()}
   p0, _, _, states = runs["adam_mini"]

@@ -1,5 +1,5 @@
 import pathlib
 import sys
 
-# The example LLaMA model is shared by tests, the demo and the benchmarks.
+# The example LLaMA model and training script are shared by tests and the benchmarks.
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "examples"))
