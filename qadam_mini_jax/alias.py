@@ -47,6 +47,7 @@ def adam_mini(
     mask: Any = None,
     partition: partition_lib.BlockPartition | None = None,
     mu_dtype: Any = None,
+    shardings: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Adam-mini with decoupled weight decay; ``m`` in float32 (or ``mu_dtype``).
 
@@ -61,9 +62,12 @@ def adam_mini(
       :class:`~qadam_mini_jax.partition.BlockPartition`.
     mu_dtype: float dtype of ``m`` (e.g. ``"bfloat16"``; pass a string or list
       it in ``static_args`` under ``optax.inject_hyperparams``).
+    shardings: the parameters' ``NamedSharding``s for sharded training (the
+      state follows them); see :func:`~qadam_mini_jax.sharding.state_shardings`.
   """
   return _decay_and_scale(
-      transform.scale_by_adam_mini(b1, b2, eps, partition=partition, mu_dtype=mu_dtype),
+      transform.scale_by_adam_mini(b1, b2, eps, partition=partition, mu_dtype=mu_dtype,
+                                   shardings=shardings),
       learning_rate, weight_decay, mask)
 
 
@@ -80,6 +84,7 @@ def q_adam_mini(
     stochastic_rounding: transform.StochasticRounding = "auto",
     key: Any = 0,
     implementation: str = "auto",
+    shardings: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Q-Adam-mini: Adam-mini with ``m`` stored in group-wise INT8 (~1 B/param).
 
@@ -94,11 +99,15 @@ def q_adam_mini(
     key: int seed or JAX PRNG key for stochastic rounding.
     implementation: ``"auto"`` (the Pallas kernel on GPU, jnp elsewhere),
       ``"xla"`` or ``"pallas"`` (interpret mode off GPU), for INT8 leaves.
+    shardings: the parameters' ``NamedSharding``s for sharded training: the
+      state follows them and the kernel runs per shard (``shard_map``); see
+      :mod:`qadam_mini_jax.sharding` for the shardings INT8 groups support.
   """
   return _decay_and_scale(
       transform.scale_by_adam_mini(
           b1, b2, eps, partition=partition, quantization=quantization,
-          stochastic_rounding=stochastic_rounding, key=key, implementation=implementation),
+          stochastic_rounding=stochastic_rounding, key=key, implementation=implementation,
+          shardings=shardings),
       learning_rate, weight_decay, mask)
 
 
@@ -122,6 +131,7 @@ def fused_q_adam_mini(
     stochastic_rounding: transform.StochasticRounding = "auto",
     key: Any = 0,
     implementation: str = "auto",
+    shardings: Any = None,
 ) -> FusedOptimizer:
   """:func:`q_adam_mini` that writes the new parameters itself.
 
@@ -136,10 +146,11 @@ def fused_q_adam_mini(
   """
   chain = q_adam_mini(learning_rate, b1, b2, eps, weight_decay, mask=mask, partition=partition,
                       quantization=quantization, stochastic_rounding=stochastic_rounding,
-                      key=key, implementation="xla")
+                      key=key, implementation="xla", shardings=shardings)
   _, adam_step = transform.adam_mini_step(
       b1, b2, eps, partition=partition, quantization=quantization,
-      stochastic_rounding=stochastic_rounding, key=key, implementation=implementation)
+      stochastic_rounding=stochastic_rounding, key=key, implementation=implementation,
+      shardings=shardings)
   # The chain's own decay and learning-rate transforms give the scalars and
   # advance their schedule counts exactly as the chain does.
   decay = optax.add_decayed_weights(weight_decay)

@@ -32,10 +32,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
+from jax.sharding import PartitionSpec as P
 
 from qadam_mini_jax import partition as partition_lib
 from qadam_mini_jax import quantize as quantize_lib
 from qadam_mini_jax import random_bits
+from qadam_mini_jax import sharding as sharding_lib
 
 BACKENDS = ("triton", "interpret")
 _TILE_ELEMENTS = 8192  # elements per program
@@ -67,7 +69,7 @@ def check_group_size(group_size: int) -> None:
 
 def _kernel(hyper_ref, seed_ref, p_ref, g_ref, codes_ref, scales_ref, factor_ref,
             out_ref, codes_out_ref, scales_out_ref, *,
-            a: int, b: int, tile: tuple[int, int], tiles_b: int, columns: bool,
+            a: int, b: int, stride: int, tile: tuple[int, int], tiles_b: int, columns: bool,
             stochastic: bool, fuse_step: bool):
   pid = pl.program_id(0)
   i = jax.lax.broadcasted_iota(jnp.int32, tile, 0) + (pid // tiles_b) * tile[0]
@@ -87,7 +89,10 @@ def _kernel(hyper_ref, seed_ref, p_ref, g_ref, codes_ref, scales_ref, factor_ref
   group_axis = 0 if columns else 1
   scale = jnp.max(jnp.where(valid, jnp.abs(m), 0.0), axis=group_axis, keepdims=True)
   if stochastic:
-    bits = random_bits.element_bits((i * b + j).astype(jnp.uint32), seed_ref[0], seed_ref[1])
+    # The element's flat index in the whole leaf: this block may be one shard.
+    index = ((i.astype(jnp.uint32) + seed_ref[2]) * np.uint32(stride)
+             + j.astype(jnp.uint32) + seed_ref[3])
+    bits = random_bits.element_bits(index, seed_ref[0], seed_ref[1])
     r = random_bits.bits_to_uniform(bits)
   else:
     r = np.float32(0.5)
@@ -108,10 +113,10 @@ def tile_shape(layout: quantize_lib.GroupLayout) -> tuple[int, int]:
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "layout", "stochastic", "fuse_step", "a_varies", "b_varies", "backend"))
+    "layout", "stochastic", "fuse_step", "a_varies", "b_varies", "backend", "stride"))
 def fused_leaf_update(p, g, q: quantize_lib.QuantizedArray, factor, hyper, seeds, *,
                       layout: quantize_lib.GroupLayout, stochastic: bool, fuse_step: bool,
-                      a_varies: bool, b_varies: bool, backend: str):
+                      a_varies: bool, b_varies: bool, backend: str, stride: int | None = None):
   """One fused step of an INT8 leaf.
 
   Args:
@@ -122,9 +127,14 @@ def fused_leaf_update(p, g, q: quantize_lib.QuantizedArray, factor, hyper, seeds
       reduced to ``(a if a_varies else 1, b if b_varies else 1)``
       (:func:`factors_2d`).
     hyper: float32 ``[b1, 1-b1, -lr, wd, 0, 0, 0, 0]``.
-    seeds: uint32 ``[s0, s1]`` of :func:`random_bits.stream_seeds`.
+    seeds: uint32 ``[s0, s1, i0, j0]``: the stream of
+      :func:`random_bits.stream_seeds`, and the offset of this block in the
+      ``(a, b)`` view of the whole leaf (zeros unless ``p`` is one shard).
     fuse_step: return the new parameter ``p + (-lr)*(u + wd*p)`` instead of
       the Adam-mini direction ``u``.
+    stride: ``b`` of the whole leaf when ``p`` is one shard of it (default
+      ``layout.b``); with ``i0, j0`` it gives each element its whole-leaf index
+      for the rounding bits.
 
   Returns:
     ``(out, QuantizedArray)``: ``out`` has ``g``'s dtype (``p``'s when fused).
@@ -142,7 +152,8 @@ def fused_leaf_update(p, g, q: quantize_lib.QuantizedArray, factor, hyper, seeds
   scalar = lambda n: pl.BlockSpec((n,), lambda k: (0,))
   scales_2d = (groups, b) if layout.columns else (a, groups)
   out_dtype = p.dtype if fuse_step else g.dtype
-  kernel = functools.partial(_kernel, a=a, b=b, tile=tile, tiles_b=tiles_b,
+  kernel = functools.partial(_kernel, a=a, b=b, stride=b if stride is None else stride,
+                             tile=tile, tiles_b=tiles_b,
                              columns=layout.columns, stochastic=stochastic, fuse_step=fuse_step)
   out, codes, scales = pl.pallas_call(
       kernel,
@@ -150,7 +161,7 @@ def fused_leaf_update(p, g, q: quantize_lib.QuantizedArray, factor, hyper, seeds
                  jax.ShapeDtypeStruct((a, b), jnp.int8),
                  jax.ShapeDtypeStruct(scales_2d, jnp.float32)),
       grid=(tiles_a * tiles_b,),
-      in_specs=[scalar(8), scalar(2), full, full, full, scale_spec, factor_spec],
+      in_specs=[scalar(8), scalar(4), full, full, full, scale_spec, factor_spec],
       out_specs=(full, full, scale_spec),
       input_output_aliases={2 if fuse_step else 3: 0, 4: 1, 5: 2},
       name="q_adam_mini_leaf",
@@ -174,3 +185,57 @@ def factors_2d(factor, spec: partition_lib.BlockSpec, layout: quantize_lib.Group
   axes = factor_axes(spec, layout)
   full = full if axes["a_varies"] else full[:1]
   return full if axes["b_varies"] else full[:, :1]
+
+
+def sharded_leaf_update(p, g, q: quantize_lib.QuantizedArray, factor, hyper, seeds, *,
+                        layout: quantize_lib.GroupLayout, sharding: jax.sharding.NamedSharding,
+                        path: str, **kernel_args):
+  """:func:`fused_leaf_update` run on every shard of a sharded leaf (``shard_map``).
+
+  Each device updates its own shard of ``p``, ``g`` and the INT8 ``m`` (whose
+  groups must not straddle shards) with the block factors of its shard; the
+  rounding bits use whole-leaf element indices, so the result is that of the
+  unsharded kernel. Supported: on each side of the leaf's ``(a, b)`` view only
+  its first axis may be split, evenly.
+
+  Args:
+    layout: the grouping of the whole leaf.
+    sharding: the leaf's sharding (``p``, ``g`` and the codes share it).
+    path: the parameter's name, for errors.
+    **kernel_args: ``stochastic``, ``fuse_step``, ``a_varies``, ``b_varies``
+      and ``backend`` of :func:`fused_leaf_update`.
+  """
+  mesh, shape = sharding.mesh, layout.shape
+  entries = sharding_lib.padded_spec(sharding.spec, len(shape))
+  for side in (entries[:layout.split], entries[layout.split:]):
+    if any(e is not None for e in side[1:]):
+      raise sharding_lib.ShardingError(
+          f"{path}: the fused kernel can split only the first axis of each side of its "
+          f"{layout.split}+{len(shape) - layout.split} axis view of shape {shape}, got "
+          f"{sharding.spec}; use implementation='xla' for this sharding.")
+  ways = [sharding_lib.ways(mesh, e) for e in entries]
+  if any(n % k for n, k in zip(shape, ways)):
+    raise sharding_lib.ShardingError(
+        f"{path}: shape {shape} does not split evenly under {sharding.spec} (mesh "
+        f"{dict(mesh.shape)}), which the per-shard kernel needs.")
+  local = layout._replace(shape=tuple(n // k for n, k in zip(shape, ways)))
+  scales_spec = sharding_lib.leaf_spec(path, shape, sharding, layout.scales_shape, groups=True)
+  row = entries[0] if layout.split > 0 else None
+  col = entries[layout.split] if layout.split < len(shape) else None
+  factor_spec = P(row if kernel_args["a_varies"] else None,
+                  col if kernel_args["b_varies"] else None)
+
+  def per_shard(p, g, codes, scales, factor, hyper, seeds):
+    offset = lambda entry, n: (jnp.zeros([], jnp.uint32) if entry is None else
+                               (jax.lax.axis_index(entry) * n).astype(jnp.uint32))
+    seeds = jnp.stack([seeds[0], seeds[1], offset(row, local.a), offset(col, local.b)])
+    out, q = fused_leaf_update(p, g, quantize_lib.QuantizedArray(codes, scales), factor,
+                               hyper, seeds, layout=local, stride=layout.b, **kernel_args)
+    return out, q.codes, q.scales
+
+  spec = P(*entries)
+  out, codes, scales = jax.shard_map(
+      per_shard, mesh=mesh, in_specs=(spec, spec, spec, scales_spec, factor_spec, P(), P()),
+      out_specs=(spec, spec, scales_spec), check_vma=False,
+  )(p, g, q.codes, q.scales, factor, hyper, seeds)
+  return out, quantize_lib.QuantizedArray(codes, scales)

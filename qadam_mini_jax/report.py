@@ -17,6 +17,15 @@ def tree_nbytes(tree: Any) -> int:
              if hasattr(x, "dtype"))
 
 
+def tree_nbytes_per_device(tree: Any) -> dict[Any, int]:
+  """Bytes of ``tree``'s arrays held by each device (its addressable shards)."""
+  held: dict[Any, int] = {}
+  for x in jax.tree.leaves(tree):
+    for shard in getattr(x, "addressable_shards", ()):
+      held[shard.device] = held.get(shard.device, 0) + shard.data.nbytes
+  return held
+
+
 def describe(params: Any, **scale_by_adam_mini_kwargs: Any) -> str:
   """A table of path, shape, rule, number of blocks and state bytes per leaf.
 

@@ -32,6 +32,7 @@ from qadam_mini_jax import pallas_update
 from qadam_mini_jax import partition as partition_lib
 from qadam_mini_jax import quantize as quantize_lib
 from qadam_mini_jax import random_bits
+from qadam_mini_jax import sharding as sharding_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,6 +164,7 @@ def adam_mini_step(
     stochastic_rounding: StochasticRounding = "auto",
     key: Any = 0,
     implementation: str = "xla",
+    shardings: Any = None,
 ) -> tuple[Callable[[Any], ScaleByAdamMiniState], Callable[..., tuple[Any, ScaleByAdamMiniState]]]:
   """``(init, step)`` of :func:`scale_by_adam_mini`; ``step(g, state, epilogue=None)``."""
   partition = partition_lib.BlockPartition() if partition is None else partition
@@ -181,13 +183,20 @@ def adam_mini_step(
       return quantize_lib.quantize(zeros, layout_for(spec, leaf.shape, quantization)), nu
     return jnp.zeros(leaf.shape, mu_dtype or jnp.float32), nu
 
+  def sharded_like(state, params):
+    """``state`` constrained to follow ``shardings`` (:mod:`.sharding`)."""
+    if shardings is None:
+      return state
+    return sharding_lib.constrain(
+        state, sharding_lib.state_shardings(state, params, shardings))
+
   def init_fn(params):
     specs = partition_lib.block_specs(params, partition, warn=True)
     leaves, treedef = jax.tree.flatten(params)
     mu, nu = zip(*map(leaf_init, treedef.flatten_up_to(specs), leaves)) if leaves else ((), ())
-    return ScaleByAdamMiniState(
+    return sharded_like(ScaleByAdamMiniState(
         count=jnp.zeros([], jnp.int32), key=random_bits.key_words(key),
-        mu=jax.tree.unflatten(treedef, mu), nu=jax.tree.unflatten(treedef, nu))
+        mu=jax.tree.unflatten(treedef, mu), nu=jax.tree.unflatten(treedef, nu)), params)
 
   def step_fn(updates, state, epilogue: Epilogue | None = None):
     specs = partition_lib.block_specs(updates, partition)
@@ -200,12 +209,14 @@ def adam_mini_step(
     stochastic = _rounding_mask(stochastic_rounding, specs, updates)
 
     g_leaves, treedef = jax.tree.flatten(updates)
+    leaf_shardings = ([s for _, _, s in sharding_lib.per_parameter(updates, shardings)]
+                      if shardings is not None else [None] * len(g_leaves))
     per_leaf = zip(g_leaves, *(treedef.flatten_up_to(tree) for tree in (
         specs, state.mu, state.nu,
         epilogue.params if epilogue else state.mu, epilogue.decay if epilogue else state.mu)),
-        stochastic)
+        stochastic, leaf_shardings)
     out, out_mu, out_nu = [], [], []
-    for index, (g, spec, mu, nu, p, decay, sr) in enumerate(per_leaf):
+    for index, (g, spec, mu, nu, p, decay, sr, leaf_sharding) in enumerate(per_leaf):
       if spec is None:  # left alone (non-float or empty)
         out.append(p if epilogue else
                    g if g.dtype == jax.dtypes.float0 else jnp.zeros_like(g))
@@ -249,20 +260,23 @@ def adam_mini_step(
       else:
         zero = jnp.zeros([], jnp.float32)
         hyper = [b1_, 1.0 - b1_, epilogue.neg_lr if epilogue else zero, wd if epilogue else zero]
-        new, mu = pallas_update.fused_leaf_update(
-            p if epilogue else g, g, mu,
-            pallas_update.factors_2d(factor, spec, layout),
-            jnp.stack([jnp.asarray(h, jnp.float32) for h in hyper] + [zero] * 4),
-            jnp.zeros((2,), jnp.uint32) if seeds is None else jnp.stack(seeds),
-            layout=layout, stochastic=sr, fuse_step=epilogue is not None,
-            **pallas_update.factor_axes(spec, layout),
-            backend=backend)
+        args = (p if epilogue else g, g, mu, pallas_update.factors_2d(factor, spec, layout),
+                jnp.stack([jnp.asarray(h, jnp.float32) for h in hyper] + [zero] * 4),
+                jnp.stack([*(seeds or [jnp.zeros([], jnp.uint32)] * 2),
+                           *[jnp.zeros([], jnp.uint32)] * 2]))
+        kernel_args = dict(stochastic=sr, fuse_step=epilogue is not None, backend=backend,
+                           **pallas_update.factor_axes(spec, layout))
+        if leaf_sharding is None or leaf_sharding.is_fully_replicated:
+          new, mu = pallas_update.fused_leaf_update(*args, layout=layout, **kernel_args)
+        else:
+          new, mu = pallas_update.sharded_leaf_update(
+              *args, layout=layout, sharding=leaf_sharding, path=paths[index], **kernel_args)
         out.append(new)
         out_mu.append(mu)
       out_nu.append(nu)
     unflatten = lambda leaves: jax.tree.unflatten(treedef, leaves)
-    return unflatten(out), ScaleByAdamMiniState(
-        count=count, key=state.key, mu=unflatten(out_mu), nu=unflatten(out_nu))
+    return unflatten(out), sharded_like(ScaleByAdamMiniState(
+        count=count, key=state.key, mu=unflatten(out_mu), nu=unflatten(out_nu)), updates)
 
   return init_fn, step_fn
 
@@ -278,6 +292,7 @@ def scale_by_adam_mini(
     stochastic_rounding: StochasticRounding = "auto",
     key: Any = 0,
     implementation: str = "xla",
+    shardings: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Rescale updates by Adam-mini's block-wise second moment.
 
@@ -298,13 +313,20 @@ def scale_by_adam_mini(
       ``"auto"`` (``"pallas"`` on GPU, else ``"xla"``). Float leaves always
       take the jnp path. Both give the same state up to float32 rounding
       (see :mod:`.pallas_update`).
+    shardings: the parameters' ``NamedSharding``s (a pytree like params), for
+      sharded training: the state is constrained to follow them
+      (:func:`~qadam_mini_jax.sharding.state_shardings`) and the kernel runs
+      per shard under ``shard_map``. Without it, ``jax.jit`` still computes
+      the right result, but the kernel (a custom call XLA cannot split) would
+      see whole leaves.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
   """
   init_fn, step_fn = adam_mini_step(
       b1, b2, eps, partition=partition, mu_dtype=mu_dtype, quantization=quantization,
-      stochastic_rounding=stochastic_rounding, key=key, implementation=implementation)
+      stochastic_rounding=stochastic_rounding, key=key, implementation=implementation,
+      shardings=shardings)
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args

@@ -1,5 +1,13 @@
+import os
 import pathlib
 import sys
 
+TESTS = pathlib.Path(__file__).resolve().parent
 # The example LLaMA model and training script are shared by tests and the benchmarks.
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "examples"))
+sys.path.insert(0, str(TESTS.parent / "examples"))
+sys.path.insert(0, str(TESTS))  # tiny_models, for tests in subdirectories too
+
+# tests/multidevice needs 8 devices: tests/test_sharding.py runs it in a
+# subprocess with 8 simulated CPU devices (the flag must precede JAX's start).
+if os.environ.get("QADAM_MULTIDEVICE") != "1":
+  collect_ignore = ["multidevice"]

@@ -141,6 +141,37 @@ def test_fused_step_bf16_params_within_bf16_rounding():
       assert np.all(np.abs(b - a) <= 2**-7 * (np.abs(a) + np.abs(a - p)) + 1e-7)
 
 
+@pytest.mark.parametrize("columns", [True, False])
+def test_kernel_on_one_shard_uses_whole_leaf_indices(columns):
+  """A block of a leaf, given its offset and the leaf's row length, gets the leaf's bits.
+
+  This is what lets each device of a ``shard_map`` round stochastically exactly
+  as one device would (tests/multidevice checks the whole sharded step).
+  """
+  shape, group = (64, 48), 16
+  spec = q.BlockSpec((0,) if columns else (1,))
+  layout = transform.layout_for(spec, shape, q.Int8Quantization(group, min_size=1))
+  assert layout.columns == columns
+  rng = np.random.default_rng(1)
+  g = jnp.asarray(rng.normal(size=shape), jnp.float32)
+  m0 = Q.quantize(jnp.asarray(rng.normal(size=shape), jnp.float32), layout)
+  factor = jnp.ones((1, 1), jnp.float32)
+  hyper = jnp.asarray([0.9, 0.1, 0, 0, 0, 0, 0, 0], jnp.float32)
+  run = lambda g, m, lay, seeds, stride=None: pallas_update.fused_leaf_update(
+      g, g, m, factor, hyper, jnp.asarray(seeds, jnp.uint32), layout=lay, stochastic=True,
+      fuse_step=False, a_varies=False, b_varies=False, backend="interpret", stride=stride)
+  _, whole = run(g, m0, layout, [5, 6, 0, 0])
+  rows, cols = (slice(32, 64), slice(16, 32))  # a block of whole groups
+  local = layout._replace(shape=(32, 16))
+  scales = (m0.scales[2:4, cols] if columns else m0.scales[rows, 1:2])
+  _, part = run(g[rows, cols], Q.QuantizedArray(m0.codes[rows, cols], scales), local,
+                [5, 6, 32, 16], stride=shape[1])
+  np.testing.assert_array_equal(part.codes, whole.codes[rows, cols])
+  _, unshifted = run(g[rows, cols], Q.QuantizedArray(m0.codes[rows, cols], scales), local,
+                     [5, 6, 0, 0])
+  assert (np.asarray(unshifted.codes) != np.asarray(whole.codes[rows, cols])).any()
+
+
 def test_inject_hyperparams_does_not_recompile_the_kernel():
   params = _params()
   tx = optax.inject_hyperparams(q.q_adam_mini)(
@@ -203,7 +234,7 @@ def test_triton_kernel_matches_interpret_mode_on_gpu(stochastic):
   m0 = Q.quantize(jnp.asarray(rng.normal(size=shape) * 1e-2, jnp.float32), layout)
   factor = jnp.asarray(rng.uniform(1, 2, size=(1, layout.b)), jnp.float32)
   hyper = jnp.asarray([0.9, 0.1, -1e-3, 0.1, 0, 0, 0, 0], jnp.float32)
-  seeds = jnp.asarray([12345, 678], jnp.uint32)
+  seeds = jnp.asarray([12345, 678, 0, 0], jnp.uint32)
   run = lambda backend: pallas_update.fused_leaf_update(
       g, g, m0, factor, hyper, seeds, layout=layout, stochastic=stochastic,
       fuse_step=False, backend=backend, **axes)

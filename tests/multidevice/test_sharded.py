@@ -1,0 +1,273 @@
+"""q_adam_mini and adam_mini on 8 devices: same results as one device, state sharded like params.
+
+Run by ``tests/test_sharding.py`` in a subprocess with 8 simulated CPU devices
+(``XLA_FLAGS=--xla_force_host_platform_device_count=8``).
+"""
+
+import math
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+from flax import nnx
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+import qadam_mini_jax as q
+import tiny_models as tm
+
+pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices")
+
+D, V, F, HEADS, KV_HEADS = 64, 128, 128, 4, 2
+HEAD_DIM = D // HEADS
+SHAPES = {
+    "embed/embedding": (V, D),
+    "layers/0/attn/q_proj/kernel": (D, D),
+    "layers/0/attn/k_proj/kernel": (D, KV_HEADS * HEAD_DIM),
+    "layers/0/attn/v_proj/kernel": (D, KV_HEADS * HEAD_DIM),
+    "layers/0/attn/o_proj/kernel": (D, D),
+    "layers/0/mlp/up_proj/kernel": (D, F),
+    "layers/0/mlp/down_proj/kernel": (F, D),
+    "layers/0/attn_norm/scale": (D,),
+    "lm_head/kernel": (D, V),
+}
+PART = q.BlockPartition(num_heads=HEADS, num_kv_heads=KV_HEADS, head_dim=HEAD_DIM)
+INT8 = q.Int8Quantization(group_size=8, min_size=64)  # every matrix in INT8, norms in float
+STEPS = 5
+
+
+def mesh(**axes):
+  return jax.make_mesh(tuple(axes.values()), tuple(axes), axis_types=(AxisType.Auto,) * len(axes))
+
+
+def fsdp_axis0(m, path, shape):
+  return P("fsdp") if len(shape) == 2 else P()
+
+
+def fsdp_axis1(m, path, shape):
+  return P(None, "fsdp") if len(shape) == 2 else P()
+
+
+def tensor_parallel(m, path, shape):
+  """Megatron: q/k/v/up and the output layer split by output (heads, vocab), o/down
+  by input, the embedding by vocab; norms replicated."""
+  if any(n in path for n in ("q_proj", "k_proj", "v_proj", "up_proj", "lm_head")):
+    return P(None, "tensor")
+  if any(n in path for n in ("o_proj", "down_proj", "embed")):
+    return P("tensor", None)
+  return P()
+
+
+def data_parallel(m, path, shape):
+  return P()
+
+
+LAYOUTS = {  # name: (mesh axes, param spec rule, ways params split)
+    "data_parallel": ({"data": 8}, data_parallel, 1),
+    "fsdp_axis0": ({"data": 2, "fsdp": 4}, fsdp_axis0, 4),
+    "fsdp_axis1": ({"data": 2, "fsdp": 4}, fsdp_axis1, 4),
+    "tensor_parallel": ({"data": 2, "tensor": 4}, tensor_parallel, 4),
+}
+
+
+def params_and_grads():
+  keys = jax.random.split(jax.random.key(0), len(SHAPES) * (STEPS + 1))
+  params = tm.nest({p: 0.1 * jax.random.normal(keys[i], s) for i, (p, s) in enumerate(SHAPES.items())})
+  grads = [tm.nest({p: jax.random.normal(keys[(t + 1) * len(SHAPES) + i], s)
+                    for i, (p, s) in enumerate(SHAPES.items())}) for t in range(STEPS)]
+  return params, grads
+
+
+def shardings_for(m, rule):
+  return tm.nest({p: NamedSharding(m, rule(m, p, s)) for p, s in SHAPES.items()})
+
+
+def optimizer(name, shardings=None, implementation="xla"):
+  if name == "adam_mini":
+    return q.adam_mini(1e-2, weight_decay=0.1, partition=PART, shardings=shardings)
+  return q.q_adam_mini(1e-2, weight_decay=0.1, partition=PART, quantization=INT8,
+                       stochastic_rounding="all", key=7, implementation=implementation,
+                       shardings=shardings)
+
+
+def train(tx, params, grads, shardings=None):
+  state = jax.jit(tx.init)(params)
+
+  @jax.jit
+  def step(g, state, params):
+    updates, state = tx.update(g, state, params)
+    return optax.apply_updates(params, updates), state
+
+  for g in grads:
+    params, state = step(g if shardings is None else jax.device_put(g, shardings), state, params)
+  return params, state
+
+
+def assert_close(a, b, rtol=1e-5):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    scale = max(float(jnp.max(jnp.abs(y))), 1e-30)
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=0, atol=rtol * scale)
+
+
+def assert_state_close(a, b):
+  """Float leaves close; INT8 codes equal except for rare +-1 (float summation order)."""
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    if x.dtype == jnp.int8:
+      diff = np.abs(np.asarray(x, np.int32) - np.asarray(y, np.int32))
+      assert diff.max() <= 1 and (diff > 0).mean() < 0.01
+    else:
+      assert_close(x, y)
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("name", ["q_adam_mini", "adam_mini"])
+def test_sharded_run_equals_single_device(layout, name):
+  axes, rule, ways = LAYOUTS[layout]
+  m = mesh(**axes)
+  shardings = shardings_for(m, rule)
+  params, grads = params_and_grads()
+  want_params, want_state = train(optimizer(name), params, grads)
+  got_params, got_state = train(optimizer(name, shardings), jax.device_put(params, shardings),
+                                grads, shardings)
+  assert_close(got_params, want_params)
+  assert_state_close(got_state, want_state)
+
+  # Every state leaf has the sharding the helper derives; the arrays agree.
+  expected = q.state_shardings(got_state, params, shardings)
+  for x, s in zip(jax.tree.leaves(got_state), jax.tree.leaves(expected)):
+    assert x.sharding.is_equivalent_to(s, x.ndim), (x.shape, x.sharding.spec, s.spec)
+  # Per-device bytes: about 1/ways of the whole (v, norms, counts replicated).
+  total = q.tree_nbytes(got_state)
+  held = q.tree_nbytes_per_device(got_state)
+  assert len(held) == 8
+  assert max(held.values()) <= total / ways * 1.15, (max(held.values()), total, ways)
+
+
+def test_expected_state_shardings_by_hand():
+  """Hand-derived specs for FSDP on the input axis and tensor parallelism."""
+  params, _ = params_and_grads()
+  m = mesh(data=2, fsdp=4)
+  state = jax.eval_shape(optimizer("q_adam_mini").init, params)
+  got = q.state_shardings(state, params, shardings_for(m, fsdp_axis0))[0]
+  up = got.mu["layers"]["0"]["mlp"]["up_proj"]["kernel"]
+  assert up.codes.spec == P("fsdp", None)  # (64, 128): 16 rows a shard
+  assert up.scales.spec == P("fsdp", None)  # (8 groups, 128): 2 whole groups a shard
+  assert got.nu["layers"]["0"]["mlp"]["up_proj"]["kernel"].spec == P(None, None)  # (1, 128)
+  assert got.mu["embed"]["embedding"].scales.spec == P("fsdp", None)  # (128 tokens, 8 groups)
+  assert got.nu["embed"]["embedding"].spec == P("fsdp", None)  # one v per token
+  assert got.count.spec == P() and got.key.spec == P()
+
+  m = mesh(data=2, tensor=4)
+  got = q.state_shardings(state, params, shardings_for(m, tensor_parallel))[0]
+  attn = got.nu["layers"]["0"]["attn"]
+  assert attn["q_proj"]["kernel"].spec == P(None, "tensor")  # 4 heads over 4 shards
+  assert attn["k_proj"]["kernel"].spec == P(None, None)  # 2 kv heads cannot split 4 ways
+  assert got.mu["layers"]["0"]["attn"]["o_proj"]["kernel"].scales.spec == P("tensor", None)
+
+
+def test_groups_cut_by_shards_are_an_error():
+  params, _ = params_and_grads()
+  m = mesh(fsdp=8)  # 64 rows / 8 = 8 a shard, but groups of 16 would straddle
+  tx = q.q_adam_mini(1e-2, partition=PART, quantization=q.Int8Quantization(16, min_size=64))
+  state = jax.eval_shape(tx.init, params)
+  with pytest.raises(q.ShardingError, match="layers/0/attn/k_proj/kernel"):
+    q.state_shardings(state, params, shardings_for(m, fsdp_axis0))
+
+
+@pytest.mark.parametrize("layout", ["fsdp_axis0", "fsdp_axis1", "tensor_parallel"])
+def test_update_gathers_no_parameter_or_gradient(layout):
+  """Compiled sharded update: collectives move block sums only, never whole leaves."""
+  axes, rule, ways = LAYOUTS[layout]
+  m = mesh(**axes)
+  shardings = shardings_for(m, rule)
+  params, _ = params_and_grads()
+  tx = optimizer("q_adam_mini", shardings)
+  state = jax.eval_shape(tx.init, params)
+  state_sh = q.state_shardings(state, params, shardings)
+  compiled = jax.jit(tx.update, in_shardings=(shardings, state_sh, shardings),
+                     out_shardings=(shardings, state_sh)).lower(params, state, params).compile()
+  text = compiled.as_text()
+  max_blocks = max(math.prod(x.shape) for x in jax.tree.leaves(state[0].nu))
+  for shape in re.findall(r"= \w+\[([\d,]*)\]\S* all-gather\(", text):
+    assert math.prod(int(d) for d in shape.split(",") if d) <= max_blocks, shape
+  # The compiled step's arguments per device are about 1/ways of the unsharded step's.
+  whole = jax.jit(optimizer("q_adam_mini").update).lower(params, state, params).compile()
+  ratio = (compiled.memory_analysis().argument_size_in_bytes
+           / whole.memory_analysis().argument_size_in_bytes)
+  assert ratio <= 1.15 / ways, ratio
+
+
+@pytest.mark.parametrize("layout", ["fsdp_axis0", "fsdp_axis1", "tensor_parallel"])
+def test_kernel_runs_per_shard(layout):
+  """The Pallas kernel (interpret mode) under shard_map equals the jnp path on one device."""
+  axes, rule, _ = LAYOUTS[layout]
+  shardings = shardings_for(mesh(**axes), rule)
+  params, grads = params_and_grads()
+  want_params, want_state = train(optimizer("q_adam_mini"), params, grads[:2])
+  tx = optimizer("q_adam_mini", shardings, implementation="pallas")
+  got_params, got_state = train(tx, jax.device_put(params, shardings), grads[:2], shardings)
+  assert_close(got_params, want_params)
+  assert_state_close(got_state, want_state)
+  text = jax.jit(tx.update).lower(grads[0], got_state, got_params).as_text()
+  assert "shard_map" in text or "manual" in text
+
+
+def test_nnx_optimizer_with_sharded_model():
+  m = mesh(data=2, fsdp=4)
+  model = tm.Llama(tm.LlamaConfig(vocab=V, dim=D, ffn_dim=F, num_layers=1, num_heads=HEADS,
+                                  num_kv_heads=KV_HEADS, head_dim=HEAD_DIM), nnx.Rngs(0))
+  state = nnx.state(model, nnx.Param)
+  pure = nnx.to_pure_dict(state)
+  shardings = jax.tree.map(lambda x: NamedSharding(m, P(None, "fsdp") if x.ndim == 2 else P()), pure)
+  nnx.replace_by_pure_dict(state, jax.device_put(pure, shardings))
+  nnx.update(model, state)
+  tx = q.q_adam_mini(1e-2, partition=PART, quantization=INT8, shardings=shardings)
+  opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  toks = jax.random.randint(jax.random.key(1), (8, 16), 0, V)
+
+  @nnx.jit
+  def step(model, opt):
+    loss, grads = nnx.value_and_grad(lambda mod: tm.next_token_loss(mod(toks), toks))(model)
+    opt.update(model, grads)
+    return loss
+
+  losses = [float(step(model, opt)) for _ in range(5)]
+  assert losses[-1] < losses[0]
+  opt_state = nnx.as_pure(opt.opt_state)
+  expected = q.state_shardings(opt_state, nnx.to_pure_dict(nnx.state(model, nnx.Param)), shardings)
+  for x, s in zip(jax.tree.leaves(opt_state), jax.tree.leaves(expected)):
+    assert x.sharding.is_equivalent_to(s, x.ndim), (x.shape, x.sharding.spec, s.spec)
+  codes = opt_state[0].mu["lm_head"]["kernel"]["codes"]
+  assert codes.sharding.spec == P(None, "fsdp")
+
+
+def test_orbax_checkpoint_restores_onto_another_mesh(tmp_path):
+  """Save on (data=2, fsdp=4) with FSDP on axis 1; restore on (fsdp=8) on axis 0; continue."""
+  params, grads = params_and_grads()
+  mesh_a, mesh_b = mesh(data=2, fsdp=4), mesh(fsdp=8)
+  sh_a, sh_b = shardings_for(mesh_a, fsdp_axis1), shardings_for(mesh_b, fsdp_axis0)
+  tx_a, tx_b = optimizer("q_adam_mini", sh_a), optimizer("q_adam_mini", sh_b)
+  want_params, want_state = train(optimizer("q_adam_mini"), params, grads)
+
+  p_a, s_a = train(tx_a, jax.device_put(params, sh_a), grads[:3], sh_a)
+  ckpt = ocp.StandardCheckpointer()
+  ckpt.save(tmp_path / "ckpt", {"params": p_a, "opt_state": s_a})
+  ckpt.wait_until_finished()
+
+  shapes = {"params": params, "opt_state": jax.eval_shape(tx_b.init, params)}
+  target_sh = {"params": sh_b, "opt_state": q.state_shardings(shapes["opt_state"], params, sh_b)}
+  target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        shapes, target_sh)
+  restored = ckpt.restore(tmp_path / "ckpt", target)
+  for x, s in zip(jax.tree.leaves(restored), jax.tree.leaves(target_sh)):
+    assert x.sharding.is_equivalent_to(s, x.ndim)
+
+  state, p_b = restored["opt_state"], restored["params"]
+  step = jax.jit(lambda g, s, p: (lambda u, s: (optax.apply_updates(p, u), s))(*tx_b.update(g, s, p)))
+  for g in grads[3:]:
+    p_b, state = step(jax.device_put(g, sh_b), state, p_b)
+  assert_close(p_b, want_params)
+  assert_state_close(state, want_state)

@@ -1,0 +1,83 @@
+"""Sharding of optimizer state (qadam_mini_jax.sharding).
+
+Spec derivation is checked here on abstract meshes; training on 8 simulated
+devices runs ``tests/multidevice`` in a subprocess, so this process keeps its
+single device.
+"""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import pytest
+from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec as P
+
+import qadam_mini_jax as q
+from qadam_mini_jax import sharding
+
+MESH = AbstractMesh((2, 4), ("data", "fsdp"))
+
+
+@pytest.mark.parametrize("shape, spec, reduced, want, cut", [
+    # v of an (in, out) kernel, one block per output neuron (spanning the 4 shards of `in`)
+    ((64, 128), P("fsdp"), (1, 128), P(None, None), [0]),
+    ((64, 128), P(None, "fsdp"), (1, 128), P(None, "fsdp"), []),
+    # 4 heads over 4 shards; 2 kv heads cannot split 4 ways (replicated, not an error for v)
+    ((64, 64), P(None, "fsdp"), (1, 4), P(None, "fsdp"), []),
+    ((64, 32), P(None, "fsdp"), (1, 2), P(None, None), [1]),
+    # column groups (8 of 8 rows): 16 rows a shard hold 2 whole groups
+    ((64, 128), P("fsdp"), (8, 128), P("fsdp", None), []),
+    # 5 ragged groups of 16 over 4 shards: cut
+    ((72, 128), P("fsdp"), (5, 128), P(None, None), [0]),
+    # a tuple of mesh axes splits 8 ways
+    ((64, 128), P(("data", "fsdp")), (8, 128), P(("data", "fsdp"), None), []),
+    # rows layout merging trailing axes (embedding with a short dim): groups over 64*32
+    ((64, 32), P("fsdp"), (8,), P("fsdp"), []),
+    ((64, 32), P(None, "fsdp"), (8,), P(None), [1]),
+    # columns layout merging leading axes (in, heads, head_dim) -> (groups, heads, head_dim)
+    ((8, 4, 16), P("fsdp"), (1, 4, 16), P(None, None, None), [0]),
+])
+def test_reduced_spec(shape, spec, reduced, want, cut):
+  got, got_cut = sharding.reduced_spec(shape, spec, MESH, reduced)
+  assert tuple(got) == tuple(want)
+  assert got_cut == cut
+
+
+def test_unrelated_shape_is_an_error():
+  with pytest.raises(q.ShardingError, match="does not derive"):
+    sharding.reduced_spec((64, 128), P("fsdp"), MESH, (3, 5, 7))
+
+
+def test_param_shardings_must_match_params():
+  params = {"a": jax.ShapeDtypeStruct((8, 8), "float32"), "b": jax.ShapeDtypeStruct((8,), "float32")}
+  with pytest.raises(q.ShardingError, match="1 leaves, the parameters have 2"):
+    sharding.per_parameter(params, {"a": P()}, MESH)
+  with pytest.raises(q.ShardingError, match="b: param_shardings holds PartitionSpecs"):
+    sharding.per_parameter(params, {"a": NamedSharding(MESH, P()), "b": P()})
+  with pytest.raises(q.ShardingError, match="a pytree container"):
+    q.state_shardings({}, params["a"], P(), mesh=MESH)
+
+
+def test_partition_specs_with_mesh_and_replicated_counters():
+  params = {"w": jax.ShapeDtypeStruct((64, 128), "float32")}
+  tx = q.q_adam_mini(1e-3, quantization=q.Int8Quantization(group_size=8, min_size=64))
+  state = jax.eval_shape(tx.init, params)
+  got = q.state_shardings(state, params, {"w": P("fsdp")}, mesh=MESH)
+  assert got[0].mu["w"].codes.spec == P("fsdp", None)
+  assert got[0].count.spec == P() and got[0].key.spec == P()
+  assert got[0].nu["w"].spec == P()  # "w" matches no rule: one block, v of shape (1, 1)
+
+
+def test_multidevice_suite():
+  """tests/multidevice on 8 simulated CPU devices, in a fresh process."""
+  tests = pathlib.Path(__file__).resolve().parent
+  env = dict(os.environ, QADAM_MULTIDEVICE="1", JAX_PLATFORMS="cpu",
+             XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") +
+                        " --xla_force_host_platform_device_count=8").strip())
+  proc = subprocess.run(
+      [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tests / "multidevice")],
+      cwd=tests.parent, env=env, capture_output=True, text=True, timeout=1200)
+  assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+  assert " passed" in proc.stdout and "skipped" not in proc.stdout, proc.stdout[-2000:]
