@@ -34,7 +34,7 @@ import math
 from typing import Any
 
 import jax
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from qadam_mini_jax import partition as partition_lib
 
@@ -121,6 +121,23 @@ def reduced_spec(shape: tuple[int, ...], spec: PartitionSpec, mesh: Any,
   return PartitionSpec(*kept), cut
 
 
+def check_auto_axes(mesh: Any, where: str) -> None:
+  """Raise unless every axis of ``mesh`` that matters is an Auto (GSPMD) axis."""
+  if any(t == AxisType.Explicit for t in getattr(mesh, "axis_types", ())):
+    raise ShardingError(
+        f"{where}: the mesh {dict(mesh.shape)} has Explicit axes (jax.make_mesh's default); "
+        "the optimizer's block and group reshapes need Auto axes: create it with "
+        "jax.make_mesh(shape, names, axis_types=(jax.sharding.AxisType.Auto,) * len(names)).")
+
+
+def check_not_explicitly_sharded(leaves: Any, paths: list[str]) -> None:
+  """Raise if a traced leaf carries an Explicit-axis sharding in its type."""
+  for path, leaf in zip(paths, leaves):
+    sharding = getattr(jax.typeof(leaf), "sharding", None)
+    if sharding is not None and any(e is not None for e in sharding.spec):
+      check_auto_axes(sharding.mesh, path)
+
+
 def per_parameter(params: Any, param_shardings: Any, mesh: Any = None) -> list[tuple[str, tuple[int, ...], NamedSharding]]:
   """``(path, shape, NamedSharding)`` per parameter leaf, in leaf order."""
   flat = jax.tree_util.tree_flatten_with_path(params)[0]
@@ -139,6 +156,7 @@ def per_parameter(params: Any, param_shardings: Any, mesh: Any = None) -> list[t
     if not isinstance(sharding, NamedSharding):
       raise ShardingError(f"{name}: expected a NamedSharding or PartitionSpec, got "
                           f"{type(sharding).__name__}.")
+    check_auto_axes(sharding.mesh, name)
     out.append((name, tuple(leaf.shape), sharding))
   return out
 

@@ -178,9 +178,10 @@ def adam_mini_step(
     if spec is None:
       return optax.MaskedNode(), optax.MaskedNode()
     nu = jnp.zeros(partition_lib.block_shape(spec, leaf.shape), jnp.float32)
-    if stores_int8(leaf.shape):
-      zeros = jnp.zeros(leaf.shape, jnp.float32)
-      return quantize_lib.quantize(zeros, layout_for(spec, leaf.shape, quantization)), nu
+    if stores_int8(leaf.shape):  # quantize(zeros), built directly (no reduction to fold)
+      layout = layout_for(spec, leaf.shape, quantization)
+      return quantize_lib.QuantizedArray(jnp.zeros(leaf.shape, jnp.int8),
+                                         jnp.zeros(layout.scales_shape, jnp.float32)), nu
     return jnp.zeros(leaf.shape, mu_dtype or jnp.float32), nu
 
   def sharded_like(state, params):
@@ -209,6 +210,7 @@ def adam_mini_step(
     stochastic = _rounding_mask(stochastic_rounding, specs, updates)
 
     g_leaves, treedef = jax.tree.flatten(updates)
+    sharding_lib.check_not_explicitly_sharded(g_leaves, paths)
     leaf_shardings = ([s for _, _, s in sharding_lib.per_parameter(updates, shardings)]
                       if shardings is not None else [None] * len(g_leaves))
     per_leaf = zip(g_leaves, *(treedef.flatten_up_to(tree) for tree in (

@@ -181,6 +181,9 @@ def test_state_shapes_and_dtypes_stable_across_steps_and_under_cond(rounding):
     cond = jax.lax.cond(pred, lambda s: tx.update(g, s)[1], lambda s: s, state)
     return plain, cond
 
+  int8 = [m for m in jax.tree.leaves(state0.mu, is_leaf=lambda x: isinstance(x, QuantizedArray))
+          if isinstance(m, QuantizedArray)]
+  assert int8 and all(not m.codes.any() and not m.scales.any() for m in int8)  # m = 0 exactly
   state = state0
   for t in range(3):
     g = _random_like(params, 10 + t)

@@ -271,3 +271,15 @@ def test_orbax_checkpoint_restores_onto_another_mesh(tmp_path):
     p_b, state = step(jax.device_put(g, sh_b), state, p_b)
   assert_close(p_b, want_params)
   assert_state_close(state, want_state)
+
+
+def test_explicit_axis_meshes_get_a_clear_error():
+  explicit = jax.make_mesh((8,), ("fsdp",), axis_types=(AxisType.Explicit,))
+  params, grads = params_and_grads()
+  shardings = shardings_for(explicit, fsdp_axis1)
+  with pytest.raises(q.ShardingError, match="Explicit axes.*AxisType.Auto"):
+    q.state_shardings(jax.eval_shape(optimizer("q_adam_mini").init, params), params, shardings)
+  tx = optimizer("q_adam_mini")
+  state = tx.init(params)
+  with pytest.raises(q.ShardingError, match="embed/embedding: the mesh"):
+    jax.jit(tx.update)(jax.device_put(grads[0], shardings), state, params)
