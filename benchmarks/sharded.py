@@ -27,9 +27,7 @@ if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "
 
 import argparse  # noqa: E402
 import pathlib  # noqa: E402
-import statistics  # noqa: E402
 import sys  # noqa: E402
-import time  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -39,10 +37,10 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P  # noqa: E4
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import llama_shapes  # noqa: E402
+import step_time  # noqa: E402
 
 import qadam_mini_jax as qam  # noqa: E402
 
-RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 DEVICES = 8
 
 
@@ -80,19 +78,11 @@ def measure(tx, params, shardings, iters: int) -> dict[str, float]:
   run = jax.jit(step, in_shardings=(shardings, state_sh, shardings),
                 out_shardings=(shardings, state_sh), donate_argnums=(1, 2))
   stats = run.lower(grads, state, params).compile().memory_analysis()
-  params = jax.tree.map(jnp.copy, params)  # donated below: keep the caller's
-  params, state = run(grads, state, params)
-  jax.block_until_ready((params, state))
-  times = []
-  for _ in range(iters):
-    start = time.perf_counter()
-    params, state = run(grads, state, params)
-    jax.block_until_ready((params, state))
-    times.append(time.perf_counter() - start)
+  seconds, state = step_time.median_seconds(run, grads, state, params, iters)
   held = qam.tree_nbytes_per_device(state)
   return {"per_device": max(held.values()), "whole": qam.tree_nbytes(state),
           "argument": stats.argument_size_in_bytes, "temp": stats.temp_size_in_bytes,
-          "seconds": statistics.median(times)}
+          "seconds": seconds}
 
 
 def main() -> None:
@@ -144,12 +134,7 @@ def main() -> None:
   if device.platform == "cpu":
     lines.append("The step times share 2 host CPU cores among 8 simulated devices: they "
                  "compare the optimizers with each other, not with accelerators.")
-  text = "\n".join(lines) + "\n"
-  print(text)
-  RESULTS.mkdir(exist_ok=True)
-  out = RESULTS / f"sharded_{device.platform}.md"
-  out.write_text(text)
-  print(f"Wrote {out}")
+  step_time.write_result(f"sharded_{device.platform}.md", "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

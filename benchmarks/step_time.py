@@ -18,6 +18,7 @@ import pathlib
 import statistics
 import sys
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -58,12 +59,11 @@ def optimizers(config, on_gpu: bool) -> dict:
   return rows
 
 
-def time_step(init, step, params, iters: int) -> tuple[float, int]:
-  """Median seconds of one step, and the state's bytes."""
-  params = jax.tree.map(jnp.copy, params)  # donated below: keep the caller's
-  state = init(params)
-  grads = jax.tree.map(lambda p: jnp.full(p.shape, 1e-3, p.dtype), params)
-  run = jax.jit(step, donate_argnums=(1, 2))
+def median_seconds(run, grads, state, params, iters: int) -> tuple[float, Any]:
+  """Median seconds of ``run(grads, state, params) -> (params, state)`` after a warm-up
+  call, and the last state. ``run`` may donate ``state`` and ``params``; the caller's
+  ``params`` are copied first."""
+  params = jax.tree.map(jnp.copy, params)
   params, state = run(grads, state, params)  # compile and warm up
   jax.block_until_ready((params, state))
   times = []
@@ -72,7 +72,23 @@ def time_step(init, step, params, iters: int) -> tuple[float, int]:
     params, state = run(grads, state, params)
     jax.block_until_ready((params, state))
     times.append(time.perf_counter() - start)
-  return statistics.median(times), qam.tree_nbytes(state)
+  return statistics.median(times), state
+
+
+def write_result(name: str, text: str) -> None:
+  """Print ``text`` and write it to ``benchmarks/results/<name>``."""
+  print(text)
+  RESULTS.mkdir(exist_ok=True)
+  (RESULTS / name).write_text(text)
+  print(f"Wrote {RESULTS / name}")
+
+
+def time_step(init, step, params, iters: int) -> tuple[float, int]:
+  """Median seconds of one step, and the state's bytes."""
+  grads = jax.tree.map(lambda p: jnp.full(p.shape, 1e-3, p.dtype), params)
+  seconds, state = median_seconds(jax.jit(step, donate_argnums=(1, 2)), grads,
+                                  init(params), params, iters)
+  return seconds, qam.tree_nbytes(state)
 
 
 def main() -> None:
@@ -119,12 +135,7 @@ def main() -> None:
     lines += ["| " + " | ".join(r) + " |" for r in rows] + [""]
   if not on_gpu:
     lines.append("CPU run: the Pallas rows need a GPU (interpret mode is for tests, not speed).")
-  text = "\n".join(lines) + "\n"
-  print(text)
-  RESULTS.mkdir(exist_ok=True)
-  out = RESULTS / f"step_time_{'gpu' if on_gpu else 'cpu'}.md"
-  out.write_text(text)
-  print(f"Wrote {out}")
+  write_result(f"step_time_{'gpu' if on_gpu else 'cpu'}.md", "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
