@@ -127,6 +127,11 @@ class BlockPartition:
     value_as_one_block: one block for the whole value kernel instead of one
       per output neuron; the authors' recommendation for runs under ~10-20k
       steps.
+    query_key_per_neuron: one block per output neuron of the query and key
+      kernels (as for value) instead of one per head: ``head_dim`` times more
+      ``v`` scalars there, still a negligible share. On the small byte-level
+      LLaMA of ``benchmarks/results/compare`` it closes Adam-mini's gap to
+      AdamW; the paper's per-head blocks stay the default.
     rules: user rules tried before the defaults: either a mapping from a
       regular expression (matched against whole trailing path components, so
       ``"q_proj/kernel"`` matches ``"layers/0/attn/q_proj/kernel"``) to a rule,
@@ -141,6 +146,7 @@ class BlockPartition:
   num_kv_heads: int | None = None
   head_dim: int | None = None
   value_as_one_block: bool = False
+  query_key_per_neuron: bool = False
   rules: Mapping[str, Rule] | Callable[[str, tuple[int, ...]], Rule | None] | None = None
 
   def __post_init__(self):
@@ -227,6 +233,8 @@ class BlockPartition:
           f"{path}: the {rule} rule needs a kernel of rank >= 2, got shape {shape}.")
     if rule == EMBEDDING:  # (vocab, dim...): one block per row
       return BlockSpec(all_axes[1:], None, rule)
+    if rule in (QUERY, KEY, QKV) and self.query_key_per_neuron:  # (in, out...)
+      return BlockSpec((0,), None, rule)
     if rule in (QUERY, KEY, QKV):
       if ndim == 3 and rule != QKV:  # (in, heads, head_dim)
         return BlockSpec((0, 2), None, rule)

@@ -82,6 +82,22 @@ def test_value_as_one_block_and_head_dim():
   assert specs["attn/v_proj/kernel"] == q.BlockSpec((0, 1), None, "value")
 
 
+def test_query_key_per_neuron():
+  params = {"attn": {"q_proj": {"kernel": S((16, 24), jnp.float32)},
+                     "k_proj": {"kernel": S((16, 8), jnp.float32)},
+                     "query": {"kernel": S((16, 3, 8), jnp.float32)}},   # DenseGeneral
+            "mlp": {"up_proj": {"kernel": S((16, 32), jnp.float32)}}}
+  part = q.BlockPartition(head_dim=8, query_key_per_neuron=True)
+  specs = _specs(params, part)
+  assert specs["attn/q_proj/kernel"] == q.BlockSpec((0,), None, "query")
+  assert specs["attn/k_proj/kernel"] == q.BlockSpec((0,), None, "key")
+  assert specs["attn/query/kernel"] == q.BlockSpec((0,), None, "query")
+  assert specs["mlp/up_proj/kernel"] == q.BlockSpec((0,), None, "mlp")
+  g = jnp.arange(16 * 24, dtype=jnp.float32).reshape(16, 24)
+  np.testing.assert_allclose(P.block_mean(g, specs["attn/q_proj/kernel"]),
+                             np.asarray(g).mean(axis=0, keepdims=True))  # one v per column
+
+
 def test_fused_qkv_is_one_block_per_head():
   params = {"attn": {"qkv_proj": {"kernel": S((16, (4 + 2 * 2) * 4), jnp.float32)}}}
   spec = _specs(params, q.BlockPartition(num_heads=4, num_kv_heads=2))["attn/qkv_proj/kernel"]
