@@ -44,6 +44,7 @@ class ShardingError(ValueError):
 
 
 def padded_spec(spec: PartitionSpec, ndim: int) -> tuple[Any, ...]:
+  """The entries of ``spec``, one per axis (``None`` for the unnamed trailing ones)."""
   entries = tuple(spec)
   if len(entries) > ndim:
     raise ShardingError(f"PartitionSpec {spec} has more entries than the array's {ndim} axes.")
@@ -96,7 +97,7 @@ def reduced_spec(shape: tuple[int, ...], spec: PartitionSpec, mesh: Any,
   # One axis of groups over merged axes: (groups,) + shape[split:] (columns
   # layout) or shape[:split] + (groups,) (rows layout).
   merges = []
-  if len(reduced) < len(shape) + 1:
+  if len(reduced) < len(shape):
     split = len(shape) - len(reduced) + 1
     if split >= 1 and reduced[1:] == shape[split:]:
       merges.append((list(range(split)), 0))
@@ -122,7 +123,7 @@ def reduced_spec(shape: tuple[int, ...], spec: PartitionSpec, mesh: Any,
 
 
 def check_auto_axes(mesh: Any, where: str) -> None:
-  """Raise unless every axis of ``mesh`` that matters is an Auto (GSPMD) axis."""
+  """Raise if ``mesh`` has Explicit axes (the optimizer needs Auto, GSPMD, axes)."""
   if any(t == AxisType.Explicit for t in getattr(mesh, "axis_types", ())):
     raise ShardingError(
         f"{where}: the mesh {dict(mesh.shape)} has Explicit axes (jax.make_mesh's default); "
