@@ -103,7 +103,9 @@ class Checkpoints:
     """Restore ``(state, meta)`` of ``step`` (default: the newest) into ``target``'s structure.
 
     Args:
-      target: a pytree of arrays or ``jax.ShapeDtypeStruct``s like the saved state.
+      target: a pytree of arrays or ``jax.ShapeDtypeStruct``s like the saved state;
+        leaves with a ``sharding`` are restored with it (onto the current mesh,
+        whatever mesh, if any, the checkpoint was saved from).
       must_match: ``{meta key: {field: value}}`` that the checkpoint's ``meta``
         must equal (e.g. the model and optimizer settings).
       step: which step; ``None`` for the newest.
@@ -120,7 +122,8 @@ class Checkpoints:
       diffs = _differences(meta.get(key) or {}, expected)
       if diffs:
         raise self._fail(step, f"written for a different {key} (" + "; ".join(diffs) + ")")
-    want = {k: jax.ShapeDtypeStruct(np.shape(x), x.dtype) for k, x in flatten(target).items()}
+    want = {k: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=getattr(x, "sharding", None))
+            for k, x in flatten(target).items()}
     self._check_arrays(step, want)
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(

@@ -94,19 +94,25 @@ def block_partition(c: OptimizerConfig, model: LlamaConfig) -> qadam_mini_jax.Bl
       rules=per_neuron if c.partition == "qk_per_neuron" else None)
 
 
-def core(c: OptimizerConfig, model: LlamaConfig) -> optax.GradientTransformation:
-  """The optimizer itself (no clipping or accumulation)."""
+def core(c: OptimizerConfig, model: LlamaConfig,
+         shardings: Any = None) -> optax.GradientTransformation:
+  """The optimizer itself (no clipping or accumulation).
+
+  ``shardings`` (the parameters' ``NamedSharding``s, for sharded training) go
+  to ``adam_mini``/``q_adam_mini``, whose state then follows them; the optax
+  baselines need no such argument and ignore it.
+  """
   lr, mask = schedule(c), qadam_mini_jax.default_decay_mask
   if c.name == "adamw":
     return optax.adamw(lr, c.b1, c.b2, weight_decay=c.weight_decay, mask=mask)
   if c.name == "adam_mini":
     return qadam_mini_jax.adam_mini(lr, c.b1, c.b2, weight_decay=c.weight_decay, mask=mask,
-                                    partition=block_partition(c, model))
+                                    partition=block_partition(c, model), shardings=shardings)
   if c.name == "q_adam_mini":
     return qadam_mini_jax.q_adam_mini(
         lr, c.b1, c.b2, weight_decay=c.weight_decay, mask=mask,
         partition=block_partition(c, model), key=c.seed,
-        stochastic_rounding="auto" if c.stochastic_rounding else "none")
+        stochastic_rounding="auto" if c.stochastic_rounding else "none", shardings=shardings)
   if c.name == "adafactor":
     return optax.adafactor(lr, multiply_by_parameter_scale=False,
                            weight_decay_rate=lambda count: c.weight_decay * lr(count),
@@ -115,12 +121,23 @@ def core(c: OptimizerConfig, model: LlamaConfig) -> optax.GradientTransformation
                     weight_decay=c.weight_decay / LION_LR_SCALE, mask=mask)
 
 
-def make(c: OptimizerConfig, model: LlamaConfig) -> optax.GradientTransformation:
-  """Clipping, then the optimizer; wrapped in ``optax.MultiSteps`` to accumulate."""
-  tx = optax.chain(optax.clip_by_global_norm(c.clip_norm), core(c, model))
+def make(c: OptimizerConfig, model: LlamaConfig,
+         shardings: Any = None) -> optax.GradientTransformation:
+  """Clipping, then the optimizer; wrapped in ``optax.MultiSteps`` to accumulate.
+
+  ``shardings``: the parameters' shardings, see :func:`core`.
+  """
+  tx = optax.chain(optax.clip_by_global_norm(c.clip_norm), core(c, model, shardings))
   return optax.MultiSteps(tx, c.grad_accum) if c.grad_accum > 1 else tx
 
 
 def state_nbytes(c: OptimizerConfig, model: LlamaConfig, params: Any) -> int:
   """Bytes of the optimizer's own state (without gradient-accumulation buffers)."""
   return qadam_mini_jax.tree_nbytes(jax.eval_shape(core(c, model).init, params))
+
+
+def core_state(c: OptimizerConfig, opt_state: Any) -> Any:
+  """The optimizer's own part of a state of :func:`make` (what :func:`state_nbytes` counts)."""
+  if c.grad_accum > 1:
+    opt_state = opt_state.inner_opt_state
+  return opt_state[1]  # after clip_by_global_norm's (empty) state

@@ -10,9 +10,17 @@ compiled step's memory. From the repository root::
     python examples/train.py --optimizer adamw --out-dir runs/adamw
     python examples/train.py --no-stochastic-rounding     # watch the embedding norm grow
     python examples/train.py --model 20M --data my_texts/ --steps 5000 --dtype bfloat16
+    python examples/train.py --mesh data=2,fsdp=4         # sharded over 8 devices
 
 Outputs (in ``--out-dir``): ``metrics.jsonl`` (one JSON object per logged
 step), ``summary.json`` (final numbers) and ``checkpoints/``.
+
+With ``--mesh`` (e.g. ``data=2,fsdp=4`` or ``data=2,tensor=4``) the run is
+sharded over a device mesh: the batch over ``data`` and ``fsdp``, the weights
+by :func:`sharding_rules.param_shardings`, the optimizer state following them
+(:func:`qadam_mini_jax.state_shardings`). It computes what the unsharded run
+computes, up to float summation order, and a checkpoint resumes on any mesh
+or on none.
 """
 
 from __future__ import annotations
@@ -31,14 +39,21 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
+
+import qadam_mini_jax
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import checkpointing  # noqa: E402  (the examples directory, added above)
 import data as data_lib  # noqa: E402
 import optimizers  # noqa: E402
+import sharding_rules  # noqa: E402
 from llama_model import CONFIGS, Llama, LlamaConfig, next_token_loss  # noqa: E402
 
 DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
+#: ``--mesh`` axes, in the mesh's order: the batch splits over data and fsdp,
+#: weights over fsdp and tensor (sharding_rules.py).
+MESH_AXES = ("data", "fsdp", "tensor")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +77,7 @@ class TrainConfig:
   stop_at: int | None = None
   progress: bool = True  # a tqdm progress bar
   verbose: bool = True  # print the setup and final numbers
+  mesh: str | None = None  # --mesh, e.g. "data=2,fsdp=4"; None: one device, unsharded
 
 
 @dataclasses.dataclass
@@ -72,26 +88,122 @@ class Result:
   summary: dict[str, Any]
 
 
+def parse_mesh(text: str) -> dict[str, int]:
+  """``"data=2,fsdp=4"`` -> ``{"data": 2, "fsdp": 4, "tensor": 1}``.
+
+  Raises ValueError naming the problem (syntax, unknown or repeated axis, size).
+  """
+  sizes: dict[str, int] = {}
+  example = "comma-separated AXIS=SIZE items such as data=2,fsdp=4"
+  for item in text.split(","):
+    name, eq, size = (part.strip() for part in item.partition("="))
+    if not eq or not name:
+      raise ValueError(f"--mesh {text!r}: cannot read {item.strip()!r}; expected {example}.")
+    if name not in MESH_AXES:
+      raise ValueError(f"--mesh {text!r}: unknown mesh axis {name!r}; the axes are "
+                       f"{', '.join(MESH_AXES)}.")
+    if name in sizes:
+      raise ValueError(f"--mesh {text!r}: axis {name!r} is given twice.")
+    if not size.isdigit() or int(size) < 1:
+      raise ValueError(f"--mesh {text!r}: the size of {name!r} must be a positive integer, "
+                       f"not {size!r}.")
+    sizes[name] = int(size)
+  return {name: sizes.get(name, 1) for name in MESH_AXES}
+
+
+def make_mesh(cfg: TrainConfig) -> Mesh | None:
+  """The ``jax.sharding.Mesh`` of ``cfg.mesh`` (Auto axes), or None.
+
+  Raises ValueError for a bad ``--mesh``, a device count other than the
+  product of its sizes, or a batch that does not split over data * fsdp.
+  """
+  if cfg.mesh is None:
+    return None
+  sizes = parse_mesh(cfg.mesh)
+  n = math.prod(sizes.values())
+  if n != jax.device_count():
+    raise ValueError(
+        f"--mesh {cfg.mesh!r} needs {n} devices, but JAX sees {jax.device_count()} "
+        f"({jax.default_backend()}); the sizes must multiply to the device count. On CPU, "
+        f"simulate {n} devices with XLA_FLAGS=--xla_force_host_platform_device_count={n} "
+        "(set before Python starts JAX).")
+  batch_ways = sizes["data"] * sizes["fsdp"]
+  if cfg.batch_size % batch_ways:
+    raise ValueError(f"--batch-size {cfg.batch_size} must be divisible by data * fsdp = "
+                     f"{batch_ways} (--mesh {cfg.mesh!r}): the batch is split over both.")
+  return jax.make_mesh(tuple(sizes.values()), MESH_AXES,
+                       axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshLayout:
+  """Where a sharded run's arrays live (``--mesh``)."""
+
+  mesh: Mesh
+  state: Any  # NamedShardings like {"params": ..., "opt_state": ...}
+  batch: NamedSharding  # token batches: rows over ("data", "fsdp")
+
+  def put(self, tokens: np.ndarray) -> jax.Array:
+    """A token batch on the mesh (replicated when its rows do not split evenly)."""
+    rows_split = len(tokens) % (self.mesh.shape["data"] * self.mesh.shape["fsdp"]) == 0
+    return jax.device_put(tokens, self.batch if rows_split
+                          else NamedSharding(self.mesh, PartitionSpec()))
+
+
+def model_factory(model_cfg: LlamaConfig, seed: int, dtype: str):
+  """``create() -> Llama``, the same initialisation wherever it is called."""
+  return lambda: Llama(model_cfg, nnx.Rngs(seed), dtype=DTYPES[dtype])
+
+
+def optimizer_and_layout(model_cfg: LlamaConfig, opt_cfg: optimizers.OptimizerConfig,
+                         cfg: TrainConfig, mesh: Mesh | None
+                         ) -> tuple[optax.GradientTransformation, MeshLayout | None]:
+  """The optimizer and, on a mesh, the shardings of the state and the batches.
+
+  Raises ``qadam_mini_jax.ShardingError`` (naming the parameter) when the
+  parameter shardings would cut INT8 quantization groups.
+  """
+  if mesh is None:
+    return optimizers.make(opt_cfg, model_cfg), None
+  create = model_factory(model_cfg, cfg.seed, cfg.dtype)
+  params = jax.eval_shape(lambda: nnx.to_pure_dict(nnx.state(create(), nnx.Param)))
+  param_shardings = sharding_rules.param_shardings(params, mesh)
+  try:
+    tx = optimizers.make(opt_cfg, model_cfg, shardings=param_shardings)
+    opt_shardings = qadam_mini_jax.state_shardings(
+        jax.eval_shape(tx.init, params), params, param_shardings)
+  except qadam_mini_jax.ShardingError as err:
+    raise qadam_mini_jax.ShardingError(
+        f"--mesh {cfg.mesh!r} does not suit {opt_cfg.name} on this model: {err} Here: fsdp "
+        "splits never cut INT8 groups, tensor splits of o_proj/down_proj inputs do unless "
+        "each shard holds a multiple of 256 rows; use fewer tensor ways or fsdp.") from None
+  return tx, MeshLayout(mesh, {"params": param_shardings, "opt_state": opt_shardings},
+                        NamedSharding(mesh, PartitionSpec(("data", "fsdp"))))
+
+
 def init_fn(model_cfg: LlamaConfig, tx: optax.GradientTransformation, seed: int,
-            dtype: str) -> tuple[nnx.GraphDef, Any]:
+            dtype: str, layout: MeshLayout | None = None) -> tuple[nnx.GraphDef, Any]:
   """The model's graph definition and a jitted ``init() -> {"params", "opt_state"}``.
 
   The state is plain pytrees, created inside one ``jax.jit`` (one compilation
-  instead of one per operation); ``jax.eval_shape(init)`` gives its shapes for
-  free, which is all a restore needs.
+  instead of one per operation), directly in its shards on a mesh;
+  ``jax.eval_shape(init)`` gives its shapes (and shardings) for free, which is
+  all a restore needs.
   """
-  create = lambda: Llama(model_cfg, nnx.Rngs(seed), dtype=DTYPES[dtype])
+  create = model_factory(model_cfg, seed, dtype)
   graphdef, _ = nnx.split(nnx.eval_shape(create), nnx.Param)
 
-  @jax.jit
   def init():
     params = nnx.to_pure_dict(nnx.state(create(), nnx.Param))
     return {"params": params, "opt_state": tx.init(params)}
 
-  return graphdef, init
+  if layout is None:
+    return graphdef, jax.jit(init)
+  return graphdef, jax.jit(init, out_shardings=layout.state)
 
 
-def make_step_fns(graphdef: nnx.GraphDef, tx: optax.GradientTransformation):
+def make_step_fns(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
+                  layout: MeshLayout | None = None):
   """Jitted ``train_step(state, tokens) -> (state, metrics)`` and ``eval_loss(params, tokens)``."""
   def loss_fn(params, tokens):
     return next_token_loss(nnx.merge(graphdef, params)(tokens), tokens)
@@ -104,7 +216,12 @@ def make_step_fns(graphdef: nnx.GraphDef, tx: optax.GradientTransformation):
                "embed_norm": jnp.linalg.norm(params["embed"]["embedding"])}
     return {"params": params, "opt_state": opt_state}, metrics
 
-  return jax.jit(train_step, donate_argnums=0), jax.jit(loss_fn)
+  if layout is None:
+    return jax.jit(train_step, donate_argnums=0), jax.jit(loss_fn)
+  replicated = NamedSharding(layout.mesh, PartitionSpec())
+  step = jax.jit(train_step, donate_argnums=0, in_shardings=(layout.state, layout.batch),
+                 out_shardings=(layout.state, replicated))
+  return step, jax.jit(loss_fn)
 
 
 def memory_report(compiled: Any) -> dict[str, int]:
@@ -148,9 +265,13 @@ def _fmt_bytes(n: float) -> str:
 
 def run_metadata(model_cfg: LlamaConfig, opt_cfg: optimizers.OptimizerConfig, cfg: TrainConfig,
                  corpus: data_lib.Corpus) -> dict[str, Any]:
-  """What a checkpoint records about its run: ``model`` and ``optimizer`` must match on resume."""
+  """What a checkpoint records about its run: ``model`` and ``optimizer`` must match on resume.
+
+  The mesh is recorded but not compared: a run resumes on any mesh (or none).
+  """
   return {
       "model": dataclasses.asdict(model_cfg),
+      "mesh": cfg.mesh,
       "optimizer": {k: getattr(opt_cfg, k) for k in optimizers.STRUCTURAL_FIELDS},
       "settings": {"optimizer": dataclasses.asdict(opt_cfg),
                    "train": {k: getattr(cfg, k) for k in ("seq_len", "batch_size", "dtype", "seed")},
@@ -170,13 +291,21 @@ def initial_state(ckpts: checkpointing.Checkpoints, init, meta: dict[str, Any], 
     if resuming:
       say(f"no checkpoint in {ckpts.directory}: starting from scratch")
     return init(), 0
-  state, old = ckpts.restore(jax.eval_shape(init), {k: meta[k] for k in ("model", "optimizer")},
+  # Restore straight into this run's shards (one device without --mesh),
+  # whatever mesh, if any, the checkpoint was saved from.
+  device = SingleDeviceSharding(jax.devices()[0])
+  target = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding or device),
+      jax.eval_shape(init))
+  state, old = ckpts.restore(target, {k: meta[k] for k in ("model", "optimizer")},
                              cfg.resume_step)
   changed = [k for k in meta["settings"] if old["settings"].get(k) != meta["settings"][k]]
   if changed:
     say(f"note: {', '.join(changed)} settings differ from the checkpoint's; "
         "the run continues, but not on the original trajectory.")
-  say(f"resumed from step {old['step']} ({ckpts.directory})")
+  mesh_note = (f", saved on mesh {old.get('mesh') or 'none'}"
+               if old.get("mesh") != meta["mesh"] else "")
+  say(f"resumed from step {old['step']} ({ckpts.directory}{mesh_note})")
   for path in ckpts.set_aside_after(old["step"]):
     say(f"moved the newer checkpoint {path.name} to {path.parent}")
   return state, old["step"]
@@ -187,21 +316,23 @@ def train(model_cfg: LlamaConfig, opt_cfg: optimizers.OptimizerConfig,
   """Train, evaluate, log and checkpoint; see the module docstring."""
   say = print if cfg.verbose else (lambda *a, **k: None)
   corpus = data_lib.load_corpus(cfg.data, cfg.seq_len, cfg.val_fraction)
+  tx, layout = optimizer_and_layout(model_cfg, opt_cfg, cfg, make_mesh(cfg))
   out = pathlib.Path(cfg.out_dir)
   out.mkdir(parents=True, exist_ok=True)
   ckpts = checkpointing.Checkpoints(out / "checkpoints", keep=cfg.keep_checkpoints)
-  tx = optimizers.make(opt_cfg, model_cfg)
-  graphdef, init = init_fn(model_cfg, tx, cfg.seed, cfg.dtype)
+  graphdef, init = init_fn(model_cfg, tx, cfg.seed, cfg.dtype, layout)
   meta = run_metadata(model_cfg, opt_cfg, cfg, corpus)
   state, start_step = initial_state(ckpts, init, meta, cfg, say)
 
-  train_step, eval_loss = make_step_fns(graphdef, tx)
+  train_step, eval_loss = make_step_fns(graphdef, tx, layout)
   accum = opt_cfg.grad_accum
-  micro_batch = lambda index: data_lib.train_batch(
-      corpus.train, index, cfg.batch_size, cfg.seq_len, cfg.seed)
+  put = (lambda tokens: tokens) if layout is None else layout.put
+  micro_batch = lambda index: put(data_lib.train_batch(
+      corpus.train, index, cfg.batch_size, cfg.seq_len, cfg.seed))
   compiled = train_step.lower(state, micro_batch(0)).compile()
   memory = memory_report(compiled)
-  val = data_lib.val_batches(corpus.val, cfg.batch_size, cfg.seq_len, cfg.eval_batches)
+  val = [put(b) for b in
+         data_lib.val_batches(corpus.val, cfg.batch_size, cfg.seq_len, cfg.eval_batches)]
   n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
   state_bytes = optimizers.state_nbytes(opt_cfg, model_cfg, state["params"])
   tokens_per_step = accum * cfg.batch_size * cfg.seq_len
@@ -210,9 +341,20 @@ def train(model_cfg: LlamaConfig, opt_cfg: optimizers.OptimizerConfig,
   say(f"model: {n_params:,} parameters {model_cfg}")
   say(f"optimizer: {opt_cfg.name}: state {state_bytes:,} bytes "
       f"({state_bytes / n_params:.3f} B/param)")
+  per_device = {}
+  if layout is not None:
+    per_device = {
+        "state_bytes_per_device": max(qadam_mini_jax.tree_nbytes_per_device(
+            optimizers.core_state(opt_cfg, state["opt_state"])).values()),
+        "params_bytes_per_device": max(
+            qadam_mini_jax.tree_nbytes_per_device(state["params"]).values())}
+    say(f"mesh: {', '.join(f'{k}={v}' for k, v in layout.mesh.shape.items())} "
+        f"({layout.mesh.size} devices): per device (at most) optimizer state "
+        f"{per_device['state_bytes_per_device']:,} bytes, parameters "
+        f"{per_device['params_bytes_per_device']:,} bytes")
   if memory:
-    say("compiled train step: " + ", ".join(
-        f"{k} {_fmt_bytes(v)}" for k, v in memory.items() if k != "generated_code"))
+    say(("compiled train step (per device): " if layout else "compiled train step: ")
+        + ", ".join(f"{k} {_fmt_bytes(v)}" for k, v in memory.items() if k != "generated_code"))
 
   log = MetricsLog(out / "metrics.jsonl", start_step if start_step else None)
   schedule = optimizers.schedule(opt_cfg)
@@ -262,6 +404,8 @@ def train(model_cfg: LlamaConfig, opt_cfg: optimizers.OptimizerConfig,
       "tokens_per_s": (last_step - start_step) * tokens_per_step / train_time if train_time else None,
       "data": corpus.name, "model": dataclasses.asdict(model_cfg),
   }
+  if layout is not None:
+    summary.update(mesh=dict(layout.mesh.shape), **per_device)
   (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
   speed = f"{summary['tokens_per_s']:,.0f} tokens/s; " if summary["tokens_per_s"] else ""
   say(f"step {last_step}: validation loss {val_loss:.4f} (perplexity {math.exp(val_loss):.3f}, "
@@ -352,6 +496,11 @@ def build_parser() -> argparse.ArgumentParser:
   g.add_argument("--resume-step", type=int, help="continue from this checkpoint step")
   g.add_argument("--stop-at", type=int, help="stop (with a checkpoint) after this step")
   g.add_argument("--no-progress", dest="progress", action="store_false")
+  g.add_argument("--mesh",
+                 help="train sharded over a device mesh, e.g. data=2,fsdp=4 or data=2,tensor=4 "
+                      "(axes data, fsdp, tensor; sizes multiply to the device count): the "
+                      "batch splits over data*fsdp, the weights over fsdp (FSDP) and tensor "
+                      "(Megatron), the optimizer state like the weights; default: one device")
   return p
 
 
@@ -373,7 +522,8 @@ def configs_from_args(args: argparse.Namespace):
       eval_every=args.eval_every, eval_batches=args.eval_batches,
       out_dir=args.out_dir or f"runs/{args.optimizer}", checkpoint_every=args.checkpoint_every,
       keep_checkpoints=args.keep_checkpoints, resume=args.resume, resume_step=args.resume_step,
-      stop_at=args.stop_at, progress=args.progress)
+      stop_at=args.stop_at, progress=args.progress, mesh=args.mesh)
+  make_mesh(train_cfg)  # a bad --mesh fails here, before anything is loaded
   return model_cfg, opt_cfg, train_cfg
 
 
@@ -386,7 +536,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.error(str(err))
   try:
     train(*configs)
-  except (data_lib.DataError, checkpointing.CheckpointError) as err:
+  except (data_lib.DataError, checkpointing.CheckpointError,
+          qadam_mini_jax.ShardingError) as err:
     sys.exit(f"error: {err}")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
+import re
 import shutil
 import sys
 
@@ -137,6 +138,20 @@ def test_heads_that_do_not_divide_the_width_fail_clearly(capsys):
   with pytest.raises(SystemExit):
     train.main(["--model", "tiny", "--heads", "6", "--kv-heads", "2"])
   assert "num_heads=6 does not divide dim=128" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("mesh, problem", [
+    ("data=2,pipeline=4", "unknown mesh axis 'pipeline'; the axes are data, fsdp, tensor"),
+    ("data:2", "cannot read 'data:2'; expected comma-separated AXIS=SIZE items"),
+    ("data=16",
+     r"needs 16 devices, but JAX sees \d+ .*--xla_force_host_platform_device_count=16"),
+])
+def test_bad_mesh_fails_clearly(tmp_path, capsys, mesh, problem):
+  """Sharded runs themselves are tested on 8 devices (tests/multidevice/test_example_mesh.py)."""
+  with pytest.raises(SystemExit):
+    train.main(["--mesh", mesh, "--out-dir", str(tmp_path / "run")])
+  assert re.search(problem, capsys.readouterr().err)
+  assert not (tmp_path / "run").exists()
 
 
 def test_user_text_files_are_split_into_train_and_validation(tmp_path):
