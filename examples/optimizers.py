@@ -33,9 +33,10 @@ LION_LR_SCALE = 0.1
 #: Adam-mini block partitions (``--partition``):
 #: ``qk_per_neuron`` (default here): the reference partition, except that query
 #: and key get one ``v`` per output neuron (per channel of each head) instead of
-#: one per head: one float per query/key output channel instead of one per
-#: head, a negligible cost. At the small scale of this example it closes the
-#: gap to AdamW (benchmarks/results/compare/compare.md).
+#: one per head (``BlockPartition(query_key_per_neuron=True)``): one float per
+#: query/key output channel instead of one per head, a negligible cost. At the
+#: small scale of this example it closes the gap to AdamW
+#: (benchmarks/results/compare/compare.md).
 #: ``reference``: the paper's and the reference code's: one ``v`` per token for
 #: the embedding and output layer, per head for query/key, per output neuron
 #: for value, attention output and MLP, per tensor for norms.
@@ -86,12 +87,10 @@ def schedule(c: OptimizerConfig) -> optax.Schedule:
 
 def block_partition(c: OptimizerConfig, model: LlamaConfig) -> qadam_mini_jax.BlockPartition:
   """The Adam-mini partition of ``c.partition`` for this model's heads."""
-  per_neuron = {name: qadam_mini_jax.BlockSpec((0,), None, rule)  # (in, out) kernels
-                for name, rule in (("q_proj/kernel", "query"), ("k_proj/kernel", "key"))}
   return qadam_mini_jax.BlockPartition(
       num_heads=model.num_heads, num_kv_heads=model.num_kv_heads, head_dim=model.head_dim,
       value_as_one_block=c.partition == "value_one_block",
-      rules=per_neuron if c.partition == "qk_per_neuron" else None)
+      query_key_per_neuron=c.partition == "qk_per_neuron")
 
 
 def core(c: OptimizerConfig, model: LlamaConfig,
