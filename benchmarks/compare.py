@@ -45,6 +45,7 @@ DEFAULT_VARIANTS = (
     "--optimizer adam_mini",
     "--optimizer q_adam_mini",
     "--optimizer q_adam_mini --no-stochastic-rounding --lr 3e-3",
+    "--optimizer q_adam_mini --stochastic-rounding all --lr 3e-3",
 )
 DEFAULT_LRS = (1e-3, 3e-3, 6e-3)
 DEFAULT_SEEDS = (0, 1, 2)

@@ -43,6 +43,9 @@ LION_LR_SCALE = 0.1
 #: ``value_one_block``: the reference with the value kernel as one block (the
 #: authors' advice for runs under ~10-20k steps).
 PARTITIONS = ("qk_per_neuron", "reference", "value_one_block")
+#: ``q_adam_mini``'s ``stochastic_rounding``: ``auto`` (embedding and output
+#: layers, the paper's choice), ``all`` INT8 leaves, or ``none``.
+ROUNDINGS = ("auto", "all", "none")
 DEFAULT_PARTITION = "qk_per_neuron"
 
 #: Settings that change the optimizer state's structure or meaning: a
@@ -65,12 +68,15 @@ class OptimizerConfig:
   clip_norm: float = 1.0
   grad_accum: int = 1
   partition: str = DEFAULT_PARTITION
-  stochastic_rounding: bool = True
+  stochastic_rounding: str = "auto"  # which INT8 leaves: "auto", "all" or "none"
   seed: int = 0
 
   def __post_init__(self):
     if self.name not in OPTIMIZERS:
       raise ValueError(f"unknown optimizer {self.name!r}; choose from {', '.join(OPTIMIZERS)}.")
+    if self.stochastic_rounding not in ROUNDINGS:
+      raise ValueError(f"unknown stochastic_rounding {self.stochastic_rounding!r}; choose from "
+                       f"{', '.join(ROUNDINGS)}.")
     if self.partition not in PARTITIONS:
       raise ValueError(f"unknown partition {self.partition!r}; choose from {', '.join(PARTITIONS)}.")
     if self.lr <= 0 or self.total_steps < 1 or self.grad_accum < 1:
@@ -111,7 +117,7 @@ def core(c: OptimizerConfig, model: LlamaConfig,
     return qadam_mini_jax.q_adam_mini(
         lr, c.b1, c.b2, weight_decay=c.weight_decay, mask=mask,
         partition=block_partition(c, model), key=c.seed,
-        stochastic_rounding="auto" if c.stochastic_rounding else "none", shardings=shardings)
+        stochastic_rounding=c.stochastic_rounding, shardings=shardings)
   if c.name == "adafactor":
     return optax.adafactor(lr, multiply_by_parameter_scale=False,
                            weight_decay_rate=lambda count: c.weight_decay * lr(count),

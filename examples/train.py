@@ -479,9 +479,12 @@ def build_parser() -> argparse.ArgumentParser:
   g.add_argument("--partition", default=optimizers.DEFAULT_PARTITION,
                  choices=optimizers.PARTITIONS,
                  help=f"Adam-mini block partition (default {optimizers.DEFAULT_PARTITION})")
-  g.add_argument("--no-stochastic-rounding", dest="stochastic_rounding", action="store_false",
-                 help="q_adam_mini: round m to nearest everywhere, also in the embedding "
-                      "and output layers")
+  g.add_argument("--stochastic-rounding", default="auto", choices=optimizers.ROUNDINGS,
+                 help="q_adam_mini: which INT8 leaves of m round stochastically (default auto: "
+                      "the embedding and output layers; the rest round to nearest)")
+  g.add_argument("--no-stochastic-rounding", dest="stochastic_rounding", action="store_const",
+                 const="none", help="same as --stochastic-rounding none: round m to nearest "
+                                    "everywhere, also in the embedding and output layers")
   g.add_argument("--seed", type=int, default=0,
                  help="model initialisation, data order and rounding noise (default 0)")
   g = p.add_argument_group("run")
