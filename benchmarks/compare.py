@@ -176,6 +176,23 @@ def table(all_cells: dict[tuple[str, float], Cell], lrs: list[float], select_see
   return "\n".join("| " + " | ".join(row) + " |" for row in rows)
 
 
+#: The issue's quality targets: (variant, reference, largest allowed gap in %).
+TARGETS = (("q_adam_mini", "adam_mini", 0.5), ("adam_mini", BASELINE, 1.0),
+           ("q_adam_mini", BASELINE, 1.0))
+
+
+def targets(best: dict[str, Cell]) -> str:
+  """Markdown lines: each target's measured gap of mean final validation losses."""
+  lines = []
+  for variant, reference, allowed in TARGETS:
+    if variant in best and reference in best:
+      gap = 100 * (best[variant].val_loss / best[reference].val_loss - 1)
+      lines.append(f"* `{variant}` vs `{reference}`: {gap:+.2f}% (target within "
+                   f"{allowed:g}%: {'met' if gap <= allowed else 'not met'})")
+  return ("\nTargets, on the means over seeds at each one's best learning rate:\n\n"
+          + "\n".join(lines) + "\n") if lines else ""
+
+
 def plot(all_cells: dict[tuple[str, float], Cell], path: pathlib.Path, select_seeds) -> None:
   """Validation loss at each variant's best lr; embedding norm at one shared lr."""
   import matplotlib
@@ -228,7 +245,8 @@ def report(out: pathlib.Path, lrs: list[float], select_seeds: list[int]) -> None
       "brackets); the gap to adamw compares those means. Loss is nats per byte; perplexity "
       "is per byte; tokens/s were measured on the 2-core CPU the runs shared (other work "
       "ran alongside some of them, so they are indicative only).\n\n")
-  (out / "compare.md").write_text(header + table(all_cells, lrs, select_seeds) + "\n")
+  (out / "compare.md").write_text(header + table(all_cells, lrs, select_seeds) + "\n"
+                                  + targets(best_per_variant(all_cells, select_seeds)))
   plot(all_cells, out / "compare.png", select_seeds)
   best = {v: {"lr": c.lr, "val_loss_mean": c.val_loss, "val_losses": c.val_losses,
               **{k: c.mean(k) for k in ("state_bytes_per_param", "tokens_per_s",
