@@ -15,6 +15,7 @@ import pytest
 from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec as P
 
 import qadam_mini_jax as q
+from qadam_mini_jax import partition as partition_lib
 from qadam_mini_jax import sharding
 
 MESH = AbstractMesh((2, 4), ("data", "fsdp"))
@@ -84,3 +85,30 @@ def test_multidevice_suite():
       cwd=tests.parent, env=env, capture_output=True, text=True, timeout=1200)
   assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
   assert " passed" in proc.stdout and "skipped" not in proc.stdout, proc.stdout[-2000:]
+
+
+def test_nnx_partitioning_metadata():
+  """PartitionSpecs from ``nnx.with_partitioning`` metadata (``nnx.get_partition_spec``)."""
+  from flax import nnx
+
+  class Mlp(nnx.Module):
+    def __init__(self, rngs):
+      init = nnx.with_partitioning(nnx.initializers.lecun_normal(), (None, "fsdp"))
+      self.up_proj = nnx.Linear(64, 128, use_bias=False, kernel_init=init, rngs=rngs)
+      self.norm = nnx.RMSNorm(64, rngs=rngs)
+
+  with nnx.use_eager_sharding(False):  # metadata only; no mesh needed to build shapes
+    model = nnx.eval_shape(lambda: Mlp(nnx.Rngs(0)))
+  params = nnx.state(model, nnx.Param)
+  specs = nnx.get_partition_spec(params)
+  tx = q.q_adam_mini(1e-3, quantization=q.Int8Quantization(group_size=8, min_size=64))
+  with pytest.warns(UserWarning, match="partition found no"):
+    state = jax.eval_shape(tx.init, params)
+  got = q.state_shardings(state, params, specs, mesh=MESH)[0]
+  flat = jax.tree_util.tree_flatten_with_path(got)[0]
+  spec = {partition_lib.path_str(p): s.spec for p, s in flat}
+  assert spec["mu/up_proj/kernel/value/codes"] == P(None, "fsdp")
+  assert spec["mu/up_proj/kernel/value/scales"] == P(None, "fsdp")  # (8 groups, 128)
+  assert spec["nu/up_proj/kernel"] == P(None, "fsdp")  # one v per output neuron
+  assert spec["nu/norm/scale"] == P()  # one v for the whole norm
+  assert spec["mu/norm/scale/value/codes"] == P(None)  # 64 elements: INT8 too, replicated
