@@ -24,6 +24,7 @@ import optax
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import llama_shapes  # noqa: E402  (found through the sys.path entry above)
+import results_file  # noqa: E402
 
 import qadam_mini_jax  # noqa: E402
 
@@ -33,7 +34,6 @@ TARGET_MODELS = ("1B", "7B")
 TARGET_BYTES_PER_PARAM = 1.02  # Q-Adam-mini's goal: about 1 byte of state per parameter
 TARGET_OPTIMIZER = "q_adam_mini"
 COMMAND = "python benchmarks/memory.py"
-RESULTS = pathlib.Path(__file__).resolve().parent / "results" / "memory.md"
 LEARNING_RATE = 1e-3
 
 OptimizerFactory = Callable[[llama_shapes.LlamaConfig], optax.GradientTransformation]
@@ -111,11 +111,7 @@ def report(counts: dict[str, int], nbytes: dict[str, dict[str, int]]) -> str:
 
 
 def main() -> None:
-  text = report(*measure())
-  print(text, end="")
-  RESULTS.parent.mkdir(parents=True, exist_ok=True)
-  RESULTS.write_text(text)
-  print(f"\nWrote {RESULTS}")
+  results_file.write("memory.md", report(*measure()))
 
 
 if __name__ == "__main__":

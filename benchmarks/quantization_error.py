@@ -52,6 +52,7 @@ from flax import nnx
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "examples"))
 import llama_shapes  # noqa: E402  (found through the sys.path entries above)
+import results_file  # noqa: E402
 from llama_model import CONFIGS, Llama, next_token_loss  # noqa: E402
 
 import qadam_mini_jax  # noqa: E402
@@ -61,7 +62,6 @@ from qadam_mini_jax import transform  # noqa: E402
 from qadam_mini_jax.partition import EMBEDDING  # noqa: E402
 
 COMMAND = "python benchmarks/quantization_error.py"
-RESULTS = pathlib.Path(__file__).resolve().parent / "results" / "quantization_error.md"
 MODEL, SCALE_MODEL = "tiny", "1B"
 STEPS = 300
 CHECKPOINTS = (10, 50, 100, 200, 300)
@@ -270,11 +270,8 @@ def main() -> None:
   scale = float(np.sqrt(n_params(p0) / n_params(llama_shapes.param_shapes(SCALE_MODEL))))
   specs = qadam_mini_jax.block_specs(p0, partition)
   errors = {step: measure(adam_mini_state(s), specs, step, scale) for step, s in states.items()}
-  text = report(errors, runs, scale, time.perf_counter() - start)
-  print(text, end="")
-  RESULTS.parent.mkdir(parents=True, exist_ok=True)
-  RESULTS.write_text(text)
-  print(f"\nWrote {RESULTS}")
+  results_file.write("quantization_error.md",
+                     report(errors, runs, scale, time.perf_counter() - start))
 
 
 if __name__ == "__main__":

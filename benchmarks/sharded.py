@@ -37,6 +37,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P  # noqa: E4
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import llama_shapes  # noqa: E402
+import results_file  # noqa: E402
 import step_time  # noqa: E402
 
 import qadam_mini_jax as qam  # noqa: E402
@@ -134,7 +135,7 @@ def main() -> None:
   if device.platform == "cpu":
     lines.append("The step times share 2 host CPU cores among 8 simulated devices: they "
                  "compare the optimizers with each other, not with accelerators.")
-  step_time.write_result(f"sharded_{device.platform}.md", "\n".join(lines) + "\n")
+  results_file.write(f"sharded_{device.platform}.md", "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

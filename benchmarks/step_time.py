@@ -27,10 +27,10 @@ import optax
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import llama_shapes  # noqa: E402
+import results_file  # noqa: E402
 
 import qadam_mini_jax as qam  # noqa: E402
 
-RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 PEAK_GBPS = {"H100": 3350.0, "H200": 4800.0}  # HBM peak, by device-kind substring
 
 
@@ -73,14 +73,6 @@ def median_seconds(run, grads, state, params, iters: int) -> tuple[float, Any]:
     jax.block_until_ready((params, state))
     times.append(time.perf_counter() - start)
   return statistics.median(times), state
-
-
-def write_result(name: str, text: str) -> None:
-  """Print ``text`` and write it to ``benchmarks/results/<name>``."""
-  print(text)
-  RESULTS.mkdir(exist_ok=True)
-  (RESULTS / name).write_text(text)
-  print(f"Wrote {RESULTS / name}")
 
 
 def time_step(init, step, params, iters: int) -> tuple[float, int]:
@@ -135,7 +127,7 @@ def main() -> None:
     lines += ["| " + " | ".join(r) + " |" for r in rows] + [""]
   if not on_gpu:
     lines.append("CPU run: the Pallas rows need a GPU (interpret mode is for tests, not speed).")
-  write_result(f"step_time_{'gpu' if on_gpu else 'cpu'}.md", "\n".join(lines) + "\n")
+  results_file.write(f"step_time_{'gpu' if on_gpu else 'cpu'}.md", "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
