@@ -260,12 +260,11 @@ def adam_mini_step(
         out.append(finish(u))
         out_mu.append(quantize_lib.quantize(m, layout, noise))
       else:
-        zero = jnp.zeros([], jnp.float32)
+        zero, no_word = jnp.zeros([], jnp.float32), jnp.zeros([], jnp.uint32)
         hyper = [b1_, 1.0 - b1_, epilogue.neg_lr if epilogue else zero, wd if epilogue else zero]
         args = (p if epilogue else g, g, mu, pallas_update.factors_2d(factor, spec, layout),
                 jnp.stack([jnp.asarray(h, jnp.float32) for h in hyper] + [zero] * 4),
-                jnp.stack([*(seeds or [jnp.zeros([], jnp.uint32)] * 2),
-                           *[jnp.zeros([], jnp.uint32)] * 2]))
+                jnp.stack([*(seeds or (no_word, no_word)), no_word, no_word]))  # offsets 0
         kernel_args = dict(stochastic=sr, fuse_step=epilogue is not None, backend=backend,
                            **pallas_update.factor_axes(spec, layout))
         if leaf_sharding is None or leaf_sharding.is_fully_replicated:
