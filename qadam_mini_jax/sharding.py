@@ -240,9 +240,3 @@ def state_shardings(state: Any, params: Any, param_shardings: Any, *, mesh: Any 
     return jax.tree.unflatten(node_def, [walk(c) for c in children])
 
   return walk(state)
-
-
-def constrain(tree: Any, shardings: Any) -> Any:
-  """``jax.lax.with_sharding_constraint`` over matching trees (``None`` shardings skip)."""
-  return jax.tree.map(
-      lambda x, s: x if s is None else jax.lax.with_sharding_constraint(x, s), tree, shardings)

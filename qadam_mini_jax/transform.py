@@ -188,7 +188,7 @@ def adam_mini_step(
     """``state`` constrained to follow ``shardings`` (:mod:`.sharding`)."""
     if shardings is None:
       return state
-    return sharding_lib.constrain(
+    return jax.lax.with_sharding_constraint(
         state, sharding_lib.state_shardings(state, params, shardings))
 
   def init_fn(params):
