@@ -8,12 +8,14 @@ Each row times one jitted optimizer step alone: ``tx.update`` plus
 parameters itself), parameters and state donated, warmed up, median of
 ``--iters`` runs with ``block_until_ready``. Bandwidth counts the bytes a
 perfectly fused step must move: read parameters, gradients and state, write
-parameters and state. Results go to ``benchmarks/results/step_time_<device>.md``.
+parameters and state. Results go to ``benchmarks/results/step_time_<device>.md`` and a
+``.json`` beside it, rewritten after each model (a run cut short keeps the sizes it finished).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import pathlib
 import statistics
 import sys
@@ -95,6 +97,8 @@ def main() -> None:
   lines = [f"Produced by `python benchmarks/step_time.py {' '.join(sys.argv[1:])}`".rstrip()
            + f" on {kind} ({jax.device_count()} device, jax {jax.__version__}); "
            f"median of {args.iters} steps; fp32 params.", ""]
+  records = []
+  name = f"step_time_{'gpu' if on_gpu else 'cpu'}"
   for model in args.model:
     config = llama_shapes.CONFIGS[model]
     params = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
@@ -104,18 +108,26 @@ def main() -> None:
     if peak:
       header.append("% of peak HBM")
     rows, base = [], None
-    for name, (init, step) in optimizers(config, on_gpu).items():
+    for row_name, (init, step) in optimizers(config, on_gpu).items():
+      record = {"model": model, "optimizer": row_name, "device": kind, "iters": args.iters}
       try:
         seconds, state_bytes = time_step(init, step, params, args.iters)
       except jax.errors.JaxRuntimeError as e:  # out of memory at 7B: report it, go on
-        print(f"{model} {name}: {e}", file=sys.stderr)
-        rows.append([name, "out of memory" if "RESOURCE_EXHAUSTED" in str(e) else "failed"]
-                    + [""] * (len(header) - 2))
+        print(f"{model} {row_name}: {e}", file=sys.stderr)
+        error = "out of memory" if "RESOURCE_EXHAUSTED" in str(e) else "failed"
+        records.append(record | {"error": error})
+        rows.append([row_name, error] + [""] * (len(header) - 2))
         continue
-      base = base or seconds
+      if row_name == "optax.adamw":
+        base = seconds
       moved = 3 * param_bytes + 2 * state_bytes  # read p, g, state; write p, state
       gbps = moved / seconds / 1e9
-      row = [name, f"{seconds * 1e3:.2f}", f"{base / seconds:.2f}x",
+      speed = f"{base / seconds:.2f}x" if base else "n/a (adamw failed)"
+      records.append(record | {"step_ms": seconds * 1e3,
+                               "speed_vs_adamw": base / seconds if base else None,
+                               "state_bytes_per_param": state_bytes * 4 / param_bytes,
+                               "gb_per_s": gbps})
+      row = [row_name, f"{seconds * 1e3:.2f}", speed,
              f"{state_bytes * 4 / param_bytes:.3f}", f"{gbps:.0f}"]
       if peak:
         row.append(f"{100 * gbps / peak:.0f}%")
@@ -125,9 +137,10 @@ def main() -> None:
     lines += [f"## LLaMA {model} shapes", "",
               "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in rows] + [""]
-  if not on_gpu:
-    lines.append("CPU run: the Pallas rows need a GPU (interpret mode is for tests, not speed).")
-  results_file.write(f"step_time_{'gpu' if on_gpu else 'cpu'}.md", "\n".join(lines) + "\n")
+    footer = [] if on_gpu else [
+        "CPU run: the Pallas rows need a GPU (interpret mode is for tests, not speed)."]
+    results_file.write(f"{name}.md", "\n".join(lines + footer) + "\n")
+    results_file.write(f"{name}.json", json.dumps(records, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -97,8 +97,10 @@ def q_adam_mini(
       round-to-nearest stalls the decay of rarely updated rows), ``"all"``,
       ``"none"``, or a mask pytree / callable.
     key: int seed or JAX PRNG key for stochastic rounding.
-    implementation: ``"auto"`` (the Pallas kernel on GPU, jnp elsewhere),
-      ``"xla"`` or ``"pallas"`` (interpret mode off GPU), for INT8 leaves.
+    implementation: for INT8 leaves, ``"xla"`` (jnp), ``"pallas"`` (the fused
+      Triton kernel on GPU, interpret mode elsewhere) or ``"auto"``: ``"xla"``
+      until the kernel has been measured on a GPU
+      (:data:`~qadam_mini_jax.transform.AUTO_USES_KERNEL_ON_GPU`).
     shardings: the parameters' ``NamedSharding``s for sharded training: the
       state follows them and the kernel runs per shard (``shard_map``); see
       :mod:`qadam_mini_jax.sharding` for the shardings INT8 groups support.

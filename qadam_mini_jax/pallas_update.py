@@ -13,7 +13,7 @@ generated in the kernel.
 
 Layout: the leaf is viewed as the ``(a, b)`` matrix of its quantization grouping
 (:func:`qadam_mini_jax.quantize.group_layout`); one program handles one group
-(``group_size``, a power of two) of several columns or rows (:func:`tile_shape`).
+(``group_size``, a power of two) of several columns or rows (:func:`kernel_config`).
 The block factors come from the XLA reduction pass as an ``(a|1, b|1)`` array:
 only the axes they vary along are materialised.
 
@@ -25,8 +25,7 @@ jax-triton variant slots in there.
 from __future__ import annotations
 
 import functools
-import warnings
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -40,18 +39,34 @@ from qadam_mini_jax import random_bits
 from qadam_mini_jax import sharding as sharding_lib
 
 BACKENDS = ("triton", "interpret")
-_TILE_ELEMENTS = 8192  # elements per program
 
 
-def pallas_call_options(backend: str) -> dict[str, Any]:
+class TritonBackendMissing(RuntimeError):
+  """This JAX no longer ships Pallas's Triton backend."""
+
+
+def triton_backend():
+  """``jax.experimental.pallas.triton`` (masked loads and stores, compiler params).
+
+  Raises:
+    TritonBackendMissing: where JAX no longer ships it.
+  """
+  try:
+    from jax.experimental.pallas import triton as pl_triton  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise TritonBackendMissing(
+        f"jax {jax.__version__} has no Pallas Triton backend "
+        "(jax.experimental.pallas.triton), which the fused kernel needs; use "
+        "implementation='xla'.") from e
+  return pl_triton
+
+
+def pallas_call_options(backend: str, num_warps: int = 4) -> dict[str, Any]:
   """``pallas_call`` keyword arguments selecting the lowering."""
   if backend == "interpret":
     return {"interpret": True}
   if backend == "triton":
-    from jax.experimental.pallas import triton as pl_triton  # pylint: disable=g-import-not-at-top
-    with warnings.catch_warnings():  # jax >= 0.11 deprecates the Triton backend itself
-      warnings.filterwarnings("ignore", category=DeprecationWarning, message=".*[Tt]riton.*")
-      return {"compiler_params": pl_triton.CompilerParams(num_warps=4, num_stages=1)}
+    return {"compiler_params": triton_backend().CompilerParams(num_warps=num_warps, num_stages=1)}
   raise ValueError(f"Unknown Pallas backend {backend!r}; expected one of {BACKENDS}.")
 
 
@@ -67,49 +82,106 @@ def check_group_size(group_size: int) -> None:
                      "Int8Quantization(group_size=256).")
 
 
+def _in_bounds(block: tuple[int, ...], start: tuple[Any, ...], size: tuple[int, ...]):
+  """Mask of the elements of a block that lie inside its array, or ``None``.
+
+  Static: only axes along which the array is not a multiple of the block can
+  overhang (a block of 1 is indexed by a program id that is always in range),
+  so an aligned leaf gets no mask and keeps its vector loads and stores.
+  """
+  mask = None
+  for axis, (n, s0, total) in enumerate(zip(block, start, size)):
+    if n > 1 and total % n:
+      inside = jax.lax.broadcasted_iota(jnp.int32, block, axis) + s0 < total
+      mask = inside if mask is None else mask & inside
+  return mask
+
+
+def _load(ref, mask):
+  return ref[...] if mask is None else triton_backend().load(ref, mask=mask, other=0)
+
+
+def _store(ref, value, mask):
+  if mask is None:
+    ref[...] = value
+  else:
+    triton_backend().store(ref, value, mask=mask)
+
+
 def _kernel(hyper_ref, seed_ref, p_ref, g_ref, codes_ref, scales_ref, factor_ref,
             out_ref, codes_out_ref, scales_out_ref, *,
             a: int, b: int, stride: int, tile: tuple[int, int], tiles_b: int, columns: bool,
             stochastic: bool, fuse_step: bool):
   pid = pl.program_id(0)
-  i = jax.lax.broadcasted_iota(jnp.int32, tile, 0) + (pid // tiles_b) * tile[0]
-  j = jax.lax.broadcasted_iota(jnp.int32, tile, 1) + (pid % tiles_b) * tile[1]
-  valid = (i < a) & (j < b)
+  row0, col0 = (pid // tiles_b) * tile[0], (pid % tiles_b) * tile[1]
+  # Pallas's Triton lowering does not mask ``ref[...]`` of an edge block: every
+  # access of one that can overhang the leaf is masked here.
+  mask = _in_bounds(tile, (row0, col0), (a, b))
+  scale_block = (1, tile[1]) if columns else (tile[0], 1)
+  scale_mask = _in_bounds(scale_block, (0, col0) if columns else (row0, 0), (1, b) if columns else (a, 1))
+  factor_block = factor_ref.shape
+  factor_mask = _in_bounds(factor_block, (row0, col0), (a, b))
 
   b1, one_minus_b1 = hyper_ref[0], hyper_ref[1]
-  g = g_ref[...].astype(jnp.float32)
-  m = b1 * quantize_lib.decode(codes_ref[...], scales_ref[...]) + one_minus_b1 * g
-  u = m * factor_ref[...]
+  g = _load(g_ref, mask).astype(jnp.float32)
+  m = b1 * quantize_lib.decode(_load(codes_ref, mask), _load(scales_ref, scale_mask)) + one_minus_b1 * g
+  u = m * _load(factor_ref, factor_mask)
   if fuse_step:  # -lr * (u + wd * p), then p + that: the q_adam_mini chain
-    p = p_ref[...].astype(jnp.float32)
+    p = _load(p_ref, mask).astype(jnp.float32)
     neg_lr, wd = hyper_ref[2], hyper_ref[3]
     u = p + neg_lr * (u + wd * p)
-  out_ref[...] = u.astype(out_ref.dtype)
+  _store(out_ref, u.astype(out_ref.dtype), mask)
 
   group_axis = 0 if columns else 1
-  scale = jnp.max(jnp.where(valid, jnp.abs(m), 0.0), axis=group_axis, keepdims=True)
+  # Masked loads give 0 outside the leaf, so the padding never raises the max.
+  scale = jnp.max(jnp.abs(m), axis=group_axis, keepdims=True)
   if stochastic:
     # The element's flat index in the whole leaf: this block may be one shard.
+    i = jax.lax.broadcasted_iota(jnp.int32, tile, 0) + row0
+    j = jax.lax.broadcasted_iota(jnp.int32, tile, 1) + col0
     index = ((i.astype(jnp.uint32) + seed_ref[2]) * np.uint32(stride)
              + j.astype(jnp.uint32) + seed_ref[3])
     bits = random_bits.element_bits(index, seed_ref[0], seed_ref[1])
     r = random_bits.bits_to_uniform(bits)
   else:
     r = np.float32(0.5)
-  codes_out_ref[...] = quantize_lib.encode(m, scale, r)
-  scales_out_ref[...] = scale
+  _store(codes_out_ref, quantize_lib.encode(m, scale, r), mask)
+  _store(scales_out_ref, scale, scale_mask)
 
 
 def _next_pow2(n: int) -> int:
   return 1 << max(n - 1, 0).bit_length()
 
 
-def tile_shape(layout: quantize_lib.GroupLayout) -> tuple[int, int]:
-  """One program's block of the ``(a, b)`` view: one group by up to the rest."""
-  g = layout.group_size
+class KernelConfig(NamedTuple):
+  """One program's block of the ``(a, b)`` view (one group by up to the rest) and its warps."""
+
+  tile: tuple[int, int]
+  num_warps: int
+
+
+_COLUMNS_WIDTH = 32  # columns per program: a whole 128-byte line of float32 per row
+_ROWS_HEIGHT = 16  # rows per program
+
+
+def kernel_config(layout: quantize_lib.GroupLayout) -> KernelConfig:
+  """Tile and warps of a leaf, chosen from the compiled code.
+
+  32 elements per thread keep every variant at or under 128 registers with
+  no spills (at least 2 blocks per SM) at about the fewest instructions per
+  element; columns tiles are 32 wide, so each row of a float32 tile is one
+  128-byte line. Rows of a length that is not a multiple of 4 are not 16-byte
+  aligned, so every element needs its own address: such leaves get half the
+  tile and 16 elements per thread. ``benchmarks/kernel_static.py`` measures
+  each variant (``benchmarks/results/kernel_static.md``).
+  """
+  g, shrink = layout.group_size, 1 if layout.b % 4 == 0 else 2
   if layout.columns:
-    return g, max(1, min(_next_pow2(layout.b), _TILE_ELEMENTS // g))
-  return max(1, min(_next_pow2(layout.a), _TILE_ELEMENTS // g)), g
+    tile = (g, min(_next_pow2(layout.b), _COLUMNS_WIDTH // shrink))
+  else:
+    tile = (min(_next_pow2(layout.a), _ROWS_HEIGHT // shrink), g)
+  elements_per_thread = 32 // shrink
+  return KernelConfig(tile, max(1, tile[0] * tile[1] // (32 * elements_per_thread)))
 
 
 @functools.partial(jax.jit, static_argnames=(
@@ -141,7 +213,7 @@ def fused_leaf_update(p, g, q: quantize_lib.QuantizedArray, factor, hyper, seeds
   """
   check_group_size(layout.group_size)
   a, b, groups = layout.a, layout.b, layout.groups
-  tile = tile_shape(layout)
+  tile, num_warps = kernel_config(layout)
   tiles_a, tiles_b = -(-a // tile[0]), -(-b // tile[1])
   index = lambda k: (k // tiles_b, k % tiles_b)
   full = pl.BlockSpec(tile, index)
@@ -165,7 +237,7 @@ def fused_leaf_update(p, g, q: quantize_lib.QuantizedArray, factor, hyper, seeds
       out_specs=(full, full, scale_spec),
       input_output_aliases={2 if fuse_step else 3: 0, 4: 1, 5: 2},
       name="q_adam_mini_leaf",
-      **pallas_call_options(backend),
+      **pallas_call_options(backend, num_warps),
   )(hyper, seeds, p.reshape(a, b), g.reshape(a, b), q.codes.reshape(a, b),
     q.scales.reshape(scales_2d), factor)
   return out.reshape(layout.shape), quantize_lib.QuantizedArray(

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple, Union
 
@@ -79,19 +80,40 @@ StochasticRounding = Union[str, Any, Callable[[Any], Any]]
 
 IMPLEMENTATIONS = ("auto", "xla", "pallas")
 
+#: Whether ``implementation="auto"`` runs the fused Pallas kernel on a CUDA GPU.
+#: Off until ``bash benchmarks/gpu_check.sh`` has passed on an H100/H200 and its
+#: ``benchmarks/results/step_time_gpu.md`` shows the kernel at least as fast as
+#: the XLA path there; until then ``"pallas"`` is opt-in (README, "GPU kernel").
+AUTO_USES_KERNEL_ON_GPU = False
+
 
 def resolve_implementation(implementation: str, quantization: Int8Quantization | None) -> str | None:
-  """The Pallas backend INT8 leaves use, or ``None`` for the jnp path."""
+  """The Pallas backend INT8 leaves use, or ``None`` for the jnp path.
+
+  ``"auto"`` takes the kernel only on a GPU, with :data:`AUTO_USES_KERNEL_ON_GPU`
+  and a power-of-two group size; where JAX no longer ships the Pallas Triton
+  backend it warns once and takes the jnp path. ``"pallas"`` raises instead.
+  """
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}.")
   platform = jax.default_backend()
-  if implementation == "xla" or quantization is None or (
-      implementation == "auto" and platform != "gpu"):
+  if implementation == "xla" or quantization is None:
     return None
+  if implementation == "auto":
+    group_size = quantization.group_size
+    if platform != "gpu" or not AUTO_USES_KERNEL_ON_GPU or group_size & (group_size - 1):
+      return None
+    try:
+      pallas_update.triton_backend()
+    except pallas_update.TritonBackendMissing as e:
+      warnings.warn(f"{e} implementation='auto' takes the XLA path.", stacklevel=3)
+      return None
+    return "triton"
   if platform not in ("gpu", "cpu"):
     raise ValueError(f"implementation='pallas' runs on CUDA GPUs (Triton) and, in interpret "
                      f"mode, on CPU; this platform is {platform!r}: use 'xla'.")
   pallas_update.check_group_size(quantization.group_size)
+  pallas_update.triton_backend()
   return pallas_update.default_backend()
 
 
@@ -311,8 +333,8 @@ def scale_by_adam_mini(
     implementation: how INT8 leaves are updated: ``"xla"`` (jnp, the
       specification), ``"pallas"`` (the fused kernel of
       :mod:`.pallas_update`: Triton on GPU, interpret mode elsewhere) or
-      ``"auto"`` (``"pallas"`` on GPU, else ``"xla"``). Float leaves always
-      take the jnp path. Both give the same state up to float32 rounding
+      ``"auto"`` (``"xla"`` for now, see :data:`AUTO_USES_KERNEL_ON_GPU`).
+      Float leaves always take the jnp path. Both give the same state up to float32 rounding
       (see :mod:`.pallas_update`).
     shardings: the parameters' ``NamedSharding``s (a pytree like params), for
       sharded training: the state is constrained to follow them

@@ -5,6 +5,8 @@ import sys
 TESTS = pathlib.Path(__file__).resolve().parent
 # The example LLaMA model and training script are shared by tests and the benchmarks.
 sys.path.insert(0, str(TESTS.parent / "examples"))
+# benchmarks/kernel_compile.py compiles the kernel with Triton for the report and the tests.
+sys.path.insert(0, str(TESTS.parent / "benchmarks"))
 sys.path.insert(0, str(TESTS))  # tiny_models, for tests in subdirectories too
 
 # tests/multidevice needs 8 devices: tests/test_sharding.py runs it in a

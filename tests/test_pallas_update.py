@@ -9,12 +9,15 @@ The random bits are the same function in both paths, so stochastic rounding
 agrees to the same bound. On a GPU the same tests run the Triton kernel.
 """
 
+import sys
+
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax.experimental import pallas as pl_package
 
 import qadam_mini_jax as q
 from qadam_mini_jax import pallas_update, quantize as Q, transform
@@ -213,7 +216,7 @@ def test_kernel_lowers_to_triton(shape, spec, stochastic, fuse_step, dtype):
   factor = (layout.a if axes["a_varies"] else 1, layout.b if axes["b_varies"] else 1)
   args = (s(shape, dtype), s(shape, dtype),
           Q.QuantizedArray(s(shape, jnp.int8), s(layout.scales_shape, jnp.float32)),
-          s(factor, jnp.float32), s((8,), jnp.float32), s((2,), jnp.uint32))
+          s(factor, jnp.float32), s((8,), jnp.float32), s((4,), jnp.uint32))
   fn = lambda *a: pallas_update.fused_leaf_update(
       *a, layout=layout, stochastic=stochastic, fuse_step=fuse_step, backend="triton", **axes)
   exported = jax.export.export(
@@ -222,24 +225,24 @@ def test_kernel_lowers_to_triton(shape, spec, stochastic, fuse_step, dtype):
   assert "__gpu$xla.gpu.triton" in exported.mlir_module()
 
 
-@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a CUDA GPU (Triton)")
-@pytest.mark.parametrize("stochastic", [False, True])
-def test_triton_kernel_matches_interpret_mode_on_gpu(stochastic):
-  """On a GPU the compiled Triton kernel agrees with the interpreted one."""
-  shape, spec = (1000, 300), q.BlockSpec((0,))
-  layout = transform.layout_for(spec, shape, q.Int8Quantization())
-  axes = pallas_update.factor_axes(spec, layout)
-  rng = np.random.default_rng(0)
-  g = jnp.asarray(rng.normal(size=shape), jnp.float32)
-  m0 = Q.quantize(jnp.asarray(rng.normal(size=shape) * 1e-2, jnp.float32), layout)
-  factor = jnp.asarray(rng.uniform(1, 2, size=(1, layout.b)), jnp.float32)
-  hyper = jnp.asarray([0.9, 0.1, -1e-3, 0.1, 0, 0, 0, 0], jnp.float32)
-  seeds = jnp.asarray([12345, 678, 0, 0], jnp.uint32)
-  run = lambda backend: pallas_update.fused_leaf_update(
-      g, g, m0, factor, hyper, seeds, layout=layout, stochastic=stochastic,
-      fuse_step=False, backend=backend, **axes)
-  (u_t, q_t), (u_i, q_i) = run("triton"), run("interpret")
-  assert_directions_agree(u_i, u_t)
-  np.testing.assert_allclose(q_t.scales, q_i.scales, rtol=4 * 2**-23)
-  diff = np.abs(np.asarray(q_t.codes, np.int32) - np.asarray(q_i.codes, np.int32))
-  assert diff.max() <= 1 and diff.mean() < 1e-3
+def test_auto_takes_the_xla_path_until_the_kernel_is_measured_on_a_gpu(monkeypatch):
+  int8 = q.Int8Quantization()
+  assert transform.resolve_implementation("auto", int8) is None  # this CPU
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert not transform.AUTO_USES_KERNEL_ON_GPU
+  assert transform.resolve_implementation("auto", int8) is None
+  assert transform.resolve_implementation("pallas", int8) == "triton"
+  monkeypatch.setattr(transform, "AUTO_USES_KERNEL_ON_GPU", True)
+  assert transform.resolve_implementation("auto", int8) == "triton"
+  assert transform.resolve_implementation("auto", q.Int8Quantization(group_size=100)) is None
+
+
+def test_without_the_triton_backend_auto_warns_and_pallas_raises(monkeypatch):
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(transform, "AUTO_USES_KERNEL_ON_GPU", True)
+  monkeypatch.delattr(pl_package, "triton", raising=False)  # as if JAX shipped no such module
+  monkeypatch.setitem(sys.modules, "jax.experimental.pallas.triton", None)
+  with pytest.warns(UserWarning, match="no Pallas Triton backend.*takes the XLA path"):
+    assert transform.resolve_implementation("auto", q.Int8Quantization()) is None
+  with pytest.raises(pallas_update.TritonBackendMissing, match="implementation='xla'"):
+    q.q_adam_mini(1e-3, implementation="pallas")

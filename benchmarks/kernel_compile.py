@@ -1,0 +1,283 @@
+"""Compile the fused Pallas kernel with the Triton compiler on a machine without a GPU.
+
+Pallas's Triton lowering runs on any host when ``jax.export`` lowers for CUDA;
+the Triton-dialect module it builds is captured here and handed to the PyPI
+``triton`` compiler, which turns it into PTX and a cubin (its bundled
+``ptxas``) for any target. ``ptxas -v`` then gives registers and spills, and
+``cuobjdump`` the SASS. Used by ``tests/test_kernel_compile.py`` (CI) and
+``benchmarks/kernel_static.py`` (the report).
+
+Needs ``pip install triton`` (Linux x86-64 and aarch64 wheels); the captured
+lowering is ``jax._src.pallas.triton.lowering.lower_jaxpr_to_triton_module``,
+a JAX internal.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import dataclasses
+import math
+import multiprocessing
+import os
+import re
+import subprocess
+import tempfile
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from qadam_mini_jax import pallas_update
+from qadam_mini_jax import partition as partition_lib
+from qadam_mini_jax import quantize as quantize_lib
+from qadam_mini_jax import transform
+
+TARGETS = (90, 80)  # sm_90 (H100, H200), sm_80 (A100)
+
+
+class Variant(NamedTuple):
+  """One kernel the library can launch: a leaf shape, its Adam-mini block and the flags."""
+
+  shape: tuple[int, ...]
+  reduced_axes: tuple[int, ...]  # the block's reduced axes (BlockSpec.axes)
+  stochastic: bool
+  fuse_step: bool
+  p_dtype: Any
+  g_dtype: Any
+
+  @property
+  def layout(self) -> quantize_lib.GroupLayout:
+    return transform.layout_for(partition_lib.BlockSpec(self.reduced_axes), self.shape,
+                                transform.Int8Quantization())
+
+  @property
+  def config(self) -> pallas_update.KernelConfig:
+    return pallas_update.kernel_config(self.layout)
+
+  @property
+  def ragged(self) -> bool:
+    """Whether some block overhangs the leaf (then every access must be masked)."""
+    tile, layout = self.config.tile, self.layout
+    return bool(layout.a % tile[0] or layout.b % tile[1])
+
+  @property
+  def bytes_per_element(self) -> float:
+    """Bytes the launch reads and writes per element of the leaf."""
+    layout, n = self.layout, math.prod(self.shape)
+    spec = partition_lib.BlockSpec(self.reduced_axes)
+    axes = pallas_update.factor_axes(spec, layout)
+    factors = (layout.a if axes["a_varies"] else 1) * (layout.b if axes["b_varies"] else 1)
+    p, g = jnp.dtype(self.p_dtype).itemsize, jnp.dtype(self.g_dtype).itemsize
+    scales = 4 * math.prod(layout.scales_shape) / n
+    read = g + 1 + scales + 4 * factors / n + (p if self.fuse_step else 0)
+    return read + (p if self.fuse_step else g) + 1 + scales
+
+  @property
+  def name(self) -> str:
+    dtypes = "f32" if self.p_dtype == jnp.float32 else "bf16"
+    if self.p_dtype != self.g_dtype:
+      dtypes = f"p{jnp.dtype(self.p_dtype).itemsize * 8}g{jnp.dtype(self.g_dtype).itemsize * 8}"
+    return "_".join([
+        "cols" if self.layout.columns else "rows", "x".join(map(str, self.shape)), dtypes,
+        "sr" if self.stochastic else "rtn", "fused" if self.fuse_step else "direction"])
+
+
+COLUMNS, ROWS = (0,), (1,)  # per output neuron of an (in, out) kernel; per token of an embedding
+
+
+def variants() -> list[Variant]:
+  """Every flag combination on an aligned and a doubly ragged leaf of each layout,
+  and the real ragged shapes (vocabularies of 50257 and 32001)."""
+  out = []
+  flags = [(sr, fuse, dt) for sr in (False, True) for fuse in (False, True)
+           for dt in (jnp.float32, jnp.bfloat16)]
+  for shape, axes in [((4096, 4096), COLUMNS), ((1000, 300), COLUMNS),
+                      ((32000, 4096), ROWS), ((100, 300), ROWS)]:
+    out += [Variant(shape, axes, sr, fuse, dt, dt) for sr, fuse, dt in flags]
+  out += [Variant((4096, 4096), COLUMNS, False, True, jnp.float32, jnp.bfloat16),  # bf16 grads
+          Variant((768, 50257), COLUMNS, True, True, jnp.float32, jnp.float32),     # GPT-2 head
+          Variant((50257, 768), ROWS, True, True, jnp.float32, jnp.float32),        # GPT-2 embedding
+          Variant((32001, 4096), ROWS, True, False, jnp.bfloat16, jnp.bfloat16),    # LLaMA + pad token
+          Variant((4096, 32001), COLUMNS, True, False, jnp.bfloat16, jnp.bfloat16)]
+  return out
+
+
+@contextlib.contextmanager
+def _captured_triton_modules():
+  """Collect the text of every Triton module Pallas lowers inside the block."""
+  from jax._src.pallas.triton import lowering  # pylint: disable=g-import-not-at-top
+  texts, original = [], lowering.lower_jaxpr_to_triton_module
+
+  def spy(*args, **kwargs):
+    result = original(*args, **kwargs)
+    texts.append(result.module.operation.get_asm(enable_debug_info=False))
+    return result
+
+  lowering.lower_jaxpr_to_triton_module = spy
+  try:
+    yield texts
+  finally:
+    lowering.lower_jaxpr_to_triton_module = original
+
+
+def triton_ir(variant: Variant) -> str:
+  """The Triton-dialect module Pallas builds for ``variant`` (lowered for CUDA, no GPU)."""
+  layout, spec = variant.layout, partition_lib.BlockSpec(variant.reduced_axes)
+  axes = pallas_update.factor_axes(spec, layout)
+  s = jax.ShapeDtypeStruct
+  factor = (layout.a if axes["a_varies"] else 1, layout.b if axes["b_varies"] else 1)
+  args = (s(variant.shape, variant.p_dtype), s(variant.shape, variant.g_dtype),
+          quantize_lib.QuantizedArray(s(variant.shape, jnp.int8),
+                                      s(layout.scales_shape, jnp.float32)),
+          s(factor, jnp.float32), s((8,), jnp.float32), s((4,), jnp.uint32))
+  fn = lambda *a: pallas_update.fused_leaf_update(
+      *a, layout=layout, stochastic=variant.stochastic, fuse_step=variant.fuse_step,
+      backend="triton", **axes)
+  with _captured_triton_modules() as texts:
+    jax.export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=[
+        jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*args)
+  if len(texts) != 1:
+    raise RuntimeError(f"{variant.name}: expected one Triton module, got {len(texts)}")
+  return texts[0]
+
+
+SCALAR_ARGUMENTS = 2  # the kernel's first arguments: hyperparameters (8) and seed words (4)
+
+
+class GlobalAccess(NamedTuple):
+  """One ``ld.global`` / ``st.global`` of the PTX."""
+
+  op: str            # "ld" or "st"
+  predicated: bool
+  width_bits: int    # bits one thread's instruction moves
+  argument: int      # which kernel argument's buffer it addresses (-1: unknown)
+  line: str
+
+
+_PARAM = re.compile(r"ld\.param\.[bu]64\s+(%rd\d+),\s*\[\w+_param_(\d+)\]")
+_DEF = re.compile(r"^\s*(?:@!?%p\d+\s+)?[a-z][\w.]*\s+(%rd\d+),(.*);")
+_ACCESS = re.compile(
+    r"^\s*(@!?%p\d+\s+)?(ld|st)\.global(?:\.\w+)*?(?:\.v(\d))?\.[bsuf](\d+)\s.*?\[\s*(%rd\d+)")
+
+
+def global_accesses(ptx: str) -> list[GlobalAccess]:
+  """Every global load and store, with the kernel argument its address derives from.
+
+  Addresses are followed through the 64-bit registers they are computed in
+  (``add.s64 %rd3, %rd93, %rd101`` with ``%rd93`` loaded from ``param_3``).
+  """
+  origin: dict[str, int] = {}
+  out = []
+  for line in ptx.splitlines():
+    if (param := _PARAM.search(line)):
+      origin[param.group(1)] = int(param.group(2))
+    elif (access := _ACCESS.match(line)):
+      guard, op, vec, bits, address = access.groups()
+      out.append(GlobalAccess(op, guard is not None, int(vec or 1) * int(bits),
+                              origin.get(address, -1), line.strip()))
+    elif (define := _DEF.match(line)):
+      sources = [origin[r] for r in re.findall(r"%rd\d+", define.group(2)) if r in origin]
+      if sources:
+        origin[define.group(1)] = sources[0]
+  return out
+
+
+_BLOCKED = re.compile(r"^#(\w+) = #ttg\.blocked<\{sizePerThread = \[(\d+), (\d+)\], "
+                      r"threadsPerWarp = \[(\d+), (\d+)\]")
+_LOAD = re.compile(r"tt\.load [^:]*: tensor<(\d+)x(\d+)x!tt\.ptr<(\w+)>, #(\w+)>")
+
+
+def float32_load_rows(ttgir: str) -> set[tuple[int, int]]:
+  """``(bytes per thread, bytes per warp)`` along one tile row, for each float32 tile load.
+
+  From the load's blocked layout: contiguous elements per thread, times the
+  threads along the row (capped by the tile's width).
+  """
+  layouts = {m.group(1): (int(m.group(3)), int(m.group(5)))
+             for m in map(_BLOCKED.match, ttgir.splitlines()) if m}
+  out = set()
+  for load in _LOAD.finditer(ttgir):
+    rows, width, elem, layout = load.groups()
+    if elem == "f32" and int(rows) > 1 and int(width) > 1 and layout in layouts:
+      per_thread, threads = layouts[layout]
+      out.add((4 * min(per_thread, int(width)), 4 * min(per_thread * threads, int(width))))
+  return out
+
+
+@dataclasses.dataclass
+class Compiled:
+  """What the compiler and ``ptxas -v`` say of one variant on one target."""
+
+  variant: Variant
+  sm: int
+  registers: int
+  spill_bytes: int  # spill stores + spill loads
+  sass_instructions: int
+  accesses: list[GlobalAccess]
+  f32_rows: set[tuple[int, int]]  # float32 loads: (bytes per thread, per warp) along a row
+  ptx: str
+
+  @property
+  def threads(self) -> int:
+    return 32 * self.variant.config.num_warps
+
+  @property
+  def elements_per_thread(self) -> float:
+    return math.prod(self.variant.config.tile) / self.threads
+
+  @property
+  def blocks_per_sm(self) -> int:
+    """Resident blocks per SM allowed by registers (64K per SM, 32 blocks at most)."""
+    per_block = self.threads * self.registers
+    return min(32, 65536 // per_block) if per_block else 32
+
+
+def _nvidia_tools(sm: int) -> tuple[str, str]:
+  from triton.backends.nvidia.compiler import get_ptxas  # pylint: disable=g-import-not-at-top
+  ptxas = get_ptxas(sm).path
+  return ptxas, os.path.join(os.path.dirname(ptxas), "cuobjdump")
+
+
+def compile_variant(variant: Variant, sm: int, ttir: str | None = None) -> Compiled:
+  """Compile ``variant`` for ``sm`` with the Triton compiler and read its statistics."""
+  import triton  # pylint: disable=g-import-not-at-top
+  from triton.backends.compiler import GPUTarget  # pylint: disable=g-import-not-at-top
+  from triton.backends.nvidia.compiler import sm_arch_from_capability  # pylint: disable=g-import-not-at-top
+  ttir = triton_ir(variant) if ttir is None else ttir
+  ptxas, cuobjdump = _nvidia_tools(sm)
+  with tempfile.TemporaryDirectory() as tmp:
+    path = os.path.join(tmp, "kernel.ttir")
+    with open(path, "w") as f:
+      f.write(ttir)
+    kernel = triton.compile(path, target=GPUTarget("cuda", sm, 32), options={
+        "num_warps": variant.config.num_warps, "num_stages": 1})
+    ptx, cubin = kernel.asm["ptx"], os.path.join(tmp, "kernel.cubin")
+    with open(os.path.join(tmp, "kernel.ptx"), "w") as f:
+      f.write(ptx)
+    log = subprocess.run(
+        [ptxas, "-v", f"--gpu-name={sm_arch_from_capability(sm)}",
+         os.path.join(tmp, "kernel.ptx"), "-o", cubin],
+        check=True, capture_output=True, text=True).stderr
+    sass = subprocess.run([cuobjdump, "-sass", cubin], check=True, capture_output=True,
+                          text=True).stdout
+  registers = int(re.search(r"Used (\d+) registers", log).group(1))
+  spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+  instructions = sum(1 for line in sass.splitlines()
+                     if re.match(r"\s+/\*[0-9a-f]+\*/\s+[A-Z@]", line) and "NOP;" not in line)
+  return Compiled(variant, sm, registers, int(spills.group(1)) + int(spills.group(2)),
+                  instructions, global_accesses(ptx), float32_load_rows(kernel.asm["ttgir"]), ptx)
+
+
+def compile_all(variants: list[Variant], targets=TARGETS) -> dict[tuple[Variant, int], Compiled]:
+  """:func:`compile_variant` of each variant on each target, a process per core.
+
+  Lowering runs here (it is quick); the Triton compiler and ``ptxas`` run in
+  the workers.
+  """
+  os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton < 3.10's default, explicit
+  ir = {v: triton_ir(v) for v in variants}
+  spawn = multiprocessing.get_context("spawn")
+  with concurrent.futures.ProcessPoolExecutor(os.cpu_count() or 1, mp_context=spawn) as pool:
+    jobs = {(v, sm): pool.submit(compile_variant, v, sm, ir[v]) for v in variants for sm in targets}
+    return {key: job.result() for key, job in jobs.items()}
