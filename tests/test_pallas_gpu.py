@@ -106,7 +106,7 @@ CANARY = 4096  # bytes of a sentinel buffer allocated right after each output's 
 def _followed_by_canary(x):
   """``x`` on the device, with a sentinel buffer that starts at most 1 KiB past its end."""
   for _ in range(8):
-    buf = jax.device_put(x)
+    buf = jax.device_put(np.asarray(x))  # a fresh allocation, not ``x``'s own buffer
     canary = jax.device_put(np.full(CANARY, 0x5A, np.uint8))
     gap = canary.unsafe_buffer_pointer() - (buf.unsafe_buffer_pointer() + buf.nbytes)
     if 0 <= gap <= 1024:
