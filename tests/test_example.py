@@ -180,8 +180,8 @@ DIVERGING = [*SMALL, "--optimizer", "adamw", "--lr", "1e30", "--warmup-steps", "
 
 def test_divergence_stops_with_the_step_and_no_nonfinite_checkpoint(tmp_path):
   with pytest.raises(SystemExit) as exit_info:
-    train.main([*DIVERGING, "--steps", "6", "--checkpoint-every", "1", "--out-dir",
-                str(tmp_path), "--no-progress"])
+    train.main([*DIVERGING, "--steps", "6", "--checkpoint-every", "1", "--log-every", "5",
+                "--out-dir", str(tmp_path), "--no-progress"])
   assert re.fullmatch(
       r"error: step 2: loss \S+, gradient norm nan: training diverged and stops without "
       r"saving; the checkpoint of step 1 in \S+ is the last good one \(--resume-step 1\)\. "
