@@ -13,7 +13,14 @@ compiled step's memory. From the repository root::
     python examples/train.py --mesh data=2,fsdp=4         # sharded over 8 devices
 
 Outputs (in ``--out-dir``): ``metrics.jsonl`` (one JSON object per logged
-step), ``summary.json`` (final numbers) and ``checkpoints/``.
+step), ``summary.json`` (final numbers), ``checkpoints/`` and, while the run
+lasts, ``run.lock`` (one writer per directory, :mod:`run_lock`).
+
+Bad flags stop it before anything is built, naming the flag. A non-finite
+loss, gradient norm or state stops it (exit code 1) without saving anything
+non-finite; ``--skip-nonfinite`` skips such updates instead
+(``optax.apply_if_finite``). SIGINT and SIGTERM save the step in progress and
+exit with 130 / 143 after printing the ``--resume`` command.
 
 With ``--mesh`` (e.g. ``data=2,fsdp=4`` or ``data=2,tensor=4``) the run is
 sharded over a device mesh: the batch over ``data`` and ``fsdp``, the weights

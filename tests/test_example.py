@@ -169,7 +169,7 @@ def test_one_writer_per_run_directory_and_stale_locks_are_taken_over(tmp_path, c
   finally:
     holder.kill()  # SIGKILL: no cleanup, its lock file stays behind
     holder.wait()
-  assert who in (tmp_path / run_lock.LOCK_FILE).read_text()
+  assert json.loads((tmp_path / run_lock.LOCK_FILE).read_text())["pid"] == holder.pid  # stale
   run(tmp_path, *TINY_RUN)
   assert f"took over the stale lock of {tmp_path} from {who}" in capsys.readouterr().err
   assert not (tmp_path / run_lock.LOCK_FILE).exists()  # released at the end
