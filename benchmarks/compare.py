@@ -9,17 +9,24 @@ over all seeds (at this scale one seed's noise is about 1%, as large as the
 differences measured). A variant that sets its own ``--lr`` runs at that
 learning rate only. From the repository root::
 
-    python benchmarks/compare.py                     # the committed comparison
+    python benchmarks/compare.py --out benchmarks/results/compare   # the committed comparison
     python benchmarks/compare.py --steps 200 --lrs 3e-3 --seeds 0 --out /tmp/quick
-    python benchmarks/compare.py --report-only       # redraw from finished runs
+    python benchmarks/compare.py --report-only --out benchmarks/results/compare  # redraw
 
 Flags that ``examples/train.py`` understands (``--model``, ``--dim``,
-``--batch-size``, ``--data``...) apply to every run. Each finished run writes
-``<out>/runs/<name>.json`` (its summary and curves) and is skipped when the
-command is repeated; an interrupted run resumes from its checkpoint in
-``runs/compare/``. Then ``<out>/compare.md`` (the table), ``compare.png``
-(validation loss at each variant's best learning rate, and the embedding norm)
-and ``compare.json`` are (re)written.
+``--batch-size``, ``--data``...) apply to every run. ``--out`` defaults to a
+fresh directory under ``runs/compare/``. A run is identified by a key: the hash
+of everything that determines its result (every resolved setting of the
+model, optimizer and training loop, the data's fingerprint, the library's
+version and git commit with any uncommitted changes, and the versions of JAX,
+Optax and Flax). A finished run writes ``<out>/runs/<name>_<key>.json`` (its
+summary and curves); repeated into the same ``--out`` with the same key it is
+reused and reported as coming from the cache, and a changed setting (e.g.
+``--steps``) trains it anew. An interrupted run resumes from its checkpoint in
+``<out>/train/<name>_<key>/``, which only a run of the same key uses. Then
+``<out>/compare.md`` (the table), ``compare.png`` (validation loss at each
+variant's best learning rate, and the embedding norm) and ``compare.json`` are
+(re)written from this command's runs.
 """
 
 from __future__ import annotations
@@ -27,18 +34,33 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
+import functools
+import hashlib
 import json
 import math
 import pathlib
 import shlex
 import statistics
+import subprocess
 import sys
+import time
+
+import flax
+import jax
+import optax
+
+import qadam_mini_jax
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
-import train as train_lib  # noqa: E402  (examples/, added above)
+import data as data_lib  # noqa: E402  (examples/, added above)
+import run_lock  # noqa: E402
+import train as train_lib  # noqa: E402
 
-DEFAULT_OUT = ROOT / "benchmarks" / "results" / "compare"
+#: Where ``--out`` directories are created by default (one fresh per command).
+FRESH_OUT_PARENT = ROOT / "runs" / "compare"
+#: TrainConfig fields that steer a run but do not change its result.
+RUN_CONTROL = ("out_dir", "resume", "resume_step", "progress", "verbose")
 DEFAULT_VARIANTS = (
     "--optimizer adamw",
     "--optimizer adam_mini --partition reference",
@@ -78,28 +100,65 @@ def variant_lrs(flags: str, grid: list[float]) -> list[float]:
   return [float(words[words.index("--lr") + 1])] if "--lr" in words else list(grid)
 
 
+@functools.cache
+def code_version() -> dict[str, str | None]:
+  """The versions that produce a result: this library's (and its git commit,
+  with a hash of uncommitted changes to it and the example), JAX's, Optax's, Flax's."""
+  def git(*args: str) -> str | None:
+    try:
+      return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True,
+                            check=True).stdout
+    except (OSError, subprocess.CalledProcessError):  # no git, or not a checkout
+      return None
+  diff = git("diff", "HEAD", "--", "qadam_mini_jax", "examples")
+  return {"qadam_mini_jax": qadam_mini_jax.__version__,
+          "commit": (git("rev-parse", "HEAD") or "").strip() or None,
+          "uncommitted": hashlib.sha256(diff.encode()).hexdigest()[:16] if diff else None,
+          "jax": jax.__version__, "optax": optax.__version__, "flax": flax.__version__}
+
+
+def run_config(argv: list[str]) -> tuple[tuple, dict, str]:
+  """``(configs, config, key)`` of ``examples/train.py argv``.
+
+  ``configs`` are train.py's; ``config`` is everything that determines the
+  result (see the module docstring) and ``key`` its hash.
+  """
+  configs = train_lib.configs_from_args(train_lib.build_parser().parse_args(argv))
+  model_cfg, opt_cfg, cfg = configs
+  corpus = data_lib.load_corpus(cfg.data, cfg.seq_len, cfg.val_fraction)
+  config = {"model": dataclasses.asdict(model_cfg), "optimizer": dataclasses.asdict(opt_cfg),
+            "train": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RUN_CONTROL},
+            "data": {"name": corpus.name, "fingerprint": corpus.fingerprint},
+            "code": code_version()}
+  key = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
+  return configs, config, key
+
+
 def run_one(variant: str, lr: float, seed: int, train_flags: list[str],
-            out: pathlib.Path) -> dict:
-  """Train one (variant, lr, seed) unless its result exists; return the result record."""
+            out: pathlib.Path) -> tuple[dict, bool]:
+  """``(record, cached)``: the result of one (variant, lr, seed), trained unless
+  ``out`` holds a result of the same configuration (then ``cached``)."""
   name = f"{variant_name(variant)}_lr{lr:g}_seed{seed}"
-  result_path = out / "runs" / f"{name}.json"
+  argv = [*train_flags, *shlex.split(variant), "--lr", str(lr), "--seed", str(seed)]
+  (model_cfg, opt_cfg, cfg), config, key = run_config(argv)
+  result_path = out / "runs" / f"{name}_{key}.json"
   if result_path.exists():
-    return json.loads(result_path.read_text())
-  run_dir = ROOT / "runs" / "compare" / out.name / name
-  argv = [*train_flags, *shlex.split(variant), "--lr", str(lr), "--seed", str(seed),
-          "--out-dir", str(run_dir), "--no-progress", "--resume"]
-  model_cfg, opt_cfg, cfg = train_lib.configs_from_args(train_lib.build_parser().parse_args(argv))
-  print(f"[compare] {name}", flush=True)
-  summary = train_lib.train(model_cfg, opt_cfg, dataclasses.replace(cfg, verbose=False)).summary
+    print(f"[compare] {name}: from the cache ({result_path})", flush=True)
+    return json.loads(result_path.read_text()), True
+  run_dir = out / "train" / f"{name}_{key}"  # only this configuration resumes here
+  print(f"[compare] {name}: training in {run_dir}", flush=True)
+  summary = train_lib.train(model_cfg, opt_cfg, dataclasses.replace(
+      cfg, out_dir=str(run_dir), resume=True, progress=False, verbose=False)).summary
   curve = [{k: v for k, v in json.loads(line).items() if k in CURVE_KEYS}
            for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
   record = {"name": name, "variant": variant_name(variant), "flags": variant, "lr": lr,
-            "seed": seed, "train_flags": train_flags, "summary": summary, "curve": curve}
+            "seed": seed, "train_flags": train_flags, "key": key, "config": config,
+            "summary": summary, "curve": curve}
   result_path.parent.mkdir(parents=True, exist_ok=True)
   result_path.write_text(json.dumps(record) + "\n")
-  print(f"[compare] {name}: val loss {summary['val_loss']:.4f}, "
-        f"{summary['tokens_per_s']:,.0f} tokens/s", flush=True)
-  return record
+  speed = f", {summary['tokens_per_s']:,.0f} tokens/s" if summary["tokens_per_s"] else ""
+  print(f"[compare] {name}: val loss {summary['val_loss']:.4f}{speed}", flush=True)
+  return json.loads(result_path.read_text()), False  # as a later command reads it
 
 
 @dataclasses.dataclass
@@ -124,7 +183,10 @@ class Cell:
     return Cell(self.variant, self.lr, [r for r in self.runs if r["seed"] in seeds])
 
   def mean(self, key: str) -> float:
-    return statistics.mean(r["summary"][key] for r in self.runs)
+    """Mean of a summary number over seeds (NaN where none has it, e.g. tokens/s of a
+    run that resumed its finished checkpoint)."""
+    values = [r["summary"][key] for r in self.runs if r["summary"][key] is not None]
+    return statistics.mean(values) if values else math.nan
 
   def mean_curve(self, key: str) -> tuple[list[int], list[float]]:
     """Steps where every seed logged ``key``, and the mean over seeds."""
@@ -156,13 +218,15 @@ def best_per_variant(all_cells: dict[tuple[str, float], Cell], select_seeds) -> 
   return dict(sorted(best.items(), key=lambda item: (item[0] != BASELINE, item[0])))
 
 
-def table(all_cells: dict[tuple[str, float], Cell], lrs: list[float], select_seeds) -> str:
-  """Markdown: per variant the selection seeds' loss at every lr, and the best lr's numbers."""
+def table(all_cells: dict[tuple[str, float], Cell], lrs: list[float], select_seeds,
+          cached: set[str]) -> str:
+  """Markdown: per variant the selection seeds' loss at every lr, the best lr's numbers
+  and how many of its runs came from the cache (``cached``: their names)."""
   best = best_per_variant(all_cells, select_seeds)
   base = best.get(BASELINE)
   head = ["optimizer", *[f"val loss @ lr {lr:g} (seed {', '.join(map(str, select_seeds))})"
                         for lr in lrs], "best lr", "final val loss, mean (per seed)", "perplexity", f"vs {BASELINE}", "state B/param",
-          "state bytes", "tokens/s", "embedding norm"]
+          "state bytes", "tokens/s", "embedding norm", "runs from cache"]
   rows = [head, ["---"] + ["---:"] * (len(head) - 1)]
   for variant, c in best.items():
     losses = [f"{all_cells[variant, lr].restricted(select_seeds).val_loss:.4f}"
@@ -172,7 +236,8 @@ def table(all_cells: dict[tuple[str, float], Cell], lrs: list[float], select_see
     rows.append([f"`{variant}`", *losses, f"{c.lr:g}", f"**{c.val_loss:.4f}** ({seeds})",
                  f"{math.exp(c.val_loss):.3f}", gap, f"{c.mean('state_bytes_per_param'):.3f}",
                  f"{c.runs[0]['summary']['state_bytes']:,}", f"{c.mean('tokens_per_s'):,.0f}",
-                 f"{c.mean('embed_norm'):.2f}"])
+                 f"{c.mean('embed_norm'):.2f}",
+                 f"{sum(r['name'] in cached for r in c.runs)} of {len(c.runs)}"])
   return "\n".join("| " + " | ".join(row) + " |" for row in rows)
 
 
@@ -222,11 +287,24 @@ def plot(all_cells: dict[tuple[str, float], Cell], path: pathlib.Path, select_se
   fig.savefig(path, dpi=120)
 
 
-def report(out: pathlib.Path, lrs: list[float], select_seeds: list[int]) -> None:
-  """(Re)write compare.md, compare.png and compare.json from ``<out>/runs/*.json``."""
+def finished_runs(out: pathlib.Path) -> list[dict]:
+  """The records in ``<out>/runs/``, all of one setting (train flags, data and code)."""
   records = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))]
   if not records:
-    sys.exit(f"no finished runs in {out / 'runs'}")
+    sys.exit(f"error: no finished runs in {out / 'runs'}")
+  settings = {json.dumps([r["train_flags"], r.get("config", {}).get("data"),
+                          r.get("config", {}).get("code")], sort_keys=True) for r in records}
+  if len(settings) > 1:
+    sys.exit(f"error: {out / 'runs'} holds runs of {len(settings)} different settings (train "
+             "flags, data or code); rerun compare.py with the flags of the one to report (its "
+             "runs come from the cache).")
+  return records
+
+
+def report(out: pathlib.Path, records: list[dict], cached: set[str], lrs: list[float],
+           select_seeds: list[int]) -> None:
+  """(Re)write compare.md, compare.png and compare.json from ``records``; ``cached``:
+  the names of those that came from the cache."""
   all_cells = cells(records)
   lrs = sorted({r["lr"] for r in records} | set(lrs))
   s = records[0]["summary"]
@@ -244,8 +322,10 @@ def report(out: pathlib.Path, lrs: list[float], select_seeds: list[int]) -> None
       "number is the mean over all seeds at the best learning rate (each seed's value in "
       "brackets); the gap to adamw compares those means. Loss is nats per byte; perplexity "
       "is per byte; tokens/s were measured on the 2-core CPU the runs shared (other work "
-      "ran alongside some of them, so they are indicative only).\n\n")
-  (out / "compare.md").write_text(header + table(all_cells, lrs, select_seeds) + "\n"
+      "ran alongside some of them, so they are indicative only). The last column counts the "
+      "runs reused from an earlier command (same configuration) rather than trained by this "
+      "one.\n\n")
+  (out / "compare.md").write_text(header + table(all_cells, lrs, select_seeds, cached) + "\n"
                                   + targets(best_per_variant(all_cells, select_seeds)))
   plot(all_cells, out / "compare.png", select_seeds)
   best = {v: {"lr": c.lr, "val_loss_mean": c.val_loss, "val_losses": c.val_losses,
@@ -254,6 +334,20 @@ def report(out: pathlib.Path, lrs: list[float], select_seeds: list[int]) -> None
           for v, c in best_per_variant(all_cells, select_seeds).items()}
   (out / "compare.json").write_text(json.dumps(best, indent=1) + "\n")
   print((out / "compare.md").read_text())
+
+
+def fresh_out() -> pathlib.Path:
+  """A new, empty directory under :data:`FRESH_OUT_PARENT`."""
+  FRESH_OUT_PARENT.mkdir(parents=True, exist_ok=True)
+  stamp = time.strftime("%Y%m%d-%H%M%S")
+  for n in range(1000):
+    out = FRESH_OUT_PARENT / (stamp if n == 0 else f"{stamp}-{n}")
+    try:
+      out.mkdir()
+      return out
+    except FileExistsError:
+      continue
+  raise RuntimeError(f"no fresh directory under {FRESH_OUT_PARENT}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -266,24 +360,52 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--seeds", nargs="+", type=int, default=list(DEFAULT_SEEDS))
   parser.add_argument("--select-seeds", nargs="+", type=int, default=None,
                       help="seeds that run the whole lr grid (default: the first of --seeds)")
-  parser.add_argument("--out", type=pathlib.Path, default=DEFAULT_OUT)
-  parser.add_argument("--report-only", action="store_true")
+  parser.add_argument("--out", type=pathlib.Path,
+                      help="results directory; repeated commands into one --out reuse its "
+                           "runs of the same configuration (default: a fresh directory under "
+                           "runs/compare/; the committed one is benchmarks/results/compare)")
+  parser.add_argument("--report-only", action="store_true",
+                      help="redraw the table and plot of --out's finished runs")
   args, train_flags = parser.parse_known_args(argv)
   train_flags = [*DEFAULT_TRAIN_FLAGS, *train_flags]  # later flags win
-  train_lib.build_parser().parse_args(train_flags)  # fail early on a typo
-  args.out.mkdir(parents=True, exist_ok=True)
+  train_lib.build_parser().parse_args(train_flags)  # a typo or bad value fails here, naming it
   select = args.select_seeds or args.seeds[:1]
-  if not args.report_only:
-    for seed in select:
-      for variant in args.variants:
-        for lr in variant_lrs(variant, args.lrs):
-          run_one(variant, lr, seed, train_flags, args.out)
-    done = cells([json.loads(p.read_text()) for p in (args.out / "runs").glob("*.json")])
-    best = best_per_variant(done, select)
-    for seed in [s for s in args.seeds if s not in select]:
-      for variant in args.variants:
-        run_one(variant, best[variant_name(variant)].lr, seed, train_flags, args.out)
-  report(args.out, args.lrs, select)
+  if args.report_only:
+    if args.out is None:
+      parser.error("--report-only needs --out (the directory of the runs to report)")
+    records = finished_runs(args.out)
+    report(args.out, records, {r["name"] for r in records}, args.lrs, select)
+    return
+  out = args.out or fresh_out()
+  out.mkdir(parents=True, exist_ok=True)
+  print(f"[compare] results in {out}", flush=True)
+  runs: dict[str, dict] = {}  # this command's runs, by name
+  cached: set[str] = set()
+
+  def run(variant: str, lr: float, seed: int) -> None:
+    try:
+      record, from_cache = run_one(variant, lr, seed, train_flags, out)
+    except train_lib.Stopped as stopped:
+      print(f"\n[compare] stopped by {stopped}; the same command with --out {out} continues "
+            "(finished runs come from the cache, this one resumes)", file=sys.stderr)
+      sys.exit(128 + stopped.signum)
+    except (train_lib.Diverged, run_lock.LockError) as err:
+      sys.exit(f"error: {variant_name(variant)} at lr {lr:g}, seed {seed}: {err}")
+    runs[record["name"]] = record
+    if from_cache:
+      cached.add(record["name"])
+
+  for seed in select:
+    for variant in args.variants:
+      for lr in variant_lrs(variant, args.lrs):
+        run(variant, lr, seed)
+  best = best_per_variant(cells(list(runs.values())), select)
+  for seed in [s for s in args.seeds if s not in select]:
+    for variant in args.variants:
+      run(variant, best[variant_name(variant)].lr, seed)
+  print(f"[compare] {len(cached)} of {len(runs)} runs came from the cache"
+        + (f": {', '.join(sorted(cached))}" if cached else ""), flush=True)
+  report(out, list(runs.values()), cached, args.lrs, select)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ Orbax's ``keep`` rotation after a newer save succeeded.
 from __future__ import annotations
 
 import pathlib
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -36,6 +37,20 @@ def flatten(tree: Any) -> dict[str, Any]:
   """``{"a/b/0/c": leaf}`` for every leaf of ``tree``."""
   return {jax.tree_util.keystr(path, simple=True, separator="/"): leaf
           for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _unreadable(path: pathlib.Path, err: Exception) -> str:
+  """``"<path> is unreadable ..."`` with the first line of ``err``, naming the array if it does.
+
+  TensorStore errors follow their first sentence with a 2 kB spec dump: that is
+  cut, keeping the array's name from it.
+  """
+  text = str(err)
+  arrays = re.findall(r"'path': '([^/'][^']*?)/?'", text)
+  first = text.split(" See full TensorStore details")[0].strip().splitlines()[0][:300]
+  array = f" (array {arrays[-1]})" if arrays else ""
+  return (f"{path}{array} is unreadable, truncated or damaged ({type(err).__name__}: "
+          f"{first.rstrip('.')})")
 
 
 def _differences(stored: Mapping[str, Any], expected: Mapping[str, Any]) -> list[str]:
@@ -86,8 +101,9 @@ class Checkpoints:
 
   def _fail(self, step: int, problem: str) -> CheckpointError:
     others = [s for s in self.steps() if s != step]
-    hint = (f" Other checkpoints here: steps {others} (resume one with --resume-step)."
-            if others else "")
+    older = [s for s in others if s < step]
+    hint = (f" Resume from an older checkpoint with --resume-step {(older or others)[-1]} "
+            f"(steps here: {others})." if others else "")
     return CheckpointError(f"checkpoint step {step} in {self.directory}: {problem}.{hint}")
 
   def read_meta(self, step: int) -> dict[str, Any]:
@@ -96,7 +112,7 @@ class Checkpoints:
       meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
       return dict(meta.meta)
     except Exception as err:  # any unreadable file is reported the same way
-      raise self._fail(step, f"its metadata is unreadable ({type(err).__name__}: {err})") from err
+      raise self._fail(step, _unreadable(self.directory / str(step) / "meta", err)) from err
 
   def restore(self, target: Any, must_match: Mapping[str, Mapping[str, Any]],
               step: int | None = None) -> tuple[Any, dict[str, Any]]:
@@ -129,7 +145,7 @@ class Checkpoints:
       restored = self._manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(want)))
     except Exception as err:
-      raise self._fail(step, f"its arrays are unreadable ({type(err).__name__}: {err})") from err
+      raise self._fail(step, _unreadable(self.directory / str(step) / "state", err)) from err
     leaves = [restored.state[k] for k in want]
     return jax.tree.unflatten(jax.tree.structure(target), leaves), meta
 
@@ -138,7 +154,7 @@ class Checkpoints:
     try:
       stored = dict(self._manager.item_metadata(step)["state"])
     except Exception as err:
-      raise self._fail(step, f"its array index is unreadable ({type(err).__name__}: {err})") from err
+      raise self._fail(step, _unreadable(self.directory / str(step) / "state", err)) from err
     missing, extra = sorted(want.keys() - stored.keys()), sorted(stored.keys() - want.keys())
     wrong = [f"{k} {tuple(stored[k].shape)} {stored[k].dtype} (want {w.shape} {w.dtype})"
              for k, w in want.items() if k in stored

@@ -3,7 +3,8 @@
 Every optimizer gets the same schedule (linear warmup, cosine decay to
 ``min_lr_ratio * lr``), global-norm gradient clipping, decoupled weight decay on
 the same leaves (:func:`qadam_mini_jax.default_decay_mask`: kernels and
-embeddings, not norms) and, with ``grad_accum > 1``, ``optax.MultiSteps``.
+embeddings, not norms), with ``grad_accum > 1`` ``optax.MultiSteps``, and
+with ``skip_nonfinite`` ``optax.apply_if_finite`` around it all.
 
 * ``adamw``: ``optax.adamw``.
 * ``adam_mini``, ``q_adam_mini``: this library, with the Adam-mini block
@@ -50,7 +51,10 @@ DEFAULT_PARTITION = "qk_per_neuron"
 
 #: Settings that change the optimizer state's structure or meaning: a
 #: checkpoint resumes only under the same values.
-STRUCTURAL_FIELDS = ("name", "partition", "grad_accum", "stochastic_rounding")
+STRUCTURAL_FIELDS = ("name", "partition", "grad_accum", "stochastic_rounding", "skip_nonfinite")
+#: ``skip_nonfinite``: ``optax.apply_if_finite`` skips at most this many
+#: non-finite (micro-batch) gradients in a row, then applies them.
+MAX_SKIPPED_IN_A_ROW = 10
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +74,7 @@ class OptimizerConfig:
   partition: str = DEFAULT_PARTITION
   stochastic_rounding: str = "auto"  # which INT8 leaves: "auto", "all" or "none"
   seed: int = 0
+  skip_nonfinite: bool = False  # optax.apply_if_finite around the whole optimizer
 
   def __post_init__(self):
     if self.name not in OPTIMIZERS:
@@ -128,12 +133,14 @@ def core(c: OptimizerConfig, model: LlamaConfig,
 
 def make(c: OptimizerConfig, model: LlamaConfig,
          shardings: Any = None) -> optax.GradientTransformation:
-  """Clipping, then the optimizer; wrapped in ``optax.MultiSteps`` to accumulate.
+  """Clipping, then the optimizer; in ``optax.MultiSteps`` to accumulate, in
+  ``optax.apply_if_finite`` to skip non-finite gradients.
 
   ``shardings``: the parameters' shardings, see :func:`core`.
   """
   tx = optax.chain(optax.clip_by_global_norm(c.clip_norm), core(c, model, shardings))
-  return optax.MultiSteps(tx, c.grad_accum) if c.grad_accum > 1 else tx
+  tx = optax.MultiSteps(tx, c.grad_accum) if c.grad_accum > 1 else tx
+  return optax.apply_if_finite(tx, MAX_SKIPPED_IN_A_ROW) if c.skip_nonfinite else tx
 
 
 def state_nbytes(c: OptimizerConfig, model: LlamaConfig, params: Any) -> int:
@@ -143,6 +150,8 @@ def state_nbytes(c: OptimizerConfig, model: LlamaConfig, params: Any) -> int:
 
 def core_state(c: OptimizerConfig, opt_state: Any) -> Any:
   """The optimizer's own part of a state of :func:`make` (what :func:`state_nbytes` counts)."""
+  if c.skip_nonfinite:
+    opt_state = opt_state.inner_state
   if c.grad_accum > 1:
     opt_state = opt_state.inner_opt_state
   return opt_state[1]  # after clip_by_global_norm's (empty) state

@@ -13,7 +13,14 @@ compiled step's memory. From the repository root::
     python examples/train.py --mesh data=2,fsdp=4         # sharded over 8 devices
 
 Outputs (in ``--out-dir``): ``metrics.jsonl`` (one JSON object per logged
-step), ``summary.json`` (final numbers) and ``checkpoints/``.
+step), ``summary.json`` (final numbers), ``checkpoints/`` and, while the run
+lasts, ``run.lock`` (one writer per directory, :mod:`run_lock`).
+
+Bad flags stop it before anything is built, naming the flag. A non-finite
+loss, gradient norm or state stops it (exit code 1) without saving anything
+non-finite; ``--skip-nonfinite`` skips such updates instead
+(``optax.apply_if_finite``). SIGINT and SIGTERM save the step in progress and
+exit with 130 / 143 after printing the ``--resume`` command.
 
 With ``--mesh`` (e.g. ``data=2,fsdp=4`` or ``data=2,tensor=4``) the run is
 sharded over a device mesh: the batch over ``data`` and ``fsdp``, the weights
@@ -30,6 +37,9 @@ import dataclasses
 import json
 import math
 import pathlib
+import re
+import shlex
+import signal
 import sys
 import time
 from typing import Any
@@ -47,13 +57,19 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import checkpointing  # noqa: E402  (the examples directory, added above)
 import data as data_lib  # noqa: E402
 import optimizers  # noqa: E402
+import run_lock  # noqa: E402
 import sharding_rules  # noqa: E402
+import stop_signals  # noqa: E402
 from llama_model import CONFIGS, Llama, LlamaConfig, next_token_loss  # noqa: E402
 
 DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
 #: ``--mesh`` axes, in the mesh's order: the batch splits over data and fsdp,
 #: weights over fsdp and tensor (sharding_rules.py).
 MESH_AXES = ("data", "fsdp", "tensor")
+#: ``(flag, LlamaConfig field)`` of the model overrides.
+MODEL_FLAGS = (("--dim", "dim"), ("--layers", "num_layers"), ("--heads", "num_heads"),
+               ("--kv-heads", "num_kv_heads"), ("--ffn-dim", "ffn_dim"),
+               ("--head-dim", "head_dim"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -301,8 +317,8 @@ def initial_state(ckpts: checkpointing.Checkpoints, init, meta: dict[str, Any], 
                              cfg.resume_step)
   changed = [k for k in meta["settings"] if old["settings"].get(k) != meta["settings"][k]]
   if changed:
-    say(f"note: {', '.join(changed)} settings differ from the checkpoint's; "
-        "the run continues, but not on the original trajectory.")
+    print(f"note: {', '.join(changed)} settings differ from the checkpoint's; "
+          "the run continues, but not on the original trajectory.", file=sys.stderr)
   mesh_note = (f", saved on mesh {old.get('mesh') or 'none'}"
                if old.get("mesh") != meta["mesh"] else "")
   say(f"resumed from step {old['step']} ({ckpts.directory}{mesh_note})")
@@ -311,102 +327,164 @@ def initial_state(ckpts: checkpointing.Checkpoints, init, meta: dict[str, Any], 
   return state, old["step"]
 
 
+class Diverged(RuntimeError):
+  """A non-finite loss, gradient norm or state stopped training; nothing non-finite was saved."""
+
+
+class Stopped(Exception):
+  """SIGINT or SIGTERM stopped training after ``step``, which was saved to ``checkpoint``."""
+
+  def __init__(self, signum: int, step: int, checkpoint: pathlib.Path):
+    super().__init__(f"{signal.Signals(signum).name} after step {step}")
+    self.signum, self.step, self.checkpoint = signum, step, checkpoint
+
+
+@jax.jit
+def all_finite(tree: Any) -> jax.Array:
+  """Whether every float leaf of ``tree`` is free of NaN and infinity."""
+  return jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(tree)
+                    if jnp.issubdtype(x.dtype, jnp.inexact)]).all()
+
+
 def train(model_cfg: LlamaConfig, opt_cfg: optimizers.OptimizerConfig,
           cfg: TrainConfig) -> Result:
-  """Train, evaluate, log and checkpoint; see the module docstring."""
+  """Train, evaluate, log and checkpoint; see the module docstring.
+
+  Raises:
+    run_lock.LockError: another live run writes to ``cfg.out_dir``.
+    Diverged: at the first non-finite loss or gradient norm (with
+      ``skip_nonfinite``: more in a row than ``optax.apply_if_finite`` skips),
+      validation loss or saved state; checkpoints saved before stay.
+    Stopped: SIGINT or SIGTERM arrived; the step it arrived in was saved.
+  """
   say = print if cfg.verbose else (lambda *a, **k: None)
   corpus = data_lib.load_corpus(cfg.data, cfg.seq_len, cfg.val_fraction)
   tx, layout = optimizer_and_layout(model_cfg, opt_cfg, cfg, make_mesh(cfg))
   out = pathlib.Path(cfg.out_dir)
-  out.mkdir(parents=True, exist_ok=True)
-  ckpts = checkpointing.Checkpoints(out / "checkpoints", keep=cfg.keep_checkpoints)
-  graphdef, init = init_fn(model_cfg, tx, cfg.seed, cfg.dtype, layout)
-  meta = run_metadata(model_cfg, opt_cfg, cfg, corpus)
-  state, start_step = initial_state(ckpts, init, meta, cfg, say)
+  with run_lock.RunLock(out) as lock, stop_signals.StopRequests() as stop:
+    if lock.stale_holder:
+      print(f"note: took over the stale lock of {out} from {lock.stale_holder} (that process "
+            "has ended)", file=sys.stderr)
+    ckpts = checkpointing.Checkpoints(out / "checkpoints", keep=cfg.keep_checkpoints)
+    graphdef, init = init_fn(model_cfg, tx, cfg.seed, cfg.dtype, layout)
+    meta = run_metadata(model_cfg, opt_cfg, cfg, corpus)
+    state, start_step = initial_state(ckpts, init, meta, cfg, say)
 
-  train_step, eval_loss = make_step_fns(graphdef, tx, layout)
-  accum = opt_cfg.grad_accum
-  put = (lambda tokens: tokens) if layout is None else layout.put
-  micro_batch = lambda index: put(data_lib.train_batch(
-      corpus.train, index, cfg.batch_size, cfg.seq_len, cfg.seed))
-  compiled = train_step.lower(state, micro_batch(0)).compile()
-  memory = memory_report(compiled)
-  val = [put(b) for b in
-         data_lib.val_batches(corpus.val, cfg.batch_size, cfg.seq_len, cfg.eval_batches)]
-  n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
-  state_bytes = optimizers.state_nbytes(opt_cfg, model_cfg, state["params"])
-  tokens_per_step = accum * cfg.batch_size * cfg.seq_len
-  say(f"data: {corpus.name}: {len(corpus.train):,} training and {len(corpus.val):,} "
-      f"validation bytes (byte-level tokens, vocabulary {data_lib.VOCAB_SIZE})")
-  say(f"model: {n_params:,} parameters {model_cfg}")
-  say(f"optimizer: {opt_cfg.name}: state {state_bytes:,} bytes "
-      f"({state_bytes / n_params:.3f} B/param)")
-  per_device = {}
-  if layout is not None:
-    per_device = {
-        "state_bytes_per_device": max(qadam_mini_jax.tree_nbytes_per_device(
-            optimizers.core_state(opt_cfg, state["opt_state"])).values()),
-        "params_bytes_per_device": max(
-            qadam_mini_jax.tree_nbytes_per_device(state["params"]).values())}
-    say(f"mesh: {', '.join(f'{k}={v}' for k, v in layout.mesh.shape.items())} "
-        f"({layout.mesh.size} devices): per device (at most) optimizer state "
-        f"{per_device['state_bytes_per_device']:,} bytes, parameters "
-        f"{per_device['params_bytes_per_device']:,} bytes")
-  if memory:
-    say(("compiled train step (per device): " if layout else "compiled train step: ")
-        + ", ".join(f"{k} {_fmt_bytes(v)}" for k, v in memory.items() if k != "generated_code"))
+    train_step, eval_loss = make_step_fns(graphdef, tx, layout)
+    accum = opt_cfg.grad_accum
+    put = (lambda tokens: tokens) if layout is None else layout.put
+    micro_batch = lambda index: put(data_lib.train_batch(
+        corpus.train, index, cfg.batch_size, cfg.seq_len, cfg.seed))
+    compiled = train_step.lower(state, micro_batch(0)).compile()
+    memory = memory_report(compiled)
+    val = [put(b) for b in
+           data_lib.val_batches(corpus.val, cfg.batch_size, cfg.seq_len, cfg.eval_batches)]
+    n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
+    state_bytes = optimizers.state_nbytes(opt_cfg, model_cfg, state["params"])
+    tokens_per_step = accum * cfg.batch_size * cfg.seq_len
+    say(f"data: {corpus.name}: {len(corpus.train):,} training and {len(corpus.val):,} "
+        f"validation bytes (byte-level tokens, vocabulary {data_lib.VOCAB_SIZE})")
+    say(f"model: {n_params:,} parameters {model_cfg}")
+    say(f"optimizer: {opt_cfg.name}: state {state_bytes:,} bytes "
+        f"({state_bytes / n_params:.3f} B/param)")
+    per_device = {}
+    if layout is not None:
+      per_device = {
+          "state_bytes_per_device": max(qadam_mini_jax.tree_nbytes_per_device(
+              optimizers.core_state(opt_cfg, state["opt_state"])).values()),
+          "params_bytes_per_device": max(
+              qadam_mini_jax.tree_nbytes_per_device(state["params"]).values())}
+      say(f"mesh: {', '.join(f'{k}={v}' for k, v in layout.mesh.shape.items())} "
+          f"({layout.mesh.size} devices): per device (at most) optimizer state "
+          f"{per_device['state_bytes_per_device']:,} bytes, parameters "
+          f"{per_device['params_bytes_per_device']:,} bytes")
+    if memory:
+      say(("compiled train step (per device): " if layout else "compiled train step: ")
+          + ", ".join(f"{k} {_fmt_bytes(v)}" for k, v in memory.items() if k != "generated_code"))
 
-  log = MetricsLog(out / "metrics.jsonl", start_step if start_step else None)
-  schedule = optimizers.schedule(opt_cfg)
-  last_step = min(opt_cfg.total_steps, cfg.stop_at or opt_cfg.total_steps)
-  progress = _progress_bar(cfg.progress, opt_cfg.total_steps, start_step)
-  window, window_start, train_time = [], time.perf_counter(), 0.0
-  val_loss = None
-  for step in range(start_step + 1, last_step + 1):
-    for k in range(accum):
-      state, metrics = compiled(state, micro_batch((step - 1) * accum + k))
-      window.append(metrics)
-    if step % cfg.log_every and step % cfg.eval_every and step != last_step:
-      continue
-    fetched = jax.device_get(window)
-    elapsed = time.perf_counter() - window_start
-    train_time += elapsed
-    record = {"step": step, "tokens": step * tokens_per_step,
-              "loss": float(np.mean([m["loss"] for m in fetched])),
-              "lr": float(schedule(step - 1)),
-              "grad_norm": float(np.mean([m["grad_norm"] for m in fetched])),
-              "embed_norm": float(fetched[-1]["embed_norm"]),
-              "tokens_per_s": len(fetched) * cfg.batch_size * cfg.seq_len / elapsed}
-    progress.update(step - progress.n)
-    progress.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:,.0f}")
-    if step % cfg.eval_every == 0 or step == last_step:
+    def diverged(step: int, problem: str) -> Diverged:
+      saved = ckpts.steps()
+      kept = (f"the checkpoint of step {saved[-1]} in {ckpts.directory} is the last good one "
+              f"(--resume-step {saved[-1]})" if saved else "no checkpoint was saved")
+      advice = "" if opt_cfg.skip_nonfinite else (
+          ", or --skip-nonfinite to skip updates whose gradients are not finite "
+          "(optax.apply_if_finite)")
+      return Diverged(f"step {step}: {problem}: training diverged and stops without saving; "
+                      f"{kept}. Try a lower --lr (this run: {opt_cfg.lr:g}){advice}.")
+
+    log = MetricsLog(out / "metrics.jsonl", start_step if start_step else None)
+    schedule = optimizers.schedule(opt_cfg)
+    last_step = min(opt_cfg.total_steps, cfg.stop_at or opt_cfg.total_steps)
+    progress = _progress_bar(cfg.progress, opt_cfg.total_steps, start_step)
+    skippable = optimizers.MAX_SKIPPED_IN_A_ROW if opt_cfg.skip_nonfinite else 0
+    window, window_start, train_time, nonfinite_in_a_row = [], time.perf_counter(), 0.0, 0
+    val_loss = None
+    for step in range(start_step + 1, last_step + 1):
+      for k in range(accum):
+        state, metrics = compiled(state, micro_batch((step - 1) * accum + k))
+        window.append((step, metrics))
+      stopping = stop.signum is not None and step < last_step
+      saving = step % cfg.checkpoint_every == 0 or step == last_step or stopping
+      evaluating = step % cfg.eval_every == 0 or step == last_step
+      if not (saving or evaluating or step % cfg.log_every == 0):
+        continue
+      fetched = jax.device_get([m for _, m in window])
+      finite = [math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"]) for m in fetched]
+      for (at, _), m, ok in zip(window, fetched, finite):
+        nonfinite_in_a_row = 0 if ok else nonfinite_in_a_row + 1
+        if nonfinite_in_a_row > skippable:
+          raise diverged(at, f"loss {m['loss']}, gradient norm {m['grad_norm']}" + (
+              f" ({nonfinite_in_a_row} micro-batches in a row, more than --skip-nonfinite "
+              "skips)" if skippable else ""))
+      kept = [m for m, ok in zip(fetched, finite) if ok] or fetched
+      elapsed = time.perf_counter() - window_start
+      train_time += elapsed
+      record = {"step": step, "tokens": step * tokens_per_step,
+                "loss": float(np.mean([m["loss"] for m in kept])),
+                "lr": float(schedule(step - 1)),
+                "grad_norm": float(np.mean([m["grad_norm"] for m in kept])),
+                "embed_norm": float(fetched[-1]["embed_norm"]),
+                "tokens_per_s": len(fetched) * cfg.batch_size * cfg.seq_len / elapsed}
+      if skippable:
+        record["skipped"] = finite.count(False)
+      progress.update(step - progress.n)
+      progress.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:,.0f}")
+      if evaluating:
+        val_loss = evaluate(eval_loss, state["params"], val)
+        if not math.isfinite(val_loss):
+          raise diverged(step, f"validation loss {val_loss}")
+        record.update(val_loss=val_loss, val_ppl=math.exp(val_loss))
+        if cfg.verbose:
+          progress.write(f"step {step:6d}  loss {record['loss']:.4f}  val loss {val_loss:.4f}  "
+                         f"val ppl {math.exp(val_loss):.3f}  embedding norm "
+                         f"{record['embed_norm']:.2f}  {record['tokens_per_s']:,.0f} tokens/s")
+      log.write(record)
+      if saving:
+        if not all_finite(state):
+          raise diverged(step, "the parameters or optimizer state hold NaN or infinity")
+        ckpts.save(step, state, {**meta, "step": step, "batches_consumed": step * accum})
+      window, window_start = [], time.perf_counter()
+      if stopping:
+        progress.close()
+        raise Stopped(stop.signum, step, ckpts.directory / str(step))
+    progress.close()
+    if val_loss is None:  # nothing left to train: report the restored state
       val_loss = evaluate(eval_loss, state["params"], val)
-      record.update(val_loss=val_loss, val_ppl=math.exp(val_loss))
-      if cfg.verbose:
-        progress.write(f"step {step:6d}  loss {record['loss']:.4f}  val loss {val_loss:.4f}  "
-                       f"val ppl {math.exp(val_loss):.3f}  embedding norm "
-                       f"{record['embed_norm']:.2f}  {record['tokens_per_s']:,.0f} tokens/s")
-    log.write(record)
-    if step % cfg.checkpoint_every == 0 or step == last_step:
-      ckpts.save(step, state, {**meta, "step": step, "batches_consumed": step * accum})
-    window, window_start = [], time.perf_counter()
-  progress.close()
-  if val_loss is None:  # nothing left to train: report the restored state
-    val_loss = evaluate(eval_loss, state["params"], val)
 
-  summary = {
-      "optimizer": opt_cfg.name, "lr": opt_cfg.lr, "partition": opt_cfg.partition,
-      "stochastic_rounding": opt_cfg.stochastic_rounding, "step": last_step,
-      "params": n_params, "state_bytes": state_bytes,
-      "state_bytes_per_param": state_bytes / n_params, "compiled_step_memory": memory,
-      "val_loss": val_loss, "val_ppl": math.exp(val_loss),
-      "embed_norm": float(jnp.linalg.norm(state["params"]["embed"]["embedding"])),
-      "tokens_per_s": (last_step - start_step) * tokens_per_step / train_time if train_time else None,
-      "data": corpus.name, "model": dataclasses.asdict(model_cfg),
-  }
-  if layout is not None:
-    summary.update(mesh=dict(layout.mesh.shape), **per_device)
-  (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    summary = {
+        "optimizer": opt_cfg.name, "lr": opt_cfg.lr, "partition": opt_cfg.partition,
+        "stochastic_rounding": opt_cfg.stochastic_rounding, "step": last_step,
+        "params": n_params, "state_bytes": state_bytes,
+        "state_bytes_per_param": state_bytes / n_params, "compiled_step_memory": memory,
+        "val_loss": val_loss, "val_ppl": math.exp(val_loss),
+        "embed_norm": float(jnp.linalg.norm(state["params"]["embed"]["embedding"])),
+        "tokens_per_s": ((last_step - start_step) * tokens_per_step / train_time
+                         if train_time else None),
+        "data": corpus.name, "model": dataclasses.asdict(model_cfg),
+    }
+    if layout is not None:
+      summary.update(mesh=dict(layout.mesh.shape), **per_device)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
   speed = f"{summary['tokens_per_s']:,.0f} tokens/s; " if summary["tokens_per_s"] else ""
   say(f"step {last_step}: validation loss {val_loss:.4f} (perplexity {math.exp(val_loss):.3f}, "
       f"{val_loss / math.log(2):.3f} bits/byte); embedding norm {summary['embed_norm']:.2f}; "
@@ -441,15 +519,36 @@ def _progress_bar(enabled: bool, total: int, initial: int):
   return _Silent()
 
 
+def checked(kind: type, requirement: str, test) -> Any:
+  """An argparse ``type``: ``kind(text)``, refused unless ``test(value)``.
+
+  argparse then stops with one line naming the flag, before anything is built:
+  ``argument --b1: must be in [0, 1), got 1.0``.
+  """
+  def parse(text: str):
+    value = kind(text)
+    if not test(value):
+      raise argparse.ArgumentTypeError(f"must be {requirement}, got {text}")
+    return value
+
+  parse.__name__ = kind.__name__  # for argparse's "invalid int value: 'x'"
+  return parse
+
+
+POSITIVE_INT = checked(int, "a positive integer", lambda v: v >= 1)
+NON_NEGATIVE_INT = checked(int, "an integer >= 0", lambda v: v >= 0)
+POSITIVE = checked(float, "a finite number > 0", lambda v: 0 < v < math.inf)
+NON_NEGATIVE = checked(float, "a finite number >= 0", lambda v: 0 <= v < math.inf)
+DECAY = checked(float, "in [0, 1)", lambda v: 0 <= v < 1)
+
+
 def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   g = p.add_argument_group("model")
   g.add_argument("--model", default="tiny", choices=CONFIGS,
                  help="LLaMA size (default tiny; the vocabulary is always 256 bytes)")
-  for flag, field in (("--dim", "dim"), ("--layers", "num_layers"), ("--heads", "num_heads"),
-                      ("--kv-heads", "num_kv_heads"), ("--ffn-dim", "ffn_dim"),
-                      ("--head-dim", "head_dim")):
-    g.add_argument(flag, dest=field, type=int, help=f"override the config's {field}")
+  for flag, field in MODEL_FLAGS:
+    g.add_argument(flag, dest=field, type=POSITIVE_INT, help=f"override the config's {field}")
   g.add_argument("--dtype", default="float32", choices=DTYPES,
                  help="compute dtype (default float32; parameters and optimizer state "
                       "stay float32)")
@@ -457,24 +556,27 @@ def build_parser() -> argparse.ArgumentParser:
   g.add_argument("--data", nargs="+", default=(),
                  help="text files/directories, or hf:NAME[:CONFIG]; default: the Python "
                       "documentation shipped with CPython (pydoc_data)")
-  g.add_argument("--val-fraction", type=float, default=0.1, help="default 0.1")
-  g.add_argument("--seq-len", type=int, default=128, help="default 128")
-  g.add_argument("--batch-size", type=int, default=16, help="default 16")
+  g.add_argument("--val-fraction", type=checked(float, "in (0, 1)", lambda v: 0 < v < 1),
+                 default=0.1, help="default 0.1")
+  g.add_argument("--seq-len", type=checked(int, "an integer >= 2", lambda v: v >= 2),
+                 default=128, help="default 128")
+  g.add_argument("--batch-size", type=POSITIVE_INT, default=16, help="default 16")
   g = p.add_argument_group("optimizer")
   g.add_argument("--optimizer", default="q_adam_mini", choices=optimizers.OPTIMIZERS,
                  help="default q_adam_mini")
-  g.add_argument("--lr", type=float, default=optimizers.OptimizerConfig.lr,
+  g.add_argument("--lr", type=POSITIVE, default=optimizers.OptimizerConfig.lr,
                  help="peak learning rate (default 3e-3)")
-  g.add_argument("--steps", type=int, default=1000, help="optimizer steps (default 1000)")
-  g.add_argument("--warmup-steps", type=int, help="default 10%% of --steps")
-  g.add_argument("--min-lr-ratio", type=float, default=0.1,
+  g.add_argument("--steps", type=POSITIVE_INT, default=1000,
+                 help="optimizer steps (default 1000)")
+  g.add_argument("--warmup-steps", type=NON_NEGATIVE_INT, help="default 10%% of --steps")
+  g.add_argument("--min-lr-ratio", type=NON_NEGATIVE, default=0.1,
                  help="final / peak learning rate of the cosine decay (default 0.1)")
-  g.add_argument("--b1", type=float, default=0.9, help="default 0.9")
-  g.add_argument("--b2", type=float, default=0.95, help="default 0.95")
-  g.add_argument("--weight-decay", type=float, default=0.1, help="default 0.1")
-  g.add_argument("--clip-norm", type=float, default=1.0,
+  g.add_argument("--b1", type=DECAY, default=0.9, help="default 0.9")
+  g.add_argument("--b2", type=DECAY, default=0.95, help="default 0.95")
+  g.add_argument("--weight-decay", type=NON_NEGATIVE, default=0.1, help="default 0.1")
+  g.add_argument("--clip-norm", type=POSITIVE, default=1.0,
                  help="global gradient-norm clipping (default 1.0)")
-  g.add_argument("--grad-accum", type=int, default=1,
+  g.add_argument("--grad-accum", type=POSITIVE_INT, default=1,
                  help="micro-batches per optimizer step, with optax.MultiSteps (default 1)")
   g.add_argument("--partition", default=optimizers.DEFAULT_PARTITION,
                  choices=optimizers.PARTITIONS,
@@ -485,19 +587,24 @@ def build_parser() -> argparse.ArgumentParser:
   g.add_argument("--no-stochastic-rounding", dest="stochastic_rounding", action="store_const",
                  const="none", help="same as --stochastic-rounding none: round m to nearest "
                                     "everywhere, also in the embedding and output layers")
-  g.add_argument("--seed", type=int, default=0,
+  g.add_argument("--skip-nonfinite", action="store_true",
+                 help="skip updates whose gradients hold NaN or infinity (optax.apply_if_finite, "
+                      f"up to {optimizers.MAX_SKIPPED_IN_A_ROW} in a row) instead of stopping")
+  g.add_argument("--seed", type=NON_NEGATIVE_INT, default=0,
                  help="model initialisation, data order and rounding noise (default 0)")
   g = p.add_argument_group("run")
   g.add_argument("--out-dir", help="default: runs/<optimizer>")
-  g.add_argument("--log-every", type=int, default=10, help="default 10 steps")
-  g.add_argument("--eval-every", type=int, default=100, help="default 100 steps")
-  g.add_argument("--eval-batches", type=int, default=32,
+  g.add_argument("--log-every", type=POSITIVE_INT, default=10, help="default 10 steps")
+  g.add_argument("--eval-every", type=POSITIVE_INT, default=100, help="default 100 steps")
+  g.add_argument("--eval-batches", type=POSITIVE_INT, default=32,
                  help="validation batches, at most (default 32; the default corpus has 22)")
-  g.add_argument("--checkpoint-every", type=int, default=250, help="default 250 steps")
-  g.add_argument("--keep-checkpoints", type=int, default=2, help="default 2")
+  g.add_argument("--checkpoint-every", type=POSITIVE_INT, default=250,
+                 help="default 250 steps")
+  g.add_argument("--keep-checkpoints", type=POSITIVE_INT, default=2, help="default 2")
   g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
-  g.add_argument("--resume-step", type=int, help="continue from this checkpoint step")
-  g.add_argument("--stop-at", type=int, help="stop (with a checkpoint) after this step")
+  g.add_argument("--resume-step", type=POSITIVE_INT, help="continue from this checkpoint step")
+  g.add_argument("--stop-at", type=POSITIVE_INT,
+                 help="stop (with a checkpoint) after this step")
   g.add_argument("--no-progress", dest="progress", action="store_false")
   g.add_argument("--mesh",
                  help="train sharded over a device mesh, e.g. data=2,fsdp=4 or data=2,tensor=4 "
@@ -508,17 +615,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def configs_from_args(args: argparse.Namespace):
-  """``(LlamaConfig, OptimizerConfig, TrainConfig)``; ValueError on a bad combination."""
-  overrides = {f: getattr(args, f) for f in
-               ("dim", "num_layers", "num_heads", "num_kv_heads", "ffn_dim", "head_dim")
-               if getattr(args, f) is not None}
-  model_cfg = dataclasses.replace(CONFIGS[args.model], vocab=data_lib.VOCAB_SIZE, **overrides)
+  """``(LlamaConfig, OptimizerConfig, TrainConfig)``.
+
+  Raises ValueError, naming the flags, on a bad combination of flags (each
+  flag's own range is checked by the parser).
+  """
+  overrides = {field: getattr(args, field) for _, field in MODEL_FLAGS
+               if getattr(args, field) is not None}
+  try:
+    model_cfg = dataclasses.replace(CONFIGS[args.model], vocab=data_lib.VOCAB_SIZE, **overrides)
+  except ValueError as err:  # LlamaConfig names its fields: name the flags instead
+    message = str(err)
+    for flag, field in MODEL_FLAGS:
+      message = re.sub(rf"(?<![\w-]){field}(?![\w-])", flag, message)
+    raise ValueError(f"--model {args.model}: {message}") from None
+  warmup = args.steps // 10 if args.warmup_steps is None else args.warmup_steps
+  if warmup > args.steps:
+    raise ValueError(f"--warmup-steps {warmup} must not exceed --steps {args.steps}.")
   opt_cfg = optimizers.OptimizerConfig(
-      name=args.optimizer, lr=args.lr, total_steps=args.steps,
-      warmup_steps=args.steps // 10 if args.warmup_steps is None else args.warmup_steps,
+      name=args.optimizer, lr=args.lr, total_steps=args.steps, warmup_steps=warmup,
       min_lr_ratio=args.min_lr_ratio, b1=args.b1, b2=args.b2, weight_decay=args.weight_decay,
       clip_norm=args.clip_norm, grad_accum=args.grad_accum, partition=args.partition,
-      stochastic_rounding=args.stochastic_rounding, seed=args.seed)
+      stochastic_rounding=args.stochastic_rounding, seed=args.seed,
+      skip_nonfinite=args.skip_nonfinite)
   train_cfg = TrainConfig(
       data=tuple(args.data), val_fraction=args.val_fraction, seq_len=args.seq_len,
       batch_size=args.batch_size, dtype=args.dtype, seed=args.seed, log_every=args.log_every,
@@ -530,7 +649,23 @@ def configs_from_args(args: argparse.Namespace):
   return model_cfg, opt_cfg, train_cfg
 
 
+def resume_command(argv: list[str]) -> str:
+  """The command that continues a run of ``train.py argv`` from its newest checkpoint."""
+  kept, words = [], iter(argv)
+  for word in words:
+    if word == "--resume-step":
+      next(words, None)
+    elif word != "--resume" and not word.startswith("--resume-step="):
+      kept.append(word)
+  script = pathlib.Path(__file__).resolve()
+  if script.is_relative_to(pathlib.Path.cwd()):
+    script = script.relative_to(pathlib.Path.cwd())
+  return shlex.join(["python", str(script), *kept, "--resume"])
+
+
 def main(argv: list[str] | None = None) -> None:
+  """Run from the command line; exits 1 on an error, 128 + signal number when stopped."""
+  argv = sys.argv[1:] if argv is None else argv
   parser = build_parser()
   args = parser.parse_args(argv)
   try:
@@ -539,8 +674,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.error(str(err))
   try:
     train(*configs)
-  except (data_lib.DataError, checkpointing.CheckpointError,
-          qadam_mini_jax.ShardingError) as err:
+  except Stopped as stopped:
+    print(f"\nstopped by {signal.Signals(stopped.signum).name} after step {stopped.step}, "
+          f"saved in {stopped.checkpoint}; continue with:\n  {resume_command(argv)}",
+          file=sys.stderr)
+    sys.exit(128 + stopped.signum)
+  except (data_lib.DataError, checkpointing.CheckpointError, qadam_mini_jax.ShardingError,
+          run_lock.LockError, Diverged) as err:
     sys.exit(f"error: {err}")
 
 

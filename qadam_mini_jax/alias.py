@@ -30,6 +30,7 @@ def default_decay_mask(params: Any) -> Any:
 
 def _decay_and_scale(preconditioner, learning_rate, weight_decay, mask):
   """``chain(preconditioner, add_decayed_weights, scale_by_learning_rate)``."""
+  transform.check_hyperparameters(learning_rate=learning_rate, weight_decay=weight_decay)
   return optax.chain(
       preconditioner,
       optax.add_decayed_weights(weight_decay, default_decay_mask if mask is None else mask),
@@ -55,6 +56,10 @@ def adam_mini(
     learning_rate: a scalar or an optax schedule.
     b1, b2, eps: Adam-mini's decays and epsilon (outside the square root).
     weight_decay: decoupled weight decay rate (multiplied by the learning rate).
+      Numbers given as Python or NumPy scalars are checked (``0 <= b1, b2 < 1``;
+      learning rate, ``eps`` and weight decay finite and ``>= 0``; else
+      ValueError); schedules and arrays, as under ``optax.inject_hyperparams``,
+      are not.
     mask: which leaves decay: a pytree of bools or a callable ``params -> mask``;
       ``None`` means :func:`default_decay_mask` (a default that
       ``optax.inject_hyperparams`` does not mistake for a schedule).

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple, Union
@@ -117,6 +118,28 @@ def resolve_implementation(implementation: str, quantization: Int8Quantization |
   return pallas_update.default_backend()
 
 
+#: What :func:`check_hyperparameters` requires of each name, and the test.
+HYPERPARAMETER_RANGES = {
+    "b1": ("in [0, 1)", lambda v: 0 <= v < 1),
+    "b2": ("in [0, 1)", lambda v: 0 <= v < 1),
+    "eps": ("finite and >= 0", lambda v: 0 <= v < math.inf),
+    "learning_rate": ("finite and >= 0", lambda v: 0 <= v < math.inf),
+    "weight_decay": ("finite and >= 0", lambda v: 0 <= v < math.inf),
+}
+
+
+def check_hyperparameters(**values: Any) -> None:
+  """ValueError for a concrete Python or NumPy number outside :data:`HYPERPARAMETER_RANGES`.
+
+  Schedules, JAX arrays and tracers (``optax.inject_hyperparams``) pass
+  through unchecked: their values are not known when the optimizer is built.
+  """
+  for name, value in values.items():
+    requirement, test = HYPERPARAMETER_RANGES[name]
+    if isinstance(value, numbers.Real) and not isinstance(value, bool) and not test(value):
+      raise ValueError(f"{name} must be {requirement}, got {value}.")
+
+
 class ScaleByAdamMiniState(NamedTuple):
   """State of :func:`scale_by_adam_mini`.
 
@@ -189,6 +212,7 @@ def adam_mini_step(
     shardings: Any = None,
 ) -> tuple[Callable[[Any], ScaleByAdamMiniState], Callable[..., tuple[Any, ScaleByAdamMiniState]]]:
   """``(init, step)`` of :func:`scale_by_adam_mini`; ``step(g, state, epilogue=None)``."""
+  check_hyperparameters(b1=b1, b2=b2, eps=eps)
   partition = partition_lib.BlockPartition() if partition is None else partition
   mu_dtype = _resolve_dtype(mu_dtype)
   backend = resolve_implementation(implementation, quantization)

@@ -521,6 +521,41 @@ def test_inject_hyperparams_int_key_matches_direct():
   assert np.abs(other["embed/embedding"] - direct["embed/embedding"]).max() > 0
 
 
+@pytest.mark.parametrize("factory", ["adam_mini", "q_adam_mini", "fused_q_adam_mini"])
+@pytest.mark.parametrize("name, value, problem", [
+    ("b1", 1.0, r"b1 must be in \[0, 1\), got 1.0"),
+    ("b1", -0.1, r"b1 must be in \[0, 1\)"),
+    ("b2", 1.5, r"b2 must be in \[0, 1\), got 1.5"),
+    ("b2", np.float32("nan"), r"b2 must be in \[0, 1\), got nan"),
+    ("eps", -1e-8, r"eps must be finite and >= 0"),
+    ("learning_rate", -1e-3, r"learning_rate must be finite and >= 0, got -0.001"),
+    ("learning_rate", math.inf, r"learning_rate must be finite and >= 0, got inf"),
+    ("weight_decay", math.nan, r"weight_decay must be finite and >= 0, got nan"),
+])
+def test_out_of_range_hyperparameters_are_refused(factory, name, value, problem):
+  with pytest.raises(ValueError, match=problem):
+    getattr(qadam_mini_jax, factory)(**{"learning_rate": LR, name: value})
+
+
+def test_scale_by_adam_mini_checks_its_hyperparameters():
+  with pytest.raises(ValueError, match=r"b2 must be in \[0, 1\), got 1"):
+    qadam_mini_jax.scale_by_adam_mini(b2=1)
+  qadam_mini_jax.scale_by_adam_mini(b1=0.0, b2=0.0, eps=0.0)  # the edges are allowed
+
+
+def test_schedules_and_arrays_are_not_checked_at_construction():
+  """Their values are unknown or runtime values (inject_hyperparams passes arrays)."""
+  qadam_mini_jax.q_adam_mini(lambda count: -1.0, b1=jnp.float32(2.0))
+  tx = optax.inject_hyperparams(qadam_mini_jax.q_adam_mini)(
+      learning_rate=LR, b1=0.5, partition=PARTITION)
+  params, grads = _tree_data()
+  state = tx.init(params)
+  assert state.hyperparams["b1"] == 0.5
+  state.hyperparams["b1"] = jnp.asarray(0.8)  # changed at runtime, not re-checked
+  updates, _ = jax.jit(tx.update)(grads[0], state, params)
+  assert all(np.isfinite(np.asarray(u)).all() for u in jax.tree.leaves(updates))
+
+
 # -----------------------------------------------------------------------------
 # 5. Learning-rate schedules.
 # -----------------------------------------------------------------------------

@@ -4,18 +4,27 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import pathlib
 import re
 import shutil
+import signal
+import socket
+import subprocess
 import sys
+import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import checkpointing
 import data as data_lib
+import run_lock
 import train
+
+EXAMPLES = pathlib.Path(train.__file__).resolve().parent
 
 # A model far below "tiny" for the checkpoint tests: they exercise the plumbing.
 SMALL = ["--dim", "32", "--layers", "1", "--heads", "2", "--kv-heads", "1", "--ffn-dim", "64",
@@ -85,11 +94,14 @@ def test_resume_continues_the_exact_trajectory(uninterrupted, tmp_path):
 
 def test_corrupt_checkpoint_is_reported_and_the_previous_one_still_resumes(
     uninterrupted, copied_run):
-  for f in (copied_run / "checkpoints" / "6" / "state").rglob("*"):
-    if f.is_file():
-      f.write_bytes(b"garbage")
-  with pytest.raises(checkpointing.CheckpointError, match=r"step 6.*unreadable.*steps \[3\]"):
+  for f in (copied_run / "checkpoints" / "6" / "state" / "ocdbt.process_0" / "d").iterdir():
+    f.write_bytes(f.read_bytes()[:len(f.read_bytes()) // 2])  # truncated array data
+  with pytest.raises(checkpointing.CheckpointError) as err:
     run(copied_run, *RESUME_FLAGS, "--resume")
+  assert re.fullmatch(
+      r"checkpoint step 6 in \S+: \S+/checkpoints/6/state \(array [\w/]+\) is unreadable, "
+      r"truncated or damaged \(.{,400}\)\. Resume from an older checkpoint with --resume-step 3 "
+      r"\(steps here: \[3\]\)\.", str(err.value))  # no TensorStore spec dump
   resumed = run(copied_run, *RESUME_FLAGS, "--resume-step", "3")
   assert_same_state(uninterrupted[1].state, resumed.state)
   assert (copied_run / "checkpoints-set-aside" / "6").is_dir()  # kept, out of the way
@@ -119,6 +131,107 @@ def test_existing_checkpoints_are_not_overwritten_without_resume(copied_run):
   assert checkpointing.Checkpoints(copied_run / "checkpoints").steps() == [3, 6]
 
 
+@pytest.mark.parametrize("flags, problem", [
+    (["--log-every", "0"], "argument --log-every: must be a positive integer, got 0"),
+    (["--eval-every", "0"], "argument --eval-every: must be a positive integer, got 0"),
+    (["--checkpoint-every", "0"], "argument --checkpoint-every: must be a positive integer, got 0"),
+    (["--batch-size", "0"], "argument --batch-size: must be a positive integer, got 0"),
+    (["--steps", "-5"], "argument --steps: must be a positive integer, got -5"),
+    (["--lr", "nan"], "argument --lr: must be a finite number > 0, got nan"),
+    (["--lr", "inf"], "argument --lr: must be a finite number > 0, got inf"),
+    (["--b1", "1.0"], r"argument --b1: must be in [0, 1), got 1.0"),
+    (["--b2", "1.5"], r"argument --b2: must be in [0, 1), got 1.5"),
+    (["--weight-decay", "-0.1"], "argument --weight-decay: must be a finite number >= 0, got -0.1"),
+    (["--steps", "10", "--warmup-steps", "20"], "--warmup-steps 20 must not exceed --steps 10."),
+])
+def test_bad_flags_fail_in_one_line_naming_the_flag(tmp_path, capsys, flags, problem):
+  with pytest.raises(SystemExit) as exit_info:
+    train.main([*flags, "--out-dir", str(tmp_path / "run")])
+  assert exit_info.value.code == 2  # argparse's parser.error, before anything is built
+  assert capsys.readouterr().err.splitlines()[-1].endswith(f"error: {problem}")
+  assert not (tmp_path / "run").exists()
+
+
+TINY_RUN = [*SMALL, "--steps", "1", "--warmup-steps", "0"]
+
+
+def test_one_writer_per_run_directory_and_stale_locks_are_taken_over(tmp_path, capsys):
+  holder = subprocess.Popen(
+      [sys.executable, "-c", "import run_lock, sys, time; run_lock.RunLock(sys.argv[1])"
+       ".__enter__(); print('locked', flush=True); time.sleep(120)", str(tmp_path)],
+      cwd=EXAMPLES, stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline() == "locked\n"
+    who = f"PID {holder.pid} on host {socket.gethostname()}"
+    with pytest.raises(run_lock.LockError, match=rf"in use by another run \({who}, since"):
+      run(tmp_path, *TINY_RUN)
+    assert not (tmp_path / "metrics.jsonl").exists()  # the refused run wrote nothing
+  finally:
+    holder.kill()  # SIGKILL: no cleanup, its lock file stays behind
+    holder.wait()
+  assert json.loads((tmp_path / run_lock.LOCK_FILE).read_text())["pid"] == holder.pid  # stale
+  run(tmp_path, *TINY_RUN)
+  assert f"took over the stale lock of {tmp_path} from {who}" in capsys.readouterr().err
+  assert not (tmp_path / run_lock.LOCK_FILE).exists()  # released at the end
+
+
+DIVERGING = [*SMALL, "--optimizer", "adamw", "--lr", "1e30", "--warmup-steps", "0"]
+
+
+def test_divergence_stops_with_the_step_and_no_nonfinite_checkpoint(tmp_path):
+  with pytest.raises(SystemExit) as exit_info:
+    train.main([*DIVERGING, "--steps", "6", "--checkpoint-every", "1", "--log-every", "5",
+                "--out-dir", str(tmp_path), "--no-progress"])
+  assert re.fullmatch(
+      r"error: step 2: loss \S+, gradient norm nan: training diverged and stops without "
+      r"saving; the checkpoint of step 1 in \S+ is the last good one \(--resume-step 1\)\. "
+      r"Try a lower --lr \(this run: 1e\+30\), or --skip-nonfinite to skip updates whose "
+      r"gradients are not finite \(optax.apply_if_finite\)\.", exit_info.value.code)
+  assert checkpointing.Checkpoints(tmp_path / "checkpoints").steps() == [1]
+  assert [m["step"] for m in metrics(tmp_path)] == [1]
+  assert not (tmp_path / "summary.json").exists()
+
+
+def test_skip_nonfinite_skips_updates_until_apply_if_finite_gives_up(tmp_path):
+  with pytest.raises(train.Diverged, match=r"^step 12: .*\(11 micro-batches in a row, more "
+                     r"than --skip-nonfinite skips\).* the checkpoint of step 10 "):
+    run(tmp_path, *DIVERGING, "--steps", "20", "--checkpoint-every", "5", "--skip-nonfinite")
+  assert [m["skipped"] for m in metrics(tmp_path)] == [0] + [1] * 10
+  # Steps 2 to 11 were skipped: the state stayed finite, so 5 and 10 were saved.
+  assert checkpointing.Checkpoints(tmp_path / "checkpoints").steps() == [5, 10]
+
+
+def test_all_finite_looks_at_float_leaves_only():
+  codes = jnp.full((3,), -128, jnp.int8)
+  assert train.all_finite({"codes": codes, "m": jnp.ones(3)})
+  assert not train.all_finite({"codes": codes, "m": jnp.array([1.0, jnp.inf, 0.0])})
+  assert not train.all_finite({"codes": codes, "v": jnp.array([[jnp.nan]], jnp.bfloat16)})
+
+
+def test_sigterm_saves_the_current_step_and_the_run_resumes_exactly(tmp_path):
+  flags = [*SMALL, "--optimizer", "q_adam_mini", "--steps", "100000", "--warmup-steps", "2",
+           "--checkpoint-every", "100000"]
+  out = tmp_path / "stopped"
+  proc = subprocess.Popen([sys.executable, str(EXAMPLES / "train.py"), *flags, "--out-dir",
+                           str(out), "--no-progress"], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  deadline = time.monotonic() + 300
+  while not ((out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text()):
+    assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in err
+  step = int(re.search(r"stopped by SIGTERM after step (\d+), saved in \S+; continue with:\n"
+                       r"  python \S*train.py .* --out-dir \S+ --no-progress --resume\n$",
+                       err).group(1))
+  assert checkpointing.Checkpoints(out / "checkpoints").steps() == [step]
+  resumed = run(out, *flags, "--resume", "--stop-at", str(step + 2))
+  whole = run(tmp_path / "whole", *flags, "--stop-at", str(step + 2))
+  assert_same_state(whole.state, resumed.state)
+  assert metrics(out) == metrics(tmp_path / "whole")
+
+
 def test_missing_empty_or_tiny_data_fail_clearly(tmp_path, capsys):
   with pytest.raises(SystemExit, match="does not exist"):
     train.main(["--data", str(tmp_path / "nope.txt"), "--out-dir", str(tmp_path / "run")])
@@ -137,7 +250,7 @@ def test_missing_empty_or_tiny_data_fail_clearly(tmp_path, capsys):
 def test_heads_that_do_not_divide_the_width_fail_clearly(capsys):
   with pytest.raises(SystemExit):
     train.main(["--model", "tiny", "--heads", "6", "--kv-heads", "2"])
-  assert "num_heads=6 does not divide dim=128" in capsys.readouterr().err
+  assert "--heads=6 does not divide --dim=128; set --head-dim" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("mesh, problem", [
