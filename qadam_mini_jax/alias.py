@@ -8,6 +8,8 @@ workshop), the same with the first moment stored in INT8.
 
 from __future__ import annotations
 
+import functools
+import re
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -20,20 +22,48 @@ from qadam_mini_jax import partition as partition_lib
 from qadam_mini_jax import transform
 
 
-def default_decay_mask(params: Any) -> Any:
-  """Decay only float kernels of rank >= 2: no decay on norms, biases, 1-D params."""
+_NORM = re.compile(r".*norm.*|ln(_\w+|\d+)?", re.IGNORECASE)
+
+
+def default_decay_mask(params: Any, partition: partition_lib.BlockPartition | None = None, *,
+                       embeddings: bool = True) -> Any:
+  """Which leaves weight decay applies to, by rule rather than by rank.
+
+  As in the Adam-mini reference (arXiv:2406.16793, code): no decay for biases
+  and norm parameters (a path component containing ``norm``, or ``ln``,
+  ``ln_f``, ``ln_1``...), nor for any leaf of rank < 2; embeddings decay
+  unless ``embeddings=False``. The layer axes that ``partition`` declares
+  (stacked layers) do not count toward the rank, so a stacked norm ``(L, D)``
+  is not decayed either.
+  """
+  partition = partition_lib.BlockPartition() if partition is None else partition
+
   def decays(path, leaf):
-    name = partition_lib.path_str(path).rsplit("/", 1)[-1].lower()
-    return partition_lib.is_trainable(leaf) and leaf.ndim >= 2 and name != "bias"
+    if not partition_lib.is_trainable(leaf):
+      return False
+    path = partition_lib.path_str(path)
+    names = path.split("/")
+    if names[-1].lower() == "bias" or any(_NORM.fullmatch(n) for n in names):
+      return False
+    layers = partition.layer_axes(path, tuple(leaf.shape))
+    inner = tuple(n for i, n in enumerate(leaf.shape) if i not in layers)
+    if len(inner) < 2:
+      return False
+    return embeddings or partition.rule_for(path, inner) != partition_lib.EMBEDDING
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def _decay_and_scale(preconditioner, learning_rate, weight_decay, mask):
+def _mask(mask: Any, partition: partition_lib.BlockPartition | None) -> Any:
+  """The decay mask of an alias: ``mask``, or the default for its partition."""
+  return functools.partial(default_decay_mask, partition=partition) if mask is None else mask
+
+
+def _decay_and_scale(preconditioner, learning_rate, weight_decay, mask, partition):
   """``chain(preconditioner, add_decayed_weights, scale_by_learning_rate)``."""
   transform.check_hyperparameters(learning_rate=learning_rate, weight_decay=weight_decay)
   return optax.chain(
       preconditioner,
-      optax.add_decayed_weights(weight_decay, default_decay_mask if mask is None else mask),
+      optax.add_decayed_weights(weight_decay, _mask(mask, partition)),
       optax.scale_by_learning_rate(learning_rate),
   )
 
@@ -61,8 +91,9 @@ def adam_mini(
       ValueError); schedules and arrays, as under ``optax.inject_hyperparams``,
       are not.
     mask: which leaves decay: a pytree of bools or a callable ``params -> mask``;
-      ``None`` means :func:`default_decay_mask` (a default that
-      ``optax.inject_hyperparams`` does not mistake for a schedule).
+      ``None`` means :func:`default_decay_mask` for ``partition`` (no decay on
+      norms and biases; a default that ``optax.inject_hyperparams`` does not
+      mistake for a schedule).
     partition: Hessian block rules, see
       :class:`~qadam_mini_jax.partition.BlockPartition`.
     mu_dtype: float dtype of ``m`` (e.g. ``"bfloat16"``; pass a string or list
@@ -73,7 +104,7 @@ def adam_mini(
   return _decay_and_scale(
       transform.scale_by_adam_mini(b1, b2, eps, partition=partition, mu_dtype=mu_dtype,
                                    shardings=shardings),
-      learning_rate, weight_decay, mask)
+      learning_rate, weight_decay, mask, partition)
 
 
 def q_adam_mini(
@@ -115,7 +146,7 @@ def q_adam_mini(
           b1, b2, eps, partition=partition, quantization=quantization,
           stochastic_rounding=stochastic_rounding, key=key, implementation=implementation,
           shardings=shardings),
-      learning_rate, weight_decay, mask)
+      learning_rate, weight_decay, mask, partition)
 
 
 class FusedOptimizer(NamedTuple):
@@ -168,7 +199,7 @@ def fused_q_adam_mini(
     adam_state, decay_state, lr_state = state
     wd, decay_inner = decay.update(0.0 * one, decay_state.inner_state, one)
     neg_lr, lr_state = scale.update(one, lr_state)
-    decays = (default_decay_mask if mask is None else mask)
+    decays = _mask(mask, partition)
     decays = decays(params) if callable(decays) else decays
     params, adam_state = adam_step(
         grads, adam_state, transform.Epilogue(params, neg_lr, wd, decays))

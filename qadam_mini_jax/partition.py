@@ -39,11 +39,15 @@ class BlockSpec(NamedTuple):
       head_dim)`` first: one block per head, also spanning ``head_dim``.
       ``axis`` must not be listed in ``axes``.
     rule: name of the rule that produced the spec (for :func:`describe`).
+    layers: axes that stack layers (scanned models): never in ``axes``; the
+      INT8 groups, rounding streams and storage choice of the leaf are those
+      of each layer alone.
   """
 
   axes: tuple[int, ...]
   heads: tuple[int, int] | None = None
   rule: str = "custom"
+  layers: tuple[int, ...] = ()
 
 
 # Rule names, in the order the default rules try them.
@@ -133,6 +137,14 @@ class BlockPartition:
       byte-level LLaMA of ``benchmarks/results/compare`` it halves Adam-mini's
       gap to AdamW (2.5% to 1.2% in validation loss); the paper's per-head
       blocks stay the default.
+    layers: stacked (scanned) layers: a mapping from a regular expression,
+      matched against whole path components anywhere in a parameter's path
+      (``"layers"`` matches ``"decoder/layers/mlp/wi_0/kernel"``), to the
+      position of the layer axis in those parameters: 0 for ``nnx.scan``,
+      linen ``nn.scan`` and Levanter, 1 for MaxText (``param_scan_axis=1``),
+      or a tuple of positions for nested scans. Every rule then applies to
+      each layer's slice, so the blocks, INT8 groups, stochastic-rounding
+      streams and weight decay are those of the unstacked model.
     rules: user rules tried before the defaults: either a mapping from a
       regular expression (matched against whole trailing path components, so
       ``"q_proj/kernel"`` matches ``"layers/0/attn/q_proj/kernel"``) to a rule,
@@ -140,7 +152,7 @@ class BlockPartition:
       (``"embedding"``, ``"query"``, ``"key"``, ``"fused_qkv"``, ``"value"``,
       ``"attn_out"``, ``"mlp"``, ``"output"``, ``"whole"``,
       ``"per_element"``), a :class:`BlockSpec`, or a callable ``(path, shape)
-      -> BlockSpec``.
+      -> BlockSpec``. In stacked layers, rules see one layer's shape.
   """
 
   num_heads: int | None = None
@@ -148,6 +160,7 @@ class BlockPartition:
   head_dim: int | None = None
   value_as_one_block: bool = False
   query_key_per_neuron: bool = False
+  layers: Mapping[str, int | tuple[int, ...]] | None = None
   rules: Mapping[str, Rule] | Callable[[str, tuple[int, ...]], Rule | None] | None = None
 
   def __post_init__(self):
@@ -184,20 +197,44 @@ class BlockPartition:
 
   # -- specs ------------------------------------------------------------------
 
+  def layer_axes(self, path: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Positions of the layer axes of one parameter (``()`` outside stacked layers)."""
+    components = path.split("/")
+    for pattern, axes in (self.layers or {}).items():
+      if any(re.fullmatch(pattern, "/".join(components[i:j]), re.IGNORECASE)
+             for i in range(len(components)) for j in range(i + 1, len(components) + 1)):
+        axes = (axes,) if isinstance(axes, (int, np.integer)) else tuple(axes)
+        if any(not 0 <= a < len(shape) for a in axes) or len(set(axes)) != len(axes):
+          raise PartitionError(
+              f"{path}: layer axes {axes} (layers={{{pattern!r}: ...}}) do not fit shape {shape}.")
+        return tuple(sorted(axes))
+    return ()
+
   def spec(self, path: str, shape: tuple[int, ...]) -> BlockSpec:
-    """The :class:`BlockSpec` of one parameter; raises :class:`PartitionError`."""
-    rule = self.rule_for(path, shape)
+    """The :class:`BlockSpec` of one parameter; raises :class:`PartitionError`.
+
+    In stacked layers the rule is applied to one layer's shape and its axes
+    are mapped back around the layer axes.
+    """
+    layers = self.layer_axes(path, shape)
+    kept = [i for i in range(len(shape)) if i not in layers]
+    inner = tuple(shape[i] for i in kept)
+    rule = self.rule_for(path, inner)
     if isinstance(rule, BlockSpec):
       spec = rule
     elif isinstance(rule, str):
-      spec = self._named_spec(rule, path, shape)
+      spec = self._named_spec(rule, path, inner)
     elif callable(rule):
-      spec = rule(path, shape)
+      spec = rule(path, inner)
     else:
       raise PartitionError(f"{path}: a rule must be a name, a BlockSpec or a "
                            f"callable, got {rule!r}.")
-    _check_spec(spec, path, shape)
-    return spec
+    _check_spec(spec, path, inner)
+    if not layers:
+      return spec
+    spec = normalize_spec(spec, len(inner))
+    heads = None if spec.heads is None else (kept[spec.heads[0]], spec.heads[1])
+    return BlockSpec(tuple(kept[a] for a in spec.axes), heads, spec.rule, layers)
 
   def _heads(self, rule: str, path: str, shape: tuple[int, ...], axis: int) -> int:
     """Number of heads that ``axis`` of a 2-D query/key/QKV kernel splits into."""
@@ -222,6 +259,20 @@ class BlockPartition:
           f"{heads} heads (shape {shape}).")
     return heads
 
+  def _check_head_axis(self, rule: str, path: str, shape: tuple[int, ...]) -> None:
+    """A 3-D ``(in, heads, head_dim)`` kernel must agree with the configured heads.
+
+    This is what catches a stacked ``(layers, in, heads*head_dim)`` kernel
+    whose layer axis was not declared (``layers=``).
+    """
+    heads = {QUERY: self.num_heads, KEY: self.num_kv_heads or self.num_heads}[rule]
+    if (heads is not None and shape[1] != heads) or (
+        self.head_dim is not None and shape[2] != self.head_dim):
+      raise PartitionError(
+          f"{path}: a 3-D {rule} kernel {shape} is read as (in, heads, head_dim), which "
+          f"contradicts num_heads/num_kv_heads={heads}, head_dim={self.head_dim}; if it "
+          "stacks layers, declare them with BlockPartition(layers={...}).")
+
   def _named_spec(self, rule: str, path: str, shape: tuple[int, ...]) -> BlockSpec:
     ndim = len(shape)
     all_axes = tuple(range(ndim))
@@ -238,6 +289,7 @@ class BlockPartition:
       return BlockSpec((0,), None, rule)
     if rule in (QUERY, KEY, QKV):
       if ndim == 3 and rule != QKV:  # (in, heads, head_dim)
+        self._check_head_axis(rule, path, shape)
         return BlockSpec((0, 2), None, rule)
       if ndim != 2:
         raise PartitionError(
@@ -272,6 +324,17 @@ def _check_spec(spec: Any, path: str, shape: tuple[int, ...]) -> None:
 def normalize_spec(spec: BlockSpec, ndim: int) -> BlockSpec:
   """Spec with non-negative, sorted axes."""
   return spec._replace(axes=tuple(sorted(a % ndim for a in spec.axes)))
+
+
+def layer_slice(spec: BlockSpec, shape: tuple[int, ...]) -> tuple[BlockSpec, tuple[int, ...]]:
+  """The spec and shape of one layer of a stacked leaf (the leaf itself if unstacked)."""
+  if not spec.layers:
+    return spec, shape
+  kept = [i for i in range(len(shape)) if i not in spec.layers]
+  inner = {full: k for k, full in enumerate(kept)}
+  heads = None if spec.heads is None else (inner[spec.heads[0]], spec.heads[1])
+  return (BlockSpec(tuple(inner[a] for a in spec.axes), heads, spec.rule),
+          tuple(shape[i] for i in kept))
 
 
 def block_specs(params: Any, partition: BlockPartition, *, warn: bool = False) -> Any:

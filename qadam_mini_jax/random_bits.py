@@ -59,6 +59,12 @@ def stream_seeds(words: jax.Array, step: jax.Array, leaf: int) -> tuple[jax.Arra
   return s0, s1
 
 
+def layer_seeds(s0: jax.Array, s1: jax.Array, layer: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """The stream of one layer of a stacked (scanned) leaf, from the leaf's stream."""
+  t0 = mix32(s0 ^ mix32(jnp.asarray(layer).astype(jnp.uint32) * _GOLDEN + _GOLDEN))
+  return t0, mix32(t0 ^ s1)
+
+
 def element_bits(index: jax.Array, s0: jax.Array, s1: jax.Array) -> jax.Array:
   """uint32 random bits for flat element indices ``index`` of one stream."""
   return mix32(mix32(index.astype(jnp.uint32) ^ s0) + s1)

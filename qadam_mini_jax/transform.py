@@ -62,16 +62,54 @@ class Int8Quantization:
 
 def layout_for(spec: partition_lib.BlockSpec, shape: tuple[int, ...],
                quantization: Int8Quantization) -> quantize_lib.GroupLayout:
-  """INT8 groups of a leaf: down the columns over its leading reduced axes.
+  """INT8 groups of a leaf (of one layer, if it stacks layers): down the columns
+  over its leading reduced axes.
 
   A Flax ``(in, out)`` kernel with a block per output neuron gets groups over
   ``in`` inside each neuron; leaves whose blocks do not reduce axis 0
   (embedding rows, biases) or reduce every axis get row groups.
   """
+  spec, shape = partition_lib.layer_slice(spec, shape)
   leading = 0
   while leading < len(shape) and leading in spec.axes:
     leading += 1
   return quantize_lib.group_layout(shape, quantization.group_size, leading)
+
+
+def stacked_axes(spec: partition_lib.BlockSpec, layer_rank: int) -> tuple[int, ...]:
+  """Where the layer axes of a stacked leaf sit in an array built per layer
+  with ``layer_rank`` axes (INT8 scales): the leaf's own positions, or last."""
+  out, rank = [], layer_rank
+  for axis in spec.layers:
+    out.append(min(axis, rank))
+    rank += 1
+  return tuple(out)
+
+
+def scales_shape(spec: partition_lib.BlockSpec, shape: tuple[int, ...],
+                 quantization: Int8Quantization) -> tuple[int, ...]:
+  """Shape of a leaf's INT8 scales: one layer's, with the layer axes inserted."""
+  out = list(layout_for(spec, shape, quantization).scales_shape)
+  for axis, at in zip(spec.layers, stacked_axes(spec, len(out))):
+    out.insert(at, shape[axis])
+  return tuple(out)
+
+
+def per_layer(fn: Callable[..., Any], in_axes: tuple[Any, ...], out_axes: tuple[Any, ...]):
+  """``fn`` of one layer's arrays, mapped over the layer axes of a stacked leaf.
+
+  ``in_axes`` / ``out_axes`` give, per argument / result (a pytree prefix),
+  the ascending positions of the layer axes in the stacked array, or ``None``
+  for an argument shared by all layers.
+  """
+  is_axes = lambda a: a is None or (isinstance(a, tuple) and all(isinstance(i, int) for i in a))
+
+  def nth(axes, k):
+    return jax.tree.map(lambda a: None if a is None else a[k] - k, axes, is_leaf=is_axes)
+  count = len(jax.tree.leaves(out_axes, is_leaf=is_axes)[0])
+  for k in reversed(range(count)):
+    fn = jax.vmap(fn, in_axes=nth(in_axes, k), out_axes=nth(out_axes, k))
+  return fn
 
 
 #: ``"auto"`` (embedding and output blocks), ``"all"``, ``"none"``, a pytree of
@@ -217,17 +255,19 @@ def adam_mini_step(
   mu_dtype = _resolve_dtype(mu_dtype)
   backend = resolve_implementation(implementation, quantization)
 
-  def stores_int8(shape):
-    return quantization is not None and math.prod(shape) >= quantization.min_size
+  def stores_int8(spec, shape):
+    """INT8 ``m`` for leaves (layers, if stacked) of at least ``min_size`` elements."""
+    return quantization is not None and (
+        math.prod(partition_lib.layer_slice(spec, shape)[1]) >= quantization.min_size)
 
   def leaf_init(spec, leaf):
     if spec is None:
       return optax.MaskedNode(), optax.MaskedNode()
     nu = jnp.zeros(partition_lib.block_shape(spec, leaf.shape), jnp.float32)
-    if stores_int8(leaf.shape):  # quantize(zeros), built directly (no reduction to fold)
-      layout = layout_for(spec, leaf.shape, quantization)
-      return quantize_lib.QuantizedArray(jnp.zeros(leaf.shape, jnp.int8),
-                                         jnp.zeros(layout.scales_shape, jnp.float32)), nu
+    if stores_int8(spec, leaf.shape):  # quantize(zeros), built directly (no reduction to fold)
+      return quantize_lib.QuantizedArray(
+          jnp.zeros(leaf.shape, jnp.int8),
+          jnp.zeros(scales_shape(spec, leaf.shape, quantization), jnp.float32)), nu
     return jnp.zeros(leaf.shape, mu_dtype or jnp.float32), nu
 
   def sharded_like(state, params):
@@ -271,15 +311,16 @@ def adam_mini_step(
         out_mu.append(mu)
         out_nu.append(nu)
         continue
-      _check_leaf_matches(paths[index], tuple(g.shape), spec, mu, nu, stores_int8(g.shape))
+      _check_leaf_matches(paths[index], tuple(g.shape), spec, mu, nu, stores_int8(spec, g.shape))
       g32 = g.astype(jnp.float32)
       nu = b2_ * nu + (1.0 - b2_) * partition_lib.block_mean(g32 * g32, spec)
       # One factor per block, so the per-element work is a single multiply:
       # u = m * 1/((1-b1^t) * (sqrt(v_B)/sqrt(1-b2^t) + eps)).
       factor = 1.0 / (bc1 * (jnp.sqrt(nu) / sqrt_bc2 + eps))
       wd = (epilogue.wd if decay else jnp.zeros([], jnp.float32)) if epilogue else None
+      out_nu.append(nu)
 
-      def finish(u):
+      def finish(u, g, p):
         """The chain after the preconditioner: decay, learning rate, apply."""
         u = u.astype(g.dtype)
         if epilogue is None:
@@ -287,40 +328,57 @@ def adam_mini_step(
         u = (u + wd * p) if decay else u
         return jnp.asarray(p + epilogue.neg_lr.astype(u.dtype) * u).astype(p.dtype)
 
-      def moment_and_direction(m_prev):
-        m = b1_ * m_prev + (1.0 - b1_) * g32
-        return m, m * partition_lib.broadcast_block(factor, spec, g.shape)
-
-      if not stores_int8(g.shape):
-        m, u = moment_and_direction(mu.astype(jnp.float32))
-        out.append(finish(u))
+      if not stores_int8(spec, g.shape):
+        m = b1_ * mu.astype(jnp.float32) + (1.0 - b1_) * g32
+        out.append(finish(m * partition_lib.broadcast_block(factor, spec, g.shape), g, p))
         out_mu.append(m.astype(mu.dtype))
-        out_nu.append(nu)
         continue
       mu = quantize_lib.QuantizedArray(mu.codes, mu.scales)  # flax.nnx hands it back as a State
+      layer_spec, _ = partition_lib.layer_slice(spec, g.shape)
       layout = layout_for(spec, g.shape, quantization)
       seeds = random_bits.stream_seeds(state.key, count, index) if sr else None
-      if backend is None:
-        m, u = moment_and_direction(quantize_lib.dequantize(mu, layout))
-        noise = None if seeds is None else random_bits.uniform(g.shape, *seeds)
-        out.append(finish(u))
-        out_mu.append(quantize_lib.quantize(m, layout, noise))
-      else:
+      sharded = not (leaf_sharding is None or leaf_sharding.is_fully_replicated)
+      if sharded and spec.layers and backend is not None:
+        raise sharding_lib.ShardingError(
+            f"{paths[index]}: the fused kernel does not run per shard on stacked layers "
+            f"(layer axes {spec.layers}); use implementation='xla' for this model.")
+
+      def int8_step(g, mu, factor, p, layer, layout=layout, layer_spec=layer_spec,
+                    seeds=seeds, sr=sr, finish=finish, path=paths[index],
+                    leaf_sharding=leaf_sharding, sharded=sharded):
+        """One layer's (or an unstacked leaf's) update: ``(out, new m)``."""
+        if seeds is not None and layer is not None:
+          seeds = random_bits.layer_seeds(*seeds, layer)
+        if backend is None:
+          m = b1_ * quantize_lib.dequantize(mu, layout) + (1.0 - b1_) * g.astype(jnp.float32)
+          noise = None if seeds is None else random_bits.uniform(g.shape, *seeds)
+          u = m * partition_lib.broadcast_block(factor, layer_spec, g.shape)
+          return finish(u, g, p), quantize_lib.quantize(m, layout, noise)
         zero, no_word = jnp.zeros([], jnp.float32), jnp.zeros([], jnp.uint32)
         hyper = [b1_, 1.0 - b1_, epilogue.neg_lr if epilogue else zero, wd if epilogue else zero]
-        args = (p if epilogue else g, g, mu, pallas_update.factors_2d(factor, spec, layout),
+        args = (p if epilogue else g, g, mu, pallas_update.factors_2d(factor, layer_spec, layout),
                 jnp.stack([jnp.asarray(h, jnp.float32) for h in hyper] + [zero] * 4),
                 jnp.stack([*(seeds or (no_word, no_word)), no_word, no_word]))  # offsets 0
-        kernel_args = dict(stochastic=sr, fuse_step=epilogue is not None, backend=backend,
-                           **pallas_update.factor_axes(spec, layout))
-        if leaf_sharding is None or leaf_sharding.is_fully_replicated:
-          new, mu = pallas_update.fused_leaf_update(*args, layout=layout, **kernel_args)
-        else:
-          new, mu = pallas_update.sharded_leaf_update(
-              *args, layout=layout, sharding=leaf_sharding, path=paths[index], **kernel_args)
-        out.append(new)
-        out_mu.append(mu)
-      out_nu.append(nu)
+        kernel_args = dict(stochastic=seeds is not None, fuse_step=epilogue is not None,
+                           backend=backend, **pallas_update.factor_axes(layer_spec, layout))
+        if not sharded:
+          return pallas_update.fused_leaf_update(*args, layout=layout, **kernel_args)
+        return pallas_update.sharded_leaf_update(
+            *args, layout=layout, sharding=leaf_sharding, path=path, **kernel_args)
+
+      p_arg = p if epilogue else None
+      if not spec.layers:
+        new, mu = int8_step(g, mu, factor, p_arg, None)
+      else:  # map one layer's update over the layer axes
+        ax, sx = spec.layers, stacked_axes(spec, len(layout.scales_shape))
+        sizes = tuple(g.shape[a] for a in ax)
+        layers = jnp.arange(math.prod(sizes), dtype=jnp.uint32).reshape(sizes)
+        new, mu = per_layer(
+            int8_step, (ax, quantize_lib.QuantizedArray(ax, sx), ax, ax if epilogue else None,
+                        tuple(range(len(ax)))),
+            (ax, quantize_lib.QuantizedArray(ax, sx)))(g, mu, factor, p_arg, layers)
+      out.append(new)
+      out_mu.append(mu)
     unflatten = lambda leaves: jax.tree.unflatten(treedef, leaves)
     return unflatten(out), sharded_like(ScaleByAdamMiniState(
         count=count, key=state.key, mu=unflatten(out_mu), nu=unflatten(out_nu)), updates)

@@ -180,3 +180,58 @@ def test_describe_table():
   assert row.split()[-3:] == ["embedding", "32", f"{512 + 2 * 4 + 32 * 4:,}"]
   n_params = sum(x.size for x in jax.tree.leaves(state))
   assert lines[-1].startswith("total") and f"{n_params:,} params" in lines[-1]
+
+
+MAXTEXT = {  # MaxText with scan_layers: the layer axis at position 1 (param_scan_axis=1)
+    "decoder/layers/self_attention/query/kernel": (64, 3, 4, 16),   # (emb, L, heads, head_dim)
+    "decoder/layers/self_attention/key/kernel": (64, 3, 2, 16),
+    "decoder/layers/self_attention/value/kernel": (64, 3, 2, 16),
+    "decoder/layers/self_attention/out/kernel": (4, 3, 16, 64),     # (heads, L, head_dim, emb)
+    "decoder/layers/mlp/wi_0/kernel": (64, 3, 256),
+    "decoder/layers/mlp/wo/kernel": (256, 3, 64),
+    "decoder/layers/pre_self_attention_layer_norm/scale": (64, 3),
+    "decoder/decoder_norm/scale": (64,),
+    "token_embedder/embedding": (100, 64),
+    "decoder/logits_dense/kernel": (64, 100),
+}
+
+
+def test_maxtext_scanned_tree_keeps_the_layer_axis():
+  part = q.BlockPartition(num_heads=4, num_kv_heads=2, layers={"decoder/layers": 1})
+  specs = _specs(tm.nest({k: S(s, jnp.float32) for k, s in MAXTEXT.items()}), part)
+  v = {k: q.partition.block_shape(specs[k], s) for k, s in MAXTEXT.items()}
+  assert v["decoder/layers/self_attention/query/kernel"] == (1, 3, 4, 1)   # per head, per layer
+  assert v["decoder/layers/self_attention/key/kernel"] == (1, 3, 2, 1)
+  assert v["decoder/layers/mlp/wi_0/kernel"] == (1, 3, 256)               # per output neuron
+  assert v["decoder/layers/mlp/wo/kernel"] == (1, 3, 64)
+  assert v["decoder/layers/pre_self_attention_layer_norm/scale"] == (1, 3)  # one per layer
+  assert v["decoder/decoder_norm/scale"] == (1,)
+  assert v["token_embedder/embedding"] == (100, 1)
+  assert specs["decoder/layers/mlp/wo/kernel"].layers == (1,)
+  assert specs["token_embedder/embedding"].layers == ()
+
+
+@pytest.mark.parametrize("layers, path, shape, match", [
+    (None, "layers/attn/q_proj/kernel", (3, 64, 64), r"contradicts num_heads.*BlockPartition\(layers"),
+    (None, "layers/attn/k_proj/kernel", (3, 64, 32), r"contradicts"),
+    ({"layers": 2}, "layers/mlp/up_proj/kernel", (3, 64), r"layer axes \(2,\).*do not fit"),
+])
+def test_shapes_that_contradict_the_rules_fail_loudly(layers, path, shape, match):
+  part = q.BlockPartition(num_heads=4, num_kv_heads=2, layers=layers)
+  with pytest.raises(q.PartitionError, match=match):
+    part.spec(path, shape)
+
+
+def test_default_decay_mask_by_rule_stacked_or_not():
+  params = tm.nest({k: jnp.zeros(s) for k, s in {
+      "embed/embedding": (100, 16), "layers/attn/q_proj/kernel": (3, 16, 16),
+      "layers/attn/q_proj/bias": (3, 16), "layers/attn_norm/scale": (3, 16),
+      "layers/ln_1/scale": (3, 16), "final_norm/scale": (16,), "lm_head/kernel": (16, 100)}.items()})
+  stacked = q.BlockPartition(num_heads=4, layers={"layers": 0})
+  mask = {P.path_str(p): m for p, m in jax.tree_util.tree_flatten_with_path(
+      q.default_decay_mask(params, stacked))[0]}
+  assert mask == {"embed/embedding": True, "layers/attn/q_proj/kernel": True,
+                  "layers/attn/q_proj/bias": False, "layers/attn_norm/scale": False,
+                  "layers/ln_1/scale": False, "final_norm/scale": False, "lm_head/kernel": True}
+  no_embed = q.default_decay_mask(params, stacked, embeddings=False)
+  assert not no_embed["embed"]["embedding"] and no_embed["lm_head"]["kernel"]

@@ -500,3 +500,104 @@ def test_bf16_params(mode, mu_dtype):
   s = _quiet(tx.init, params)
   u, _ = tx.update(grads, s, params)
   chex.assert_trees_all_equal_shapes_and_dtypes(optax.apply_updates(params, u), params)
+
+
+# -----------------------------------------------------------------------------
+# Stacked (scanned) layers: the same optimizer as the unstacked model.
+# -----------------------------------------------------------------------------
+
+LAYERS, D, HEADS_, HD, F = 3, 96, 4, 24, 320
+LAYER_SHAPES = {  # one layer's parameters; (in, out) kernels
+    "attn/q_proj/kernel": (D, HEADS_ * HD), "attn/k_proj/kernel": (D, HEADS_ * HD),
+    "attn/v_proj/kernel": (D, HEADS_ * HD), "attn/o_proj/kernel": (HEADS_ * HD, D),
+    "mlp/up_proj/kernel": (D, F), "mlp/down_proj/kernel": (F, D), "attn_norm/scale": (D,),
+}
+TOP_SHAPES = {"embed/embedding": (200, D), "lm_head/kernel": (D, 200), "norm/scale": (D,)}
+
+
+def _layered(seed, scale=1.0):
+  """Per-layer and top-level arrays (layer l of a leaf scaled by 1000**-l: the
+  stacked update must not mix layers of very different gradient size)."""
+  rng = np.random.default_rng(seed)
+  layers = [{k: rng.standard_normal(s).astype(np.float32) * scale * 1000.0**-l
+             for k, s in LAYER_SHAPES.items()} for l in range(LAYERS)]
+  top = {k: rng.standard_normal(s).astype(np.float32) * scale for k, s in TOP_SHAPES.items()}
+  return layers, top
+
+
+def _unstacked(layers, top):
+  return nest({**top, **{f"layers_{l}/{k}": jnp.asarray(v) for l, layer in enumerate(layers)
+                         for k, v in layer.items()}})
+
+
+def _stacked(layers, top, axis):
+  return nest({**top, **{f"layers/{k}": jnp.asarray(np.stack([layer[k] for layer in layers], axis))
+                         for k in LAYER_SHAPES}})
+
+
+def _close(actual, desired):
+  """Equal up to float32 rounding, relative to the leaf's largest value."""
+  desired = np.asarray(desired)
+  np.testing.assert_allclose(actual, desired, rtol=4 * 2**-23,
+                             atol=1e-6 * np.abs(desired).max(initial=0))
+
+
+def _stacked_leaf(tree, axis, k, l):
+  """Layer ``l`` of the stacked leaf at path ``layers/k``."""
+  return np.take(np.asarray(_flat(tree, _is_q)[f"layers/{k}"]), l, axis=axis)
+
+
+@pytest.mark.parametrize("implementation", ["xla", "pallas"])
+@pytest.mark.parametrize("axis", [0, 1])
+def test_stacked_layers_update_like_the_unstacked_model(axis, implementation):
+  """Round-to-nearest: the INT8 state of the unstacked model bit for bit, and its
+  updates and ``v`` up to the float32 summation order of the block means
+  (XLA reduces a stacked ``(L, n)`` array in another order than an ``(n,)``)."""
+  part = dict(num_heads=HEADS_, value_as_one_block=False)
+  make = lambda **kw: qadam_mini_jax.q_adam_mini(
+      1e-2, b2=B2, weight_decay=0.1, stochastic_rounding="none", implementation=implementation,
+      partition=qadam_mini_jax.BlockPartition(**part, **kw))
+  flat_tx, stacked_tx = make(), make(layers={"layers": axis})
+  p_layers, p_top = _layered(0)
+  flat_p, stacked_p = _unstacked(p_layers, p_top), _stacked(p_layers, p_top, axis)
+  flat_s, stacked_s = flat_tx.init(flat_p), stacked_tx.init(stacked_p)
+  for step in range(3):
+    g_layers, g_top = _layered(10 + step)
+    flat_u, flat_s = jax.jit(flat_tx.update)(_unstacked(g_layers, g_top), flat_s, flat_p)
+    stacked_u, stacked_s = jax.jit(stacked_tx.update)(
+        _stacked(g_layers, g_top, axis), stacked_s, stacked_p)
+  flat_u = _flat(flat_u)
+  stacked_state = stacked_s[0]
+  for k in LAYER_SHAPES:
+    for l in range(LAYERS):
+      _close(_stacked_leaf(stacked_u, axis, k, l), flat_u[f"layers_{l}/{k}"])
+      _close(_stacked_leaf(stacked_state.nu, axis, k, l), _flat(flat_s[0].nu)[f"layers_{l}/{k}"])
+      mu_flat = _flat(flat_s[0].mu, _is_q)[f"layers_{l}/{k}"]
+      mu_stacked = _flat(stacked_state.mu, _is_q)[f"layers/{k}"]
+      if isinstance(mu_flat, QuantizedArray):
+        [scale_axis] = qadam_mini_jax.transform.stacked_axes(
+            qadam_mini_jax.BlockSpec((), layers=(axis,)), mu_flat.scales.ndim)
+        np.testing.assert_array_equal(np.take(np.asarray(mu_stacked.codes), l, axis), mu_flat.codes)
+        np.testing.assert_array_equal(np.take(np.asarray(mu_stacked.scales), l, scale_axis),
+                                      mu_flat.scales)
+      else:
+        _close(np.take(np.asarray(mu_stacked), l, axis), mu_flat)
+  for k in TOP_SHAPES:
+    _close(_flat(stacked_u)[k], flat_u[k])
+
+
+@pytest.mark.filterwarnings("ignore:Adam-mini partition found no")
+def test_stacked_layers_round_stochastically_with_a_stream_per_layer():
+  """Layers with equal inputs round differently (independent streams); each
+  layer's codes are one of the two levels around its value, as unstacked."""
+  tx = scale_by_adam_mini(B1, B2, quantization=QUANT, stochastic_rounding="all",
+                          partition=qadam_mini_jax.BlockPartition(layers={"layers": 0}))
+  g = {"layers": {"mlp": {"kernel": jnp.tile(jnp.asarray(
+      np.random.default_rng(0).standard_normal((1, 256, 64)), jnp.float32), (4, 1, 1))}}}
+  _, state = tx.update(g, tx.init(g))
+  codes = np.asarray(state.mu["layers"]["mlp"]["kernel"].codes, np.int32)
+  assert all((codes[l] != codes[0]).any() for l in range(1, 4))
+  rtn = scale_by_adam_mini(B1, B2, quantization=QUANT, stochastic_rounding="none",
+                           partition=qadam_mini_jax.BlockPartition(layers={"layers": 0}))
+  nearest = np.asarray(rtn.update(g, rtn.init(g))[1].mu["layers"]["mlp"]["kernel"].codes, np.int32)
+  assert np.abs(codes - nearest).max() <= 1
