@@ -80,7 +80,7 @@ def adam_mini(
     mu_dtype: Any = None,
     shardings: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
-  """Adam-mini with decoupled weight decay; ``m`` in float32 (or ``mu_dtype``).
+  """Adam-mini with decoupled weight decay; ``m`` in the parameters' dtype (or ``mu_dtype``).
 
   Args:
     learning_rate: a scalar or an optax schedule.
@@ -96,7 +96,8 @@ def adam_mini(
       mistake for a schedule).
     partition: Hessian block rules, see
       :class:`~qadam_mini_jax.partition.BlockPartition`.
-    mu_dtype: float dtype of ``m`` (e.g. ``"bfloat16"``; pass a string or list
+    mu_dtype: float dtype of ``m`` (``None``: the parameter's, as in
+      ``optax.adamw``; e.g. ``"bfloat16"``; pass a string or list
       it in ``static_args`` under ``optax.inject_hyperparams``).
     shardings: the parameters' ``NamedSharding``s for sharded training (the
       state follows them); see :func:`~qadam_mini_jax.sharding.state_shardings`.

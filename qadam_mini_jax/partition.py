@@ -80,6 +80,8 @@ DEFAULT_NAMES: dict[str, tuple[str, ...]] = {
 
 Rule = Union[str, BlockSpec, Callable[[str, tuple[int, ...]], BlockSpec]]
 
+KERNEL_LAYOUTS = ("in_out", "out_in")
+
 
 class PartitionError(ValueError):
   """A block rule does not fit a parameter (the message names its path)."""
@@ -137,6 +139,11 @@ class BlockPartition:
       byte-level LLaMA of ``benchmarks/results/compare`` it halves Adam-mini's
       gap to AdamW (2.5% to 1.2% in validation loss); the paper's per-head
       blocks stay the default.
+    kernel_layout: ``"in_out"`` for Flax kernels (``nnx.Linear``, ``nn.Dense``,
+      ``DenseGeneral``: input axis first) or ``"out_in"`` for Equinox
+      ``Linear.weight`` and weights converted from PyTorch (output axes
+      first, input axis last; 3-D query/key kernels ``(heads, head_dim, in)``).
+      Embedding tables are ``(vocab, dim)`` in both.
     layers: stacked (scanned) layers: a mapping from a regular expression,
       matched against whole path components anywhere in a parameter's path
       (``"layers"`` matches ``"decoder/layers/mlp/wi_0/kernel"``), to the
@@ -160,10 +167,14 @@ class BlockPartition:
   head_dim: int | None = None
   value_as_one_block: bool = False
   query_key_per_neuron: bool = False
+  kernel_layout: str = "in_out"
   layers: Mapping[str, int | tuple[int, ...]] | None = None
   rules: Mapping[str, Rule] | Callable[[str, tuple[int, ...]], Rule | None] | None = None
 
   def __post_init__(self):
+    if self.kernel_layout not in KERNEL_LAYOUTS:
+      raise ValueError(f"BlockPartition.kernel_layout must be one of {KERNEL_LAYOUTS}, "
+                       f"got {self.kernel_layout!r}.")
     for name in ("num_heads", "num_kv_heads", "head_dim"):
       value = getattr(self, name)
       if value is not None and (not isinstance(value, (int, np.integer)) or value < 1):
@@ -274,6 +285,16 @@ class BlockPartition:
           "stacks layers, declare them with BlockPartition(layers={...}).")
 
   def _named_spec(self, rule: str, path: str, shape: tuple[int, ...]) -> BlockSpec:
+    """A named rule's spec; ``(out..., in)`` kernels are read through their
+    ``(in, out...)`` view (the input axis moved first)."""
+    if self.kernel_layout == "in_out" or len(shape) < 2 or rule in (PER_ELEMENT, WHOLE, EMBEDDING):
+      return self._in_out_spec(rule, path, shape)
+    full = (len(shape) - 1,) + tuple(range(len(shape) - 1))  # view axis -> leaf axis
+    spec = self._in_out_spec(rule, path, tuple(shape[a] for a in full))
+    heads = None if spec.heads is None else (full[spec.heads[0]], spec.heads[1])
+    return BlockSpec(tuple(full[a] for a in spec.axes), heads, spec.rule)
+
+  def _in_out_spec(self, rule: str, path: str, shape: tuple[int, ...]) -> BlockSpec:
     ndim = len(shape)
     all_axes = tuple(range(ndim))
     if rule == PER_ELEMENT:

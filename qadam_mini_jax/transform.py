@@ -268,7 +268,7 @@ def adam_mini_step(
       return quantize_lib.QuantizedArray(
           jnp.zeros(leaf.shape, jnp.int8),
           jnp.zeros(scales_shape(spec, leaf.shape, quantization), jnp.float32)), nu
-    return jnp.zeros(leaf.shape, mu_dtype or jnp.float32), nu
+    return jnp.zeros(leaf.shape, mu_dtype or leaf.dtype), nu  # optax: None = the param's dtype
 
   def sharded_like(state, params):
     """``state`` constrained to follow ``shardings`` (:mod:`.sharding`)."""
@@ -406,7 +406,8 @@ def scale_by_adam_mini(
     b2: decay of the block second moment.
     eps: added to ``sqrt(v_B)/sqrt(1-b2^t)`` (outside the square root).
     partition: block rules; default :class:`~.partition.BlockPartition()`.
-    mu_dtype: float dtype of a float-stored ``m`` (default float32).
+    mu_dtype: float dtype of a float-stored ``m``; ``None`` (default) means
+      the parameter's dtype, as in ``optax.scale_by_adam``.
     quantization: store ``m`` in INT8 (Q-Adam-mini) with these settings;
       ``None`` stores it in ``mu_dtype``.
     stochastic_rounding: which INT8 leaves round stochastically (the rest

@@ -615,3 +615,32 @@ def test_injected_schedule_drives_the_update():
       np.testing.assert_allclose(v, want[t - 1][k], rtol=RTOL, atol=ATOL,
                                  err_msg=f"{k} at step {t}")
   assert traces[0] == 1
+
+
+def test_one_nonfinite_gradient_poisons_its_group_unless_apply_if_finite_skips_the_step():
+  params = {"mlp": {"kernel": jnp.ones((512, 8), jnp.float32)}}
+  good = {"mlp": {"kernel": jnp.asarray(np.random.default_rng(0).standard_normal((512, 8)),
+                                        jnp.float32)}}
+  bad = {"mlp": {"kernel": good["mlp"]["kernel"].at[3, 2].set(jnp.inf)}}
+  make = lambda: qadam_mini_jax.q_adam_mini(1e-2, b2=0.95, quantization=qadam_mini_jax.Int8Quantization(min_size=0))
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", UserWarning)  # the partition's "found no embedding"
+    plain = make()
+    state = plain.init(params)
+    _, poisoned = plain.update(bad, state, params)
+    u, _ = plain.update(good, poisoned, params)
+    # Column 2's INT8 group (rows 0-255) is NaN; the rest of its block (the column)
+    # has v = inf, so it never moves again; the other columns are unaffected.
+    column = np.asarray(u["mlp"]["kernel"][:, 2])
+    assert np.isnan(column[:256]).all() and not column[256:].any()
+    assert np.isfinite(np.asarray(u["mlp"]["kernel"][:, [0, 1, 3]])).all()
+
+    wrapped = optax.apply_if_finite(make(), max_consecutive_errors=3)
+    w_state = wrapped.init(params)
+    skipped_u, w_state = wrapped.update(bad, w_state, params)
+    assert not np.asarray(skipped_u["mlp"]["kernel"]).any() and int(w_state.notfinite_count) == 1
+    u_wrapped, _ = wrapped.update(good, w_state, params)
+    u_plain, _ = plain.update(good, state, params)  # as if the bad step never happened
+  # Equal up to float32 rounding (under lax.cond XLA may fuse the arithmetic differently).
+  np.testing.assert_allclose(u_wrapped["mlp"]["kernel"], u_plain["mlp"]["kernel"],
+                             rtol=4 * 2**-23, atol=1e-9)

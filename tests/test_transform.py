@@ -450,11 +450,12 @@ def _bf16_params():
           "norm": {"scale": jnp.ones((32,), jnp.bfloat16)}}
 
 
-@pytest.mark.parametrize("mode, mu_dtype", [
-    ("float", jnp.float32), ("int8", jnp.int8), ("bf16", jnp.bfloat16)])
+@pytest.mark.parametrize("mode, mu_dtype", [  # optax's convention: m in the params' dtype
+    ("float", jnp.bfloat16), ("float32", jnp.float32), ("int8", jnp.int8), ("bf16", jnp.bfloat16)])
 def test_bf16_params(mode, mu_dtype):
   params = _bf16_params()
-  kwargs = {"float": {}, "int8": dict(quantization=Int8Quantization(min_size=0)),
+  kwargs = {"float": {}, "float32": dict(mu_dtype="float32"),
+            "int8": dict(quantization=Int8Quantization(min_size=0)),
             "bf16": dict(mu_dtype="bfloat16")}[mode]
   tx = scale_by_adam_mini(B1, B2, EPS, **kwargs)
   state = _quiet(tx.init, params)
@@ -491,7 +492,7 @@ def test_bf16_params(mode, mu_dtype):
     err = np.abs(np.asarray(v, np.float32) - want)
     assert (err <= bound).all(), (k, (err / bound).max())
     assert (err / bound).max() > 0.01  # not vacuous
-  if mode == "bf16":
+  if mu_dtype == jnp.bfloat16:
     for k, m in _flat(state.mu).items():
       np.testing.assert_allclose(np.asarray(m, np.float32), (1 - B1**2) * g32[k],
                                  rtol=2**-7, err_msg=k)
@@ -601,3 +602,68 @@ def test_stacked_layers_round_stochastically_with_a_stream_per_layer():
                            partition=qadam_mini_jax.BlockPartition(layers={"layers": 0}))
   nearest = np.asarray(rtn.update(g, rtn.init(g))[1].mu["layers"]["mlp"]["kernel"].codes, np.int32)
   assert np.abs(codes - nearest).max() <= 1
+
+
+def _equinox_lm(key, dim=256, heads=4, ffn=384, vocab=300):
+  """An Equinox LLaMA-like model: ``Linear.weight`` is ``(out, in)``."""
+  import equinox as eqx  # pylint: disable=g-import-not-at-top
+
+  class Block(eqx.Module):
+    q_proj: eqx.nn.Linear
+    k_proj: eqx.nn.Linear
+    o_proj: eqx.nn.Linear
+    up_proj: eqx.nn.Linear
+    down_proj: eqx.nn.Linear
+    attn_norm: eqx.nn.RMSNorm
+
+  class Lm(eqx.Module):
+    embed: eqx.nn.Embedding
+    block: Block
+    lm_head: eqx.nn.Linear
+
+  k = jax.random.split(key, 7)
+  block = Block(eqx.nn.Linear(dim, dim, use_bias=False, key=k[0]),
+                eqx.nn.Linear(dim, dim, use_bias=False, key=k[1]),
+                eqx.nn.Linear(dim, dim, key=k[2]), eqx.nn.Linear(dim, ffn, use_bias=False, key=k[3]),
+                eqx.nn.Linear(ffn, dim, use_bias=False, key=k[4]), eqx.nn.RMSNorm(dim))
+  return Lm(eqx.nn.Embedding(vocab, dim, key=k[5]), block,
+            eqx.nn.Linear(dim, vocab, use_bias=False, key=k[6])), heads
+
+
+def _as_flax(tree):
+  """Equinox ``(out, in)`` weights as Flax ``(in, out)`` kernels (embeddings as they are)."""
+  def convert(k, x):
+    linear = x.ndim == 2 and not k.startswith("embed")
+    return (k.replace("weight", "kernel"), x.T) if linear else (k, x)
+  return dict(convert(k, x) for k, x in _flat(tree).items())
+
+
+@pytest.mark.parametrize("kernel_layout", ["out_in", "in_out"])
+def test_equinox_out_in_kernels_update_like_their_flax_transpose(kernel_layout):
+  """``kernel_layout="out_in"`` on an Equinox model gives the update and INT8 state
+  of the same weights in Flax ``(in, out)`` layout, transposed (and the Flax
+  reading of the Equinox weights does not)."""
+  pytest.importorskip("equinox")
+  params, heads = _equinox_lm(jax.random.key(0))
+  grads = jax.tree.map(lambda x: jnp.asarray(
+      np.random.default_rng(x.size).standard_normal(x.shape), x.dtype), params)
+  kw = dict(b2=B2, weight_decay=0.1, stochastic_rounding="none")
+  eqx_tx = qadam_mini_jax.q_adam_mini(1e-2, partition=qadam_mini_jax.BlockPartition(
+      num_heads=heads, kernel_layout=kernel_layout), **kw)
+  flax_tx = qadam_mini_jax.q_adam_mini(1e-2, partition=qadam_mini_jax.BlockPartition(
+      num_heads=heads), **kw)
+  eqx_u, eqx_s = _quiet(eqx_tx.update, grads, _quiet(eqx_tx.init, params), params)
+  flax_params, flax_grads = nest(_as_flax(params)), nest(_as_flax(grads))
+  flax_u, flax_s = _quiet(flax_tx.update, flax_grads, _quiet(flax_tx.init, flax_params),
+                          flax_params)
+  eqx_u, eqx_mu = _as_flax(eqx_u), _as_flax(jax.tree.map(
+      lambda m: m.codes if isinstance(m, QuantizedArray) else m, eqx_s[0].mu, is_leaf=_is_q))
+  flax_u, flax_mu = _flat(flax_u), _flat(flax_s[0].mu, _is_q)
+  if kernel_layout == "in_out":  # (out, in) read as (in, out): per input neuron, wrong
+    assert any(np.abs(eqx_u[k] - flax_u[k]).max() > 1e-3 * np.abs(flax_u[k]).max()
+               for k in eqx_u)
+    return
+  for k, u in eqx_u.items():
+    _close(u, flax_u[k])
+    if isinstance(flax_mu[k], QuantizedArray):
+      np.testing.assert_array_equal(eqx_mu[k], flax_mu[k].codes)
