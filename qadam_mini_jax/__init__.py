@@ -7,7 +7,8 @@ References:
 """
 
 from qadam_mini_jax.alias import FusedOptimizer, adam_mini, default_decay_mask, fused_q_adam_mini, q_adam_mini
-from qadam_mini_jax.partition import BlockPartition, BlockSpec, PartitionError, block_specs
+from qadam_mini_jax.partition import (BlockPartition, BlockSpec, PartitionError, block_specs,
+                                      recorded_layers)
 from qadam_mini_jax.quantize import QuantizedArray
 from qadam_mini_jax.report import describe, tree_nbytes, tree_nbytes_per_device
 from qadam_mini_jax.sharding import ShardingError, state_shardings
@@ -16,7 +17,7 @@ from qadam_mini_jax.transform import Int8Quantization, ScaleByAdamMiniState, sca
 __all__ = [
     "BlockPartition", "BlockSpec", "FusedOptimizer", "fused_q_adam_mini", "Int8Quantization", "PartitionError", "QuantizedArray", "ShardingError",
     "ScaleByAdamMiniState", "adam_mini", "block_specs", "default_decay_mask", "describe",
-    "q_adam_mini", "scale_by_adam_mini", "state_shardings", "tree_nbytes",
+    "q_adam_mini", "recorded_layers", "scale_by_adam_mini", "state_shardings", "tree_nbytes",
     "tree_nbytes_per_device",
 ]
 

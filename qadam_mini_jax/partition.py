@@ -358,6 +358,42 @@ def layer_slice(spec: BlockSpec, shape: tuple[int, ...]) -> tuple[BlockSpec, tup
           tuple(shape[i] for i in kept))
 
 
+def recorded_layers(params: Any, name: str = "layers") -> dict[str, tuple[int, ...]]:
+  """``BlockPartition(layers=...)`` from the layer axes Flax recorded in ``params``.
+
+  ``nnx.scan``/``nnx.vmap`` with ``transform_metadata={nnx.PARTITION_NAME:
+  name}`` and linen ``nn.scan`` with ``metadata_params={nn.PARTITION_NAME:
+  name}`` insert ``name`` into the sharding names of every partitioned
+  parameter they stack (nnx ``Variable`` ``out_sharding``, linen
+  ``nn.Partitioned.names``). Pass the tree before unboxing
+  (``nnx.state(model, nnx.Param)``, linen's boxed ``variables["params"]``).
+  Each recorded parameter stands for the largest subtree around it whose
+  leaves all have the same layer count on those axes, so unannotated leaves of
+  the same stack (a bias, a norm) count too.
+  """
+  def names_of(x):
+    if hasattr(x, "get_metadata"):  # nnx.Variable
+      return x.get_metadata().get("out_sharding")
+    return getattr(x, "names", None) if hasattr(x, "unbox") else None  # linen nn.Partitioned
+
+  shapes = {path_str(p): np.shape(x) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+  out = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(
+      params, is_leaf=lambda x: names_of(x) is not None)[0]:
+    axes = tuple(i for i, n in enumerate(names_of(leaf) or ()) if n == name)
+    if not axes:
+      continue
+    path = path_str(path)
+    parts, count = path.split("/"), tuple(shapes[path][a] for a in axes)
+    stacked = lambda shape: len(shape) > axes[-1] and tuple(shape[a] for a in axes) == count
+    depth = len(parts)
+    while depth > 1 and all(stacked(shape) for p, shape in shapes.items()
+                            if p.split("/")[:depth - 1] == parts[:depth - 1]):
+      depth -= 1
+    out[re.escape("/".join(parts[:depth]))] = axes
+  return out
+
+
 def block_specs(params: Any, partition: BlockPartition, *, warn: bool = False) -> Any:
   """A pytree of :class:`BlockSpec` (``None`` for leaves left alone) like ``params``.
 

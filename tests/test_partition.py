@@ -235,3 +235,48 @@ def test_default_decay_mask_by_rule_stacked_or_not():
                   "layers/ln_1/scale": False, "final_norm/scale": False, "lm_head/kernel": True}
   no_embed = q.default_decay_mask(params, stacked, embeddings=False)
   assert not no_embed["embed"]["embedding"] and no_embed["lm_head"]["kernel"]
+
+
+class _ScannedBlock(nnx.Module):
+  def __init__(self, rngs):
+    kernel = nnx.with_partitioning(nnx.initializers.lecun_normal(), ("embed", "mlp"))
+    self.up_proj = nnx.Linear(8, 16, kernel_init=kernel, rngs=rngs)  # bias not annotated
+    self.norm = nnx.RMSNorm(8, rngs=rngs)
+
+
+def test_recorded_layers_from_nnx_scan_metadata():
+  @nnx.split_rngs(splits=3)
+  @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+  def stack(rngs):
+    return _ScannedBlock(rngs)
+
+  with nnx.use_eager_sharding(False):
+    state = nnx.state(nnx.Dict(layers=stack(nnx.Rngs(0))), nnx.Param)
+  layers = q.recorded_layers(state)
+  assert layers == {"layers": (0,)}
+  specs = _specs(state, q.BlockPartition(layers=layers))
+  assert specs["layers/up_proj/kernel"].axes == (1,)            # per neuron of each layer
+  assert specs["layers/norm/scale"] == q.BlockSpec((1,), None, "whole", (0,))  # unannotated
+
+
+def test_recorded_layers_from_linen_scan_metadata():
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+
+  class Block(nn.Module):
+    @nn.compact
+    def __call__(self, x, _):
+      kernel = nn.with_partitioning(nn.initializers.lecun_normal(), ("embed", "mlp"))
+      return nn.Dense(8, kernel_init=kernel, name="up_proj")(x), None
+
+  class Stack(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.scan(Block, variable_axes={"params": 1}, split_rngs={"params": True}, length=3,
+                     metadata_params={nn.PARTITION_NAME: "layers"})(name="layers")(x, None)[0]
+
+  params = Stack().init(jax.random.key(0), jnp.ones((2, 8)))["params"]
+  layers = q.recorded_layers(params)
+  assert layers == {"layers": (1,)}
+  specs = _specs(nn.unbox(params), q.BlockPartition(layers=layers))
+  assert specs["layers/up_proj/kernel"] == q.BlockSpec((0,), None, "mlp", (1,))
+  assert specs["layers/up_proj/bias"].layers == (1,)
