@@ -319,7 +319,11 @@ class BlockPartition:
       return BlockSpec((0,), (1, self._heads(rule, path, shape, 1)), rule)
     if rule == VALUE:  # (in, out...) : one block per output neuron
       return BlockSpec((0,), None, rule)
-    if rule in (ATTN_OUT, MLP, OUTPUT):  # (in..., out)
+    if rule in (MLP, OUTPUT) and ndim > 2:
+      raise PartitionError(
+          f"{path}: a {rule} kernel is (in, out), got shape {shape}; if it stacks layers, "
+          "declare them with BlockPartition(layers={...}), else give it a rule (rules=).")
+    if rule in (ATTN_OUT, MLP, OUTPUT):  # (in..., out); DenseGeneral attention out: (heads, head_dim, out)
       return BlockSpec(all_axes[:-1], None, rule)
     raise PartitionError(f"{path}: unknown rule name {rule!r}.")
 

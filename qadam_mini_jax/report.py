@@ -48,7 +48,8 @@ def describe(params: Any, **scale_by_adam_mini_kwargs: Any) -> str:
     nbytes = tree_nbytes((mu, nu))
     total_params += math.prod(leaf.shape)
     total_bytes += nbytes
-    rule = "left alone" if spec is None else spec.rule
+    rule = "left alone" if spec is None else spec.rule + (
+        f" per layer (axes {spec.layers})" if spec.layers else "")
     blocks = "-" if spec is None else str(partition_lib.num_blocks(spec, tuple(leaf.shape)))
     rows.append((path, str(tuple(leaf.shape)), rule, blocks, f"{nbytes:,}"))
   rows.append(("total", f"{total_params:,} params", "", "",

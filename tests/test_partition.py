@@ -215,6 +215,8 @@ def test_maxtext_scanned_tree_keeps_the_layer_axis():
     (None, "layers/attn/q_proj/kernel", (3, 64, 64), r"contradicts num_heads.*BlockPartition\(layers"),
     (None, "layers/attn/k_proj/kernel", (3, 64, 32), r"contradicts"),
     ({"layers": 2}, "layers/mlp/up_proj/kernel", (3, 64), r"layer axes \(2,\).*do not fit"),
+    (None, "layers/mlp/up_proj/kernel", (3, 64, 256), r"mlp kernel is \(in, out\).*layers="),
+    (None, "layers/lm_head/kernel", (2, 64, 100), r"output kernel is \(in, out\)"),
 ])
 def test_shapes_that_contradict_the_rules_fail_loudly(layers, path, shape, match):
   part = q.BlockPartition(num_heads=4, num_kv_heads=2, layers=layers)
