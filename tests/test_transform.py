@@ -667,3 +667,58 @@ def test_equinox_out_in_kernels_update_like_their_flax_transpose(kernel_layout):
     _close(u, flax_u[k])
     if isinstance(flax_mu[k], QuantizedArray):
       np.testing.assert_array_equal(eqx_mu[k], flax_mu[k].codes)
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+def test_linen_scanned_model_trains_like_its_unrolled_twin(axis):
+  """A linen LM whose blocks are ``nn.scan``-stacked (layer axis 0 or 1) and the same
+  LM unrolled, from the same weights: real gradients, q_adam_mini updates equal."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  dim, ffn, vocab, layers = 64, 256, 128, 3
+
+  class Block(nn.Module):
+    @nn.compact
+    def __call__(self, x, _):
+      h = nn.RMSNorm(name="attn_norm")(x)
+      x = x + nn.Dense(dim, name="o_proj")(nn.tanh(nn.Dense(dim, name="v_proj")(h)))
+      h = nn.RMSNorm(name="mlp_norm")(x)
+      return x + nn.Dense(dim, name="down_proj")(nn.silu(nn.Dense(ffn, name="up_proj")(h))), None
+
+  class Lm(nn.Module):
+    scanned: bool
+
+    @nn.compact
+    def __call__(self, tokens):
+      x = nn.Embed(vocab, dim, name="embed")(tokens)
+      if self.scanned:
+        x, _ = nn.scan(Block, variable_axes={"params": axis}, split_rngs={"params": True},
+                       length=layers)(name="layers")(x, None)
+      else:
+        for l in range(layers):
+          x, _ = Block(name=f"layers_{l}")(x, None)
+      return nn.Dense(vocab, use_bias=False, name="lm_head")(nn.RMSNorm(name="norm")(x))
+
+  tokens = jax.random.randint(jax.random.key(1), (4, 16), 0, vocab)
+  stacked = Lm(True).init(jax.random.key(0), tokens)["params"]
+  unrolled = {k: v for k, v in stacked.items() if k != "layers"} | {
+      f"layers_{l}": jax.tree.map(lambda x: jnp.take(x, l, axis), stacked["layers"])
+      for l in range(layers)}
+
+  def grads(model, params):
+    def loss(p):
+      logits = model.apply({"params": p}, tokens)
+      return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], tokens[:, 1:]).mean()
+    return jax.grad(loss)(params)
+
+  make = lambda **kw: qadam_mini_jax.q_adam_mini(
+      1e-2, b2=B2, weight_decay=0.1, stochastic_rounding="none",
+      partition=qadam_mini_jax.BlockPartition(**kw))
+  tx_s, tx_u = make(layers={"layers": axis}), make()
+  u_s, _ = _quiet(tx_s.update, grads(Lm(True), stacked), _quiet(tx_s.init, stacked), stacked)
+  u_u, _ = _quiet(tx_u.update, grads(Lm(False), unrolled), _quiet(tx_u.init, unrolled), unrolled)
+  for l in range(layers):
+    for k, u in _flat(u_s["layers"]).items():
+      # The scanned and unrolled forward passes round differently, so gradients
+      # (and through the block means, updates) agree to float32 rounding only.
+      np.testing.assert_allclose(np.take(np.asarray(u), l, axis),
+                                 _flat(u_u[f"layers_{l}"])[k], rtol=1e-4, atol=1e-6)
