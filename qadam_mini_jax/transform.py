@@ -343,28 +343,27 @@ def adam_mini_step(
             f"{paths[index]}: the fused kernel does not run per shard on stacked layers "
             f"(layer axes {spec.layers}); use implementation='xla' for this model.")
 
-      def int8_step(g, mu, factor, p, layer, layout=layout, layer_spec=layer_spec,
-                    seeds=seeds, sr=sr, finish=finish, path=paths[index],
-                    leaf_sharding=leaf_sharding, sharded=sharded):
+      def int8_step(g, mu, factor, p, layer):
         """One layer's (or an unstacked leaf's) update: ``(out, new m)``."""
+        streams = seeds
         if seeds is not None and layer is not None:
-          seeds = random_bits.layer_seeds(*seeds, layer)
+          streams = random_bits.layer_seeds(*seeds, layer)
         if backend is None:
           m = b1_ * quantize_lib.dequantize(mu, layout) + (1.0 - b1_) * g.astype(jnp.float32)
-          noise = None if seeds is None else random_bits.uniform(g.shape, *seeds)
+          noise = None if streams is None else random_bits.uniform(g.shape, *streams)
           u = m * partition_lib.broadcast_block(factor, layer_spec, g.shape)
           return finish(u, g, p), quantize_lib.quantize(m, layout, noise)
         zero, no_word = jnp.zeros([], jnp.float32), jnp.zeros([], jnp.uint32)
         hyper = [b1_, 1.0 - b1_, epilogue.neg_lr if epilogue else zero, wd if epilogue else zero]
         args = (p if epilogue else g, g, mu, pallas_update.factors_2d(factor, layer_spec, layout),
                 jnp.stack([jnp.asarray(h, jnp.float32) for h in hyper] + [zero] * 4),
-                jnp.stack([*(seeds or (no_word, no_word)), no_word, no_word]))  # offsets 0
-        kernel_args = dict(stochastic=seeds is not None, fuse_step=epilogue is not None,
+                jnp.stack([*(streams or (no_word, no_word)), no_word, no_word]))  # offsets 0
+        kernel_args = dict(stochastic=streams is not None, fuse_step=epilogue is not None,
                            backend=backend, **pallas_update.factor_axes(layer_spec, layout))
         if not sharded:
           return pallas_update.fused_leaf_update(*args, layout=layout, **kernel_args)
         return pallas_update.sharded_leaf_update(
-            *args, layout=layout, sharding=leaf_sharding, path=path, **kernel_args)
+            *args, layout=layout, sharding=leaf_sharding, path=paths[index], **kernel_args)
 
       p_arg = p if epilogue else None
       if not spec.layers:
