@@ -436,11 +436,10 @@ def train(model_cfg: LlamaConfig, opt_cfg: optimizers.OptimizerConfig,
           f"({layout.mesh.size} devices): per device (at most) optimizer state "
           f"{per_device['state_bytes_per_device']:,} bytes, parameters "
           f"{per_device['params_bytes_per_device']:,} bytes")
-    layers = "layers scanned" if model_cfg.scan_layers else "layers unrolled, --scan-layers to scan"
-    say(f"compiled train step in {compile_seconds:.1f} s ({layers})"
-        + (("; per device: " if layout else "; ")
-           + ", ".join(f"{k} {_fmt_bytes(v)}" for k, v in memory.items() if k != "generated_code")
-           if memory else ""))
+    sizes = ", ".join(f"{k} {_fmt_bytes(v)}" for k, v in memory.items() if k != "generated_code")
+    say(f"compiled train step in {compile_seconds:.1f} s "
+        f"({'--scan-layers' if model_cfg.scan_layers else 'layers unrolled'})"
+        + (f"; {'per device: ' if layout else ''}{sizes}" if memory else ""))
 
     def diverged(step: int, problem: str) -> Diverged:
       saved = ckpts.steps()

@@ -20,6 +20,8 @@ import numpy as np
 import optax
 import pytest
 
+import qadam_mini_jax
+
 import checkpointing
 import data as data_lib
 import optimizers
@@ -67,6 +69,25 @@ def initial_params(*flags: str) -> dict:
 def test_scanned_model_starts_from_the_unscanned_weights():
   assert_same_state(stacked(initial_params("--model", "tiny")),
                     initial_params("--model", "tiny", "--scan-layers"))
+
+
+def test_adafactor_is_optax_adafactor_when_layers_are_not_stacked():
+  """Its chain is optax.adafactor's with the update clipping per layer: the same unscanned."""
+  params = initial_params("--model", "tiny")
+  c = optimizers.OptimizerConfig(name="adafactor", total_steps=10, warmup_steps=2)
+  lr = optimizers.schedule(c)
+  reference = optax.adafactor(lr, multiply_by_parameter_scale=False,
+                              weight_decay_rate=lambda count: c.weight_decay * lr(count),
+                              weight_decay_mask=qadam_mini_jax.default_decay_mask)
+  ours = optimizers.core(c, train.CONFIGS["tiny"])
+  states, trees = [reference.init(params), ours.init(params)], [params, params]
+  for i in range(4):  # the updates' RMS is just above 1: the clipping acts
+    grads = jax.tree.map(lambda p: 3 * jax.random.normal(jax.random.key(i), p.shape), params)
+    for k, tx in enumerate((reference, ours)):
+      updates, states[k] = jax.jit(tx.update)(grads, states[k], trees[k])
+      trees[k] = optax.apply_updates(trees[k], updates)
+  assert_same_state(*trees)
+  assert_same_state(*states)
 
 
 #: Relative loss tolerance of a --scan-layers run against the unscanned one. Not
@@ -181,6 +202,15 @@ def test_scanned_run_resumes_exactly_and_only_scanned(copied_run, tmp_path):
         rf"checkpoint step 6 in \S+ was saved by a run {saved} --scan-layers, and this run "
         rf"is {this} it: the layers' arrays differ\. Resume it {saved} --scan-layers\.",
         str(err.value))
+
+
+def test_checkpoint_from_before_scan_layers_still_resumes(uninterrupted, copied_run):
+  for meta in (copied_run / "checkpoints").glob("*/meta/metadata"):
+    record = json.loads(meta.read_text())
+    del record["model"]["scan_layers"]  # as saved before the flag existed
+    meta.write_text(json.dumps(record))
+  resumed = run(copied_run, *RESUME_FLAGS, "--resume-step", "3")
+  assert_same_state(uninterrupted[1].state, resumed.state)
 
 
 def test_existing_checkpoints_are_not_overwritten_without_resume(copied_run):
