@@ -4,6 +4,11 @@ Parameter names (``embed/embedding``, ``layers/i/attn/{q,k,v,o}_proj/kernel``,
 ``layers/i/mlp/{gate,up,down}_proj/kernel``, ``*_norm/scale``,
 ``lm_head/kernel``) are those the default Adam-mini partition recognises.
 Sizes follow the GaLore / Q-GaLore LLaMA configs.
+
+With ``scan_layers`` the blocks are stacked on a leading layer axis and run by
+``nnx.scan`` (``layers/attn/q_proj/kernel`` is ``(num_layers, dim, dim)``):
+one block is traced and compiled instead of ``num_layers``. The stack holds
+the same initial weights as the unscanned model of the same seed.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ class LlamaConfig:
   head_dim: int | None = None  # default dim // num_heads
   max_len: int = 256
   rope_theta: float = 10000.0
+  scan_layers: bool = False  # blocks stacked on axis 0 and run by nnx.scan
 
   def __post_init__(self):
     if self.num_heads % self.num_kv_heads:
@@ -105,6 +111,12 @@ class Block(nnx.Module):
     return x + self.mlp(self.mlp_norm(x))
 
 
+def stack(blocks: list[Block]) -> Block:
+  """One ``Block`` whose every array stacks those of ``blocks`` on a new axis 0."""
+  graphdef = nnx.graphdef(blocks[0])
+  return nnx.merge(graphdef, jax.tree.map(lambda *xs: jnp.stack(xs), *map(nnx.state, blocks)))
+
+
 class Llama(nnx.Module):
   """Decoder-only LLaMA; ``dtype`` is the compute dtype (params stay float32)."""
 
@@ -112,14 +124,19 @@ class Llama(nnx.Module):
     self.config = c
     self.embed = nnx.Embed(c.vocab, c.dim, dtype=dtype, rngs=rngs,
                            embedding_init=nnx.initializers.normal(0.02))
-    self.layers = nnx.List([Block(c, rngs, dtype) for _ in range(c.num_layers)])
+    blocks = [Block(c, rngs, dtype) for _ in range(c.num_layers)]
+    self.layers = stack(blocks) if c.scan_layers else nnx.List(blocks)
     self.norm = nnx.RMSNorm(c.dim, dtype=dtype, rngs=rngs)
     self.lm_head = _linear(c.dim, c.vocab, rngs, dtype)
 
   def __call__(self, tokens: jax.Array) -> jax.Array:
     x = self.embed(tokens)
-    for layer in self.layers:
-      x = layer(x)
+    if self.config.scan_layers:
+      x = nnx.scan(lambda x, block: block(x), in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)(
+          x, self.layers)
+    else:
+      for layer in self.layers:
+        x = layer(x)
     return self.lm_head(self.norm(x)).astype(jnp.float32)
 
 

@@ -6,12 +6,18 @@ the same leaves (:func:`qadam_mini_jax.default_decay_mask`: kernels and
 embeddings, not norms), with ``grad_accum > 1`` ``optax.MultiSteps``, and
 with ``skip_nonfinite`` ``optax.apply_if_finite`` around it all.
 
+A model with ``scan_layers`` stacks its blocks on axis 0 of every ``layers/``
+parameter: :func:`block_partition` declares that axis (``layers={"layers":
+0}``), and the decay mask, Adam-mini's blocks and INT8 groups and Adafactor's
+update clipping are then per layer, as in the unscanned model.
+
 * ``adamw``: ``optax.adamw``.
 * ``adam_mini``, ``q_adam_mini``: this library, with the Adam-mini block
   partition chosen by ``partition`` (see :data:`PARTITIONS`).
 * ``adafactor``: ``optax.adafactor`` with factored second moments, no
-  momentum, update clipping 1.0 and ``multiply_by_parameter_scale=False`` (so
-  its learning rate means what Adam's does); weight decay ``lr * wd``.
+  momentum, update clipping 1.0 (per layer: :func:`clip_by_layer_rms`) and
+  ``multiply_by_parameter_scale=False`` (so its learning rate means what
+  Adam's does); weight decay ``lr * wd``.
 * ``lion``: ``optax.lion``; its learning rate is ``LION_LR_SCALE`` times the
   one given and its weight decay ``1 / LION_LR_SCALE`` times (the Lion paper's
   advice: a sign update needs a 3-10x smaller step), keeping ``lr * wd``.
@@ -20,9 +26,11 @@ with ``skip_nonfinite`` ``optax.apply_if_finite`` around it all.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 
 import qadam_mini_jax
@@ -97,11 +105,24 @@ def schedule(c: OptimizerConfig) -> optax.Schedule:
 
 
 def block_partition(c: OptimizerConfig, model: LlamaConfig) -> qadam_mini_jax.BlockPartition:
-  """The Adam-mini partition of ``c.partition`` for this model's heads."""
+  """The Adam-mini partition of ``c.partition`` for this model's heads and layer axis."""
   return qadam_mini_jax.BlockPartition(
       num_heads=model.num_heads, num_kv_heads=model.num_kv_heads, head_dim=model.head_dim,
       value_as_one_block=c.partition == "value_one_block",
-      query_key_per_neuron=c.partition == "qk_per_neuron")
+      query_key_per_neuron=c.partition == "qk_per_neuron",
+      layers={"layers": 0} if model.scan_layers else None)
+
+
+def clip_by_layer_rms(threshold: float,
+                      partition: qadam_mini_jax.BlockPartition) -> optax.GradientTransformation:
+  """``optax.clip_by_block_rms`` with one block per layer of stacked (scanned) leaves."""
+  def clip(path, u):
+    layers = partition.layer_axes(jax.tree_util.keystr(path, simple=True, separator="/"),
+                                  u.shape)
+    axes = tuple(i for i in range(u.ndim) if i not in layers)
+    return u / jnp.maximum(1.0, jnp.sqrt(jnp.mean(u * u, axis=axes, keepdims=True)) / threshold)
+
+  return optax.stateless(lambda updates, params: jax.tree_util.tree_map_with_path(clip, updates))
 
 
 def core(c: OptimizerConfig, model: LlamaConfig,
@@ -112,21 +133,24 @@ def core(c: OptimizerConfig, model: LlamaConfig,
   to ``adam_mini``/``q_adam_mini``, whose state then follows them; the optax
   baselines need no such argument and ignore it.
   """
-  lr, mask = schedule(c), qadam_mini_jax.default_decay_mask
+  lr, partition = schedule(c), block_partition(c, model)
+  mask = functools.partial(qadam_mini_jax.default_decay_mask, partition=partition)
   if c.name == "adamw":
     return optax.adamw(lr, c.b1, c.b2, weight_decay=c.weight_decay, mask=mask)
   if c.name == "adam_mini":
     return qadam_mini_jax.adam_mini(lr, c.b1, c.b2, weight_decay=c.weight_decay, mask=mask,
-                                    partition=block_partition(c, model), shardings=shardings)
+                                    partition=partition, shardings=shardings)
   if c.name == "q_adam_mini":
     return qadam_mini_jax.q_adam_mini(
         lr, c.b1, c.b2, weight_decay=c.weight_decay, mask=mask,
-        partition=block_partition(c, model), key=c.seed,
+        partition=partition, key=c.seed,
         stochastic_rounding=c.stochastic_rounding, shardings=shardings)
-  if c.name == "adafactor":
-    return optax.adafactor(lr, multiply_by_parameter_scale=False,
-                           weight_decay_rate=lambda count: c.weight_decay * lr(count),
-                           weight_decay_mask=mask)
+  if c.name == "adafactor":  # optax.adafactor's chain, clipping per layer
+    return optax.chain(
+        optax.scale_by_factored_rms(), clip_by_layer_rms(1.0, partition),
+        optax.scale_by_learning_rate(lr, flip_sign=False),
+        optax.add_decayed_weights(lambda count: c.weight_decay * lr(count), mask),
+        optax.scale(-1))
   return optax.lion(lambda count: LION_LR_SCALE * lr(count), c.b1, 0.99,
                     weight_decay=c.weight_decay / LION_LR_SCALE, mask=mask)
 

@@ -11,6 +11,7 @@ compiled step's memory. From the repository root::
     python examples/train.py --no-stochastic-rounding     # watch the embedding norm grow
     python examples/train.py --model 20M --data my_texts/ --steps 5000 --dtype bfloat16
     python examples/train.py --mesh data=2,fsdp=4         # sharded over 8 devices
+    python examples/train.py --model 1B --scan-layers     # blocks stacked, run by nnx.scan
 
 Outputs (in ``--out-dir``): ``metrics.jsonl`` (one JSON object per logged
 step), ``summary.json`` (final numbers), ``checkpoints/`` and, while the run
@@ -28,6 +29,12 @@ by :func:`sharding_rules.param_shardings`, the optimizer state following them
 (:func:`qadam_mini_jax.state_shardings`). It computes what the unsharded run
 computes, up to float summation order, and a checkpoint resumes on any mesh
 or on none.
+
+With ``--scan-layers`` the blocks are stacked on a leading layer axis and run by
+``nnx.scan``: the step compiles one block instead of one per layer (the setup
+printout gives the compile time), from the same initial weights, and trains to
+the same losses up to float summation order. Its checkpoints resume only with
+``--scan-layers``.
 """
 
 from __future__ import annotations
@@ -240,6 +247,16 @@ def make_step_fns(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
   return step, jax.jit(loss_fn)
 
 
+def compile_step(train_step, state: Any, tokens: Any) -> tuple[Any, float]:
+  """``(compiled, seconds)``: ``train_step`` lowered and compiled, not run.
+
+  ``state`` and ``tokens`` may be arrays or ``jax.ShapeDtypeStruct``s.
+  """
+  start = time.perf_counter()
+  compiled = train_step.lower(state, tokens).compile()
+  return compiled, time.perf_counter() - start
+
+
 def memory_report(compiled: Any) -> dict[str, int]:
   """Argument, output, aliased and temporary bytes of a compiled step (XLA's analysis)."""
   stats = compiled.memory_analysis()
@@ -295,6 +312,26 @@ def run_metadata(model_cfg: LlamaConfig, opt_cfg: optimizers.OptimizerConfig, cf
   }
 
 
+def same_layer_layout(ckpts: checkpointing.Checkpoints, step: int | None,
+                      model: dict[str, Any]) -> dict[str, Any]:
+  """The ``model`` metadata a checkpoint must match; raises CheckpointError, naming
+  ``--scan-layers``, when its layers are stacked and this run's are not, or the reverse.
+  """
+  step = ckpts.steps()[-1] if step is None else step
+  if step not in ckpts.steps():
+    return model  # restore() says which steps there are
+  stored = ckpts.read_meta(step)["model"]
+  if stored.get("scan_layers", False) != model["scan_layers"]:
+    saved, this = ("without", "with") if model["scan_layers"] else ("with", "without")
+    raise checkpointing.CheckpointError(
+        f"checkpoint step {step} in {ckpts.directory} was saved by a run {saved} "
+        f"--scan-layers, and this run is {this} it: the layers' arrays differ. Resume it "
+        f"{saved} --scan-layers.")
+  if "scan_layers" not in stored:  # saved before --scan-layers existed: unscanned
+    return {k: v for k, v in model.items() if k != "scan_layers"}
+  return model
+
+
 def initial_state(ckpts: checkpointing.Checkpoints, init, meta: dict[str, Any], cfg: TrainConfig,
                   say) -> tuple[dict[str, Any], int]:
   """``(state, step)``: restored with ``--resume``/``--resume-step``, else freshly initialised."""
@@ -307,13 +344,14 @@ def initial_state(ckpts: checkpointing.Checkpoints, init, meta: dict[str, Any], 
     if resuming:
       say(f"no checkpoint in {ckpts.directory}: starting from scratch")
     return init(), 0
+  model = same_layer_layout(ckpts, cfg.resume_step, meta["model"])
   # Restore straight into this run's shards (one device without --mesh),
   # whatever mesh, if any, the checkpoint was saved from.
   device = SingleDeviceSharding(jax.devices()[0])
   target = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding or device),
       jax.eval_shape(init))
-  state, old = ckpts.restore(target, {k: meta[k] for k in ("model", "optimizer")},
+  state, old = ckpts.restore(target, {"model": model, "optimizer": meta["optimizer"]},
                              cfg.resume_step)
   changed = [k for k in meta["settings"] if old["settings"].get(k) != meta["settings"][k]]
   if changed:
@@ -375,7 +413,7 @@ def train(model_cfg: LlamaConfig, opt_cfg: optimizers.OptimizerConfig,
     put = (lambda tokens: tokens) if layout is None else layout.put
     micro_batch = lambda index: put(data_lib.train_batch(
         corpus.train, index, cfg.batch_size, cfg.seq_len, cfg.seed))
-    compiled = train_step.lower(state, micro_batch(0)).compile()
+    compiled, compile_seconds = compile_step(train_step, state, micro_batch(0))
     memory = memory_report(compiled)
     val = [put(b) for b in
            data_lib.val_batches(corpus.val, cfg.batch_size, cfg.seq_len, cfg.eval_batches)]
@@ -398,9 +436,10 @@ def train(model_cfg: LlamaConfig, opt_cfg: optimizers.OptimizerConfig,
           f"({layout.mesh.size} devices): per device (at most) optimizer state "
           f"{per_device['state_bytes_per_device']:,} bytes, parameters "
           f"{per_device['params_bytes_per_device']:,} bytes")
-    if memory:
-      say(("compiled train step (per device): " if layout else "compiled train step: ")
-          + ", ".join(f"{k} {_fmt_bytes(v)}" for k, v in memory.items() if k != "generated_code"))
+    sizes = ", ".join(f"{k} {_fmt_bytes(v)}" for k, v in memory.items() if k != "generated_code")
+    say(f"compiled train step in {compile_seconds:.1f} s "
+        f"({'--scan-layers' if model_cfg.scan_layers else 'layers unrolled'})"
+        + (f"; {'per device: ' if layout else ''}{sizes}" if memory else ""))
 
     def diverged(step: int, problem: str) -> Diverged:
       saved = ckpts.steps()
@@ -476,6 +515,7 @@ def train(model_cfg: LlamaConfig, opt_cfg: optimizers.OptimizerConfig,
         "stochastic_rounding": opt_cfg.stochastic_rounding, "step": last_step,
         "params": n_params, "state_bytes": state_bytes,
         "state_bytes_per_param": state_bytes / n_params, "compiled_step_memory": memory,
+        "compile_seconds": compile_seconds,
         "val_loss": val_loss, "val_ppl": math.exp(val_loss),
         "embed_norm": float(jnp.linalg.norm(state["params"]["embed"]["embedding"])),
         "tokens_per_s": ((last_step - start_step) * tokens_per_step / train_time
@@ -549,6 +589,9 @@ def build_parser() -> argparse.ArgumentParser:
                  help="LLaMA size (default tiny; the vocabulary is always 256 bytes)")
   for flag, field in MODEL_FLAGS:
     g.add_argument(flag, dest=field, type=POSITIVE_INT, help=f"override the config's {field}")
+  g.add_argument("--scan-layers", action="store_true",
+                 help="stack the blocks on a leading layer axis and run them with nnx.scan: "
+                      "one block to compile instead of one per layer, same weights and losses")
   g.add_argument("--dtype", default="float32", choices=DTYPES,
                  help="compute dtype (default float32; parameters and optimizer state "
                       "stay float32)")
@@ -623,7 +666,8 @@ def configs_from_args(args: argparse.Namespace):
   overrides = {field: getattr(args, field) for _, field in MODEL_FLAGS
                if getattr(args, field) is not None}
   try:
-    model_cfg = dataclasses.replace(CONFIGS[args.model], vocab=data_lib.VOCAB_SIZE, **overrides)
+    model_cfg = dataclasses.replace(CONFIGS[args.model], vocab=data_lib.VOCAB_SIZE,
+                                    scan_layers=args.scan_layers, **overrides)
   except ValueError as err:  # LlamaConfig names its fields: name the flags instead
     message = str(err)
     for flag, field in MODEL_FLAGS:
@@ -646,6 +690,9 @@ def configs_from_args(args: argparse.Namespace):
       keep_checkpoints=args.keep_checkpoints, resume=args.resume, resume_step=args.resume_step,
       stop_at=args.stop_at, progress=args.progress, mesh=args.mesh)
   make_mesh(train_cfg)  # a bad --mesh fails here, before anything is loaded
+  if args.scan_layers and args.mesh:
+    raise ValueError(f"--scan-layers does not combine with --mesh {args.mesh!r} yet: "
+                     "sharding_rules.py shards unstacked 2-D weights only.")
   return model_cfg, opt_cfg, train_cfg
 
 
