@@ -169,7 +169,8 @@ def make(c: OptimizerConfig, model: LlamaConfig,
 
 def state_nbytes(c: OptimizerConfig, model: LlamaConfig, params: Any) -> int:
   """Bytes of the optimizer's own state (without gradient-accumulation buffers)."""
-  return qadam_mini_jax.tree_nbytes(jax.eval_shape(core(c, model).init, params))
+  shapes = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype), params)  # unsharded
+  return qadam_mini_jax.tree_nbytes(jax.eval_shape(core(c, model).init, shapes))
 
 
 def core_state(c: OptimizerConfig, opt_state: Any) -> Any:

@@ -398,11 +398,13 @@ def recorded_layers(params: Any, name: str = "layers") -> dict[str, tuple[int, .
   return out
 
 
-def block_specs(params: Any, partition: BlockPartition, *, warn: bool = False) -> Any:
+def block_specs(params: Any, partition: BlockPartition, *, warn: bool = False,
+                present: Any = ()) -> Any:
   """A pytree of :class:`BlockSpec` (``None`` for leaves left alone) like ``params``.
 
   With ``warn=True`` it warns when no embedding, output, query or key
-  parameter was found: usually a sign that the names need ``rules=``.
+  parameter was found: usually a sign that the names need ``rules=``. Rules
+  in ``present`` (held by parts of the model outside ``params``) count as found.
   """
   leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
   specs = []
@@ -413,7 +415,7 @@ def block_specs(params: Any, partition: BlockPartition, *, warn: bool = False) -
     shape = tuple(leaf.shape)
     specs.append(normalize_spec(partition.spec(path_str(path), shape), len(shape)))
   if warn:
-    found = {s.rule for s in specs if s is not None}
+    found = {s.rule for s in specs if s is not None} | set(present)
     missing = [r for r in (EMBEDDING, OUTPUT, QUERY, KEY)
                if r not in found and not (r in (QUERY, KEY) and QKV in found)]
     if missing:

@@ -26,14 +26,22 @@ Under ``jax.jit`` the update itself needs nothing: the block means are
 plus an all-reduce of the (tiny) block sums, so they equal the single-device
 result up to float summation order, without gathering parameters or
 gradients.
+
+The parameters' shardings come from ``shardings=`` (matched by path, so a
+tree like the whole params also fits inside ``optax.masked``), else from the
+arrays: outside ``jax.jit`` their ``.sharding``, on Explicit mesh axes their
+types (``jax.typeof(x).sharding``); there the step runs under
+``jax.sharding.auto_axes``.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import jax
+import optax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from qadam_mini_jax import partition as partition_lib
@@ -122,31 +130,164 @@ def reduced_spec(shape: tuple[int, ...], spec: PartitionSpec, mesh: Any,
   return PartitionSpec(*kept), cut
 
 
-def check_auto_axes(mesh: Any, where: str) -> None:
-  """Raise if ``mesh`` has Explicit axes (the optimizer needs Auto, GSPMD, axes)."""
-  if any(t == AxisType.Explicit for t in getattr(mesh, "axis_types", ())):
-    raise ShardingError(
-        f"{where}: the mesh {dict(mesh.shape)} has Explicit axes (jax.make_mesh's default); "
-        "the optimizer's block and group reshapes need Auto axes: create it with "
-        "jax.make_mesh(shape, names, axis_types=(jax.sharding.AxisType.Auto,) * len(names)).")
+def masked_out(tree: Any) -> list[str]:
+  """Paths of the parts of ``tree`` that ``optax.masked`` (or
+  ``optax.multi_transform``) left out: its ``optax.MaskedNode``s."""
+  is_masked = lambda x: isinstance(x, optax.MaskedNode)
+  return [partition_lib.path_str(path) for path, leaf in
+          jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_masked)[0] if is_masked(leaf)]
 
 
-def check_not_explicitly_sharded(leaves: Any, paths: list[str]) -> None:
-  """Raise if a traced leaf carries an Explicit-axis sharding in its type."""
-  for path, leaf in zip(paths, leaves):
-    sharding = getattr(jax.typeof(leaf), "sharding", None)
-    if sharding is not None and any(e is not None for e in sharding.spec):
-      check_auto_axes(sharding.mesh, path)
+def _enclosing(path: str, names: Any) -> str | None:
+  """The longest of ``names`` that is ``path`` or a path above it (``""``: the root)."""
+  parts = path.split("/") if path else []
+  for k in range(len(parts), -1, -1):
+    if "/".join(parts[:k]) in names:
+      return "/".join(parts[:k])
+  return None
+
+
+def by_path(tree: Any, values: Any, what: str, *, is_leaf: Any = None,
+            error: type[Exception] = ValueError) -> list[Any]:
+  """``values``' entry for each leaf of ``tree`` (in leaf order), matched by path.
+
+  ``values`` is a pytree like the whole parameters, or a prefix of them (an
+  entry holds for the subtree under it). ``tree`` may be the part of them
+  that ``optax.masked`` or ``optax.multi_transform`` hands its inner
+  transform, the rest replaced by ``optax.MaskedNode``: entries in those
+  parts are ignored. Raises ``error`` naming a leaf without an entry, or an
+  entry that is no parameter path.
+  """
+  flat = jax.tree_util.tree_flatten_with_path(values, is_leaf=is_leaf)[0]
+  table = {partition_lib.path_str(path): value for path, value in flat}
+  paths = [partition_lib.path_str(path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+  known = paths + masked_out(tree)
+  for name in table:
+    if name and not any(p == name or p.startswith(name + "/") or name.startswith(p + "/")
+                        for p in known):
+      raise error(f"{what} has an entry for {name!r}, which is not a parameter path (pass a "
+                  "pytree like params).")
+  out = []
+  for path in paths:
+    name = _enclosing(path, table)
+    if name is None:
+      raise error(f"{path}: {what} has no entry for this parameter (pass a pytree like params).")
+    out.append(table[name])
+  return out
+
+
+def left_out_rules(params: Any, partition: partition_lib.BlockPartition) -> set[str]:
+  """Block rules that the parts of ``params`` left out by ``optax.masked`` may hold.
+
+  A masked-out part keeps its path but not its shape, so it is judged by name:
+  a default name (:data:`~.partition.DEFAULT_NAMES`) in any component of its
+  path. With user ``rules=`` any rule may be there.
+  """
+  out = set()
+  for path in masked_out(params):
+    components = {c.lower() for c in path.split("/")}
+    out.update(rule for rule, names in partition_lib.DEFAULT_NAMES.items()
+               if partition.rules or components & set(names))
+  return out
+
+
+def is_explicit(mesh: Any) -> bool:
+  """Whether ``mesh`` has Explicit axes (shardings in the arrays' types)."""
+  return AxisType.Explicit in tuple(getattr(mesh, "axis_types", ()))
+
+
+def _known_sharding(path: str, leaf: Any) -> NamedSharding | None:
+  """A leaf's sharding as far as this trace shows it; ``None`` if on one device.
+
+  Arrays outside ``jax.jit`` carry theirs; on Explicit mesh axes it is in the
+  type (``jax.typeof(x).sharding``). A traced leaf on Auto axes of several
+  devices hides its sharding: an error says what to pass instead.
+  """
+  if isinstance(leaf, jax.Array) and not isinstance(leaf, jax.core.Tracer):
+    sharding = leaf.sharding
+    return sharding if isinstance(sharding, NamedSharding) and sharding.num_devices > 1 else None
+  typed = getattr(jax.typeof(leaf), "sharding", None)
+  if typed is None or math.prod(typed.mesh.shape.values()) == 1:
+    return None
+  if is_explicit(typed.mesh):
+    return typed
+  raise ShardingError(
+      f"{path}: under jax.jit (or jax.eval_shape), parameters on a mesh "
+      f"{dict(typed.mesh.shape)} with Auto axes do not show their shardings, so the optimizer "
+      "state cannot follow them: pass shardings=jax.tree.map(lambda p: p.sharding, params) to "
+      "the optimizer, call tx.init outside jax.jit, or use Explicit axes (jax.make_mesh's "
+      "default); for shapes alone, trace it with jax.ShapeDtypeStruct(p.shape, p.dtype).")
+
+
+def explicit_specs(tree: Any) -> Any:
+  """The ``PartitionSpec``s in the types of ``tree``'s leaves (a pytree like
+  ``tree``) if any leaf has Explicit mesh axes, else ``None``."""
+  types = [getattr(jax.typeof(leaf), "sharding", None) for leaf in jax.tree.leaves(tree)]
+  if not any(t is not None and is_explicit(t.mesh) for t in types):
+    return None
+  return jax.tree.map(lambda leaf: jax.typeof(leaf).sharding.spec, tree)
+
+
+def param_shardings(params: Any, shardings: Any) -> Any:
+  """The parameters' ``NamedSharding``s (a pytree like ``params``), or ``None`` if unsharded.
+
+  From ``shardings`` where given (matched by path, see :func:`by_path`),
+  else read from the parameters (see :func:`_known_sharding`); a parameter on
+  one device next to sharded ones is replicated.
+  """
+  if shardings is not None:
+    return jax.tree.unflatten(jax.tree.structure(params),
+                              [s for _, _, s in per_parameter(params, shardings)])
+  flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+  known = [_known_sharding(partition_lib.path_str(path), leaf) for path, leaf in flat]
+  some = next((s for s in known if s is not None), None)
+  if some is None:
+    return None
+  replicated = NamedSharding(some.mesh, PartitionSpec())
+  return jax.tree.unflatten(treedef, [replicated if s is None else s for s in known])
+
+
+def follow(state: Any, params: Any, found: Any) -> Any:
+  """``state`` placed to follow the parameters' shardings ``found`` (from
+  :func:`param_shardings`; ``None``: left as it is).
+
+  On Explicit axes the state's types are resharded; otherwise it is a
+  sharding constraint (``jax.lax.with_sharding_constraint``).
+  """
+  if found is None:
+    return state
+  target = state_shardings(state, params, found)
+  if is_explicit(jax.tree.leaves(target)[0].mesh):
+    return jax.sharding.reshard(state, target)
+  return jax.lax.with_sharding_constraint(state, target)
+
+
+def on_auto_axes(fn: Callable[..., Any], params: Any, args: tuple[Any, ...], like: Any) -> Any:
+  """``fn(shardings, *args)`` run with the Explicit mesh axes of ``params``' types made Auto.
+
+  Adam-mini's block means and Q-Adam-mini's group reshapes split axes in ways
+  that sharding-in-types has no rule for, so the step runs under
+  ``jax.sharding.auto_axes`` (XLA's partitioner shards it as on an Auto mesh)
+  with ``shardings``, the parameters' shardings read from their types; its
+  results take the types of ``like`` (a pytree like them).
+  """
+  is_spec = lambda x: isinstance(x, PartitionSpec)
+  specs = explicit_specs(params)
+
+  def auto(*args):
+    mesh = jax.sharding.get_abstract_mesh()
+    return fn(jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=is_spec), *args)
+
+  out_specs = jax.tree.map(lambda x: jax.typeof(x).sharding.spec, like)
+  return jax.sharding.auto_axes(auto, out_sharding=out_specs)(*args)
 
 
 def per_parameter(params: Any, param_shardings: Any, mesh: Any = None) -> list[tuple[str, tuple[int, ...], NamedSharding]]:
-  """``(path, shape, NamedSharding)`` per parameter leaf, in leaf order."""
+  """``(path, shape, NamedSharding)`` per parameter leaf, in leaf order (matched by path)."""
   flat = jax.tree_util.tree_flatten_with_path(params)[0]
   is_sharding = lambda x: isinstance(x, (jax.sharding.Sharding, PartitionSpec))
-  shardings = jax.tree.leaves(param_shardings, is_leaf=is_sharding)
-  if len(shardings) != len(flat):
-    raise ShardingError(f"param_shardings has {len(shardings)} leaves, the parameters have "
-                        f"{len(flat)}; pass one sharding per parameter (a pytree like params).")
+  shardings = by_path(params, param_shardings, "param_shardings", is_leaf=is_sharding,
+                      error=ShardingError)
   out = []
   for (path, leaf), sharding in zip(flat, shardings):
     name = partition_lib.path_str(path)
@@ -157,7 +298,6 @@ def per_parameter(params: Any, param_shardings: Any, mesh: Any = None) -> list[t
     if not isinstance(sharding, NamedSharding):
       raise ShardingError(f"{name}: expected a NamedSharding or PartitionSpec, got "
                           f"{type(sharding).__name__}.")
-    check_auto_axes(sharding.mesh, name)
     out.append((name, tuple(leaf.shape), sharding))
   return out
 
@@ -214,12 +354,8 @@ def state_shardings(state: Any, params: Any, param_shardings: Any, *, mesh: Any 
 
   def owner(path: str) -> tuple[str, str] | None:
     """``(parameter name, rest)`` of a state leaf path under a parameter's name."""
-    parts = path.split("/")
-    for k in range(len(parts), 0, -1):
-      name = "/".join(parts[:k])
-      if name in per_param:
-        return name, "/".join(parts[k:])
-    return None
+    name = _enclosing(path, per_param)
+    return None if name is None else (name, path[len(name):].lstrip("/"))
 
   def walk(node):
     flat, node_def = jax.tree_util.tree_flatten_with_path(node)

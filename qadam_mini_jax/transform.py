@@ -201,7 +201,11 @@ def _resolve_dtype(dtype: Any) -> Any:
 
 
 def _rounding_mask(stochastic_rounding: StochasticRounding, specs: Any, tree: Any) -> list[bool]:
-  """Per-leaf (in ``tree``'s leaf order) whether m is stochastically rounded."""
+  """Per-leaf (in ``tree``'s leaf order) whether m is stochastically rounded.
+
+  A mask is matched to the leaves by path (:func:`.sharding.by_path`), so a
+  mask like the whole params also fits the part that ``optax.masked`` hands in.
+  """
   is_spec = lambda x: x is None or isinstance(x, partition_lib.BlockSpec)
   spec_leaves = jax.tree.leaves(specs, is_leaf=is_spec)
   if isinstance(stochastic_rounding, str):
@@ -213,10 +217,7 @@ def _rounding_mask(stochastic_rounding: StochasticRounding, specs: Any, tree: An
         choice == "auto" and s.rule in (partition_lib.EMBEDDING, partition_lib.OUTPUT)))
             for s in spec_leaves]
   mask = stochastic_rounding(tree) if callable(stochastic_rounding) else stochastic_rounding
-  leaves = jax.tree.leaves(mask)
-  if len(leaves) != len(spec_leaves):
-    raise ValueError(f"stochastic_rounding mask has {len(leaves)} leaves, the "
-                     f"parameters have {len(spec_leaves)}.")
+  leaves = sharding_lib.by_path(tree, mask, "stochastic_rounding mask")
   if any(isinstance(x, jax.core.Tracer) for x in leaves):
     raise TypeError("stochastic_rounding must be static Python bools; under "
                     "optax.inject_hyperparams list it in static_args.")
@@ -270,22 +271,28 @@ def adam_mini_step(
           jnp.zeros(scales_shape(spec, leaf.shape, quantization), jnp.float32)), nu
     return jnp.zeros(leaf.shape, mu_dtype or leaf.dtype), nu  # optax: None = the param's dtype
 
-  def sharded_like(state, params):
-    """``state`` constrained to follow ``shardings`` (:mod:`.sharding`)."""
-    if shardings is None:
-      return state
-    return jax.lax.with_sharding_constraint(
-        state, sharding_lib.state_shardings(state, params, shardings))
-
   def init_fn(params):
-    specs = partition_lib.block_specs(params, partition, warn=True)
+    specs = partition_lib.block_specs(
+        params, partition, warn=True, present=sharding_lib.left_out_rules(params, partition))
     leaves, treedef = jax.tree.flatten(params)
     mu, nu = zip(*map(leaf_init, treedef.flatten_up_to(specs), leaves)) if leaves else ((), ())
-    return sharded_like(ScaleByAdamMiniState(
+    return sharding_lib.follow(ScaleByAdamMiniState(
         count=jnp.zeros([], jnp.int32), key=random_bits.key_words(key),
-        mu=jax.tree.unflatten(treedef, mu), nu=jax.tree.unflatten(treedef, nu)), params)
+        mu=jax.tree.unflatten(treedef, mu), nu=jax.tree.unflatten(treedef, nu)), params,
+        sharding_lib.param_shardings(params, shardings))
 
   def step_fn(updates, state, epilogue: Epilogue | None = None):
+    """On Explicit mesh axes, :func:`auto_step` under :func:`.sharding.on_auto_axes`."""
+    if sharding_lib.explicit_specs(updates) is None:
+      return auto_step(shardings, updates, state, epilogue)
+    decay = epilogue and epilogue.decay  # Python bools: not an argument of auto_axes
+    return sharding_lib.on_auto_axes(
+        lambda found, g, s, ep: auto_step(found, g, s, ep and ep._replace(decay=decay)), updates,
+        (updates, state, epilogue and epilogue._replace(decay=None)),
+        like=(epilogue.params if epilogue else updates, state))
+
+  def auto_step(shardings, updates, state, epilogue):
+    """The step, with the parameters' shardings (or ``None``)."""
     specs = partition_lib.block_specs(updates, partition)
     paths = _check_tree_matches(updates, specs, state)
     count = optax.safe_increment(state.count)
@@ -296,7 +303,6 @@ def adam_mini_step(
     stochastic = _rounding_mask(stochastic_rounding, specs, updates)
 
     g_leaves, treedef = jax.tree.flatten(updates)
-    sharding_lib.check_not_explicitly_sharded(g_leaves, paths)
     leaf_shardings = ([s for _, _, s in sharding_lib.per_parameter(updates, shardings)]
                       if shardings is not None else [None] * len(g_leaves))
     per_leaf = zip(g_leaves, *(treedef.flatten_up_to(tree) for tree in (
@@ -379,8 +385,9 @@ def adam_mini_step(
       out.append(new)
       out_mu.append(mu)
     unflatten = lambda leaves: jax.tree.unflatten(treedef, leaves)
-    return unflatten(out), sharded_like(ScaleByAdamMiniState(
-        count=count, key=state.key, mu=unflatten(out_mu), nu=unflatten(out_nu)), updates)
+    return unflatten(out), sharding_lib.follow(ScaleByAdamMiniState(
+        count=count, key=state.key, mu=unflatten(out_mu), nu=unflatten(out_nu)), updates,
+        None if shardings is None else sharding_lib.param_shardings(updates, shardings))
 
   return init_fn, step_fn
 
@@ -418,12 +425,13 @@ def scale_by_adam_mini(
       ``"auto"`` (``"xla"`` for now, see :data:`AUTO_USES_KERNEL_ON_GPU`).
       Float leaves always take the jnp path. Both give the same state up to float32 rounding
       (see :mod:`.pallas_update`).
-    shardings: the parameters' ``NamedSharding``s (a pytree like params), for
-      sharded training: the state is constrained to follow them
-      (:func:`~qadam_mini_jax.sharding.state_shardings`) and the kernel runs
-      per shard under ``shard_map``. Without it, ``jax.jit`` still computes
-      the right result, but the kernel (a custom call XLA cannot split) would
-      see whole leaves.
+    shardings: the parameters' ``NamedSharding``s (a pytree like params,
+      matched by path, so the whole params' fit inside ``optax.masked``), for
+      sharded training on Auto mesh axes: the state is constrained to follow
+      them (:func:`~qadam_mini_jax.sharding.state_shardings`) and the kernel
+      runs per shard under ``shard_map``. Not needed on Explicit axes (read
+      from the parameters' types) or for ``tx.init`` outside ``jax.jit``;
+      ``jax.jit(tx.init)`` of parameters on Auto axes without it raises.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.

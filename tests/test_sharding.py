@@ -9,12 +9,16 @@ import os
 import pathlib
 import subprocess
 import sys
+import warnings
 
 import jax
+import numpy as np
+import optax
 import pytest
 from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec as P
 
 import qadam_mini_jax as q
+import tiny_models as tm
 from qadam_mini_jax import partition as partition_lib
 from qadam_mini_jax import sharding
 
@@ -53,8 +57,10 @@ def test_unrelated_shape_is_an_error():
 
 def test_param_shardings_must_match_params():
   params = {"a": jax.ShapeDtypeStruct((8, 8), "float32"), "b": jax.ShapeDtypeStruct((8,), "float32")}
-  with pytest.raises(q.ShardingError, match="1 leaves, the parameters have 2"):
+  with pytest.raises(q.ShardingError, match="b: param_shardings has no entry"):
     sharding.per_parameter(params, {"a": P()}, MESH)
+  with pytest.raises(q.ShardingError, match="entry for 'c', which is not a parameter path"):
+    sharding.per_parameter(params, {"a": P(), "b": P(), "c": P()}, MESH)
   with pytest.raises(q.ShardingError, match="b: param_shardings holds PartitionSpecs"):
     sharding.per_parameter(params, {"a": NamedSharding(MESH, P()), "b": P()})
   with pytest.raises(q.ShardingError, match="a pytree container"):
@@ -112,3 +118,84 @@ def test_nnx_partitioning_metadata():
   assert spec["nu/up_proj/kernel"] == P(None, "fsdp")  # one v per output neuron
   assert spec["nu/norm/scale"] == P()  # one v for the whole norm
   assert spec["mu/norm/scale/value/codes"] == P(None)  # 64 elements: INT8 too, replicated
+
+
+# Two blocks, so one can be frozen with the embedding, output and attention still trained.
+MASKED_SHAPES = {
+    "embed/embedding": (32, 16),
+    **{f"layers/{i}/{name}/kernel": shape for i in range(2) for name, shape in (
+        ("attn/q_proj", (16, 16)), ("attn/k_proj", (16, 16)), ("mlp/up_proj", (16, 32)))},
+    "layers/1/norm/scale": (16,),
+    "lm_head/kernel": (16, 32),
+}
+# Trainable masks (prefixes of the params, as optax.masked allows): the frozen part is False.
+FROZEN = {"embedding": {"embed": False, "layers": True, "lm_head": True},
+          "block": {"embed": True, "layers": {"0": False, "1": True}, "lm_head": True}}
+
+
+def flat(tree):
+  return {partition_lib.path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+@pytest.mark.filterwarnings("ignore:Adam-mini partition found no")  # the reference
+@pytest.mark.parametrize("frozen", list(FROZEN))
+@pytest.mark.parametrize("wrapper", ["masked", "multi_transform"])
+def test_masked_and_multi_transform_by_path(frozen, wrapper):
+  """An SR mask like the whole params, inside optax.masked / multi_transform with a
+  frozen part (set_to_zero), matches the same optimizer run on the trained part alone;
+  no "found no embedding" warning when the embedding is the frozen part."""
+  keys = jax.random.split(jax.random.key(0), 3 * len(MASKED_SHAPES))
+  params, *grads = [tm.nest({p: jax.random.normal(keys[t * len(MASKED_SHAPES) + i], s)
+                             for i, (p, s) in enumerate(MASKED_SHAPES.items())}) for t in range(3)]
+  trainable = flat(FROZEN[frozen])
+  is_trained = lambda p: trainable.get(p.split("/")[0], trainable.get("/".join(p.split("/")[:2])))
+  trained = lambda tree: tm.nest({p: x for p, x in flat(tree).items() if is_trained(p)})
+  # Stochastic rounding on one leaf after the frozen part: a leaf-count shift would move it.
+  rounding = tm.nest({p: p == "layers/1/mlp/up_proj/kernel" for p in MASKED_SHAPES})
+  opt = lambda mask: q.q_adam_mini(
+      1e-2, partition=q.BlockPartition(num_heads=2), stochastic_rounding=mask, key=3,
+      quantization=q.Int8Quantization(group_size=8, min_size=64))
+  if wrapper == "masked":
+    tx = optax.masked(opt(rounding), FROZEN[frozen])
+  else:
+    labels = jax.tree.map(lambda t: "opt" if t else "frozen", FROZEN[frozen])
+    tx = optax.multi_transform({"opt": opt(rounding), "frozen": optax.set_to_zero()}, labels)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    state = tx.init(params)
+  ref = opt(trained(rounding))
+  ref_state = ref.init(trained(params))
+  for g in grads:
+    updates, state = tx.update(g, state, params)
+    want, ref_state = ref.update(trained(g), ref_state, trained(params))
+    got, want, g = flat(updates), flat(want), flat(g)
+    for p in MASKED_SHAPES:
+      frozen_update = g[p] if wrapper == "masked" else np.zeros_like(g[p])
+      np.testing.assert_array_equal(got[p], want[p] if is_trained(p) else frozen_update, p)
+  inner = state.inner_state if wrapper == "masked" else state.inner_states["opt"].inner_state
+  for x, y in zip(jax.tree.leaves(inner), jax.tree.leaves(ref_state)):
+    np.testing.assert_array_equal(x, y)
+
+
+def test_masked_warning_counts_the_masked_out_names():
+  """Inside optax.masked, kinds missing from the trained part are not reported when a
+  masked-out path names them, and still are when nothing names them anywhere."""
+  ones = jax.numpy.ones((8, 8))
+  with pytest.warns(UserWarning, match="found no embedding, output, query, key"):
+    optax.masked(q.adam_mini(1e-3), {"a": True, "b": False}).init({"a": ones, "b": ones})
+  params = {"q_proj": {"kernel": ones}, "k_proj": {"kernel": ones},
+            "embed": {"embedding": ones}, "lm_head": {"kernel": ones}}
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    optax.masked(q.adam_mini(1e-3, partition=q.BlockPartition(num_heads=2)),
+                 {"q_proj": True, "k_proj": True, "embed": False, "lm_head": True}).init(params)
+
+
+def test_rounding_mask_must_match_params_by_path():
+  params = {"a": jax.numpy.ones((64, 8)), "b": jax.numpy.ones((64, 8))}
+  tx = q.q_adam_mini(1e-3, stochastic_rounding={"a": True, "c": False},
+                     quantization=q.Int8Quantization(group_size=8, min_size=64))
+  with pytest.warns(UserWarning, match="partition found no"):
+    state = tx.init(params)
+  with pytest.raises(ValueError, match="entry for 'c', which is not a parameter path"):
+    tx.update(params, state, params)

@@ -273,13 +273,95 @@ def test_orbax_checkpoint_restores_onto_another_mesh(tmp_path):
   assert_state_close(state, want_state)
 
 
-def test_explicit_axis_meshes_get_a_clear_error():
-  explicit = jax.make_mesh((8,), ("fsdp",), axis_types=(AxisType.Explicit,))
+# Trainable masks (prefixes of the params): a frozen embedding, a frozen transformer block.
+FROZEN = {"embedding": {"embed": False, "layers": True, "lm_head": True},
+          "block": {"embed": True, "layers": {"0": False}, "lm_head": True}}
+
+
+@pytest.mark.filterwarnings("ignore:Adam-mini partition found no")  # layers/0 frozen whole
+@pytest.mark.parametrize("frozen", list(FROZEN))
+@pytest.mark.parametrize("wrapper", ["masked", "multi_transform"])
+def test_masked_and_multi_transform_with_shardings(frozen, wrapper):
+  """shardings= like the whole params, inside optax.masked / multi_transform (the
+  frozen part set to zero): same run as one device, state sharded like the params."""
+  shardings = shardings_for(mesh(data=2, fsdp=4), fsdp_axis1)
   params, grads = params_and_grads()
-  shardings = shardings_for(explicit, fsdp_axis1)
-  with pytest.raises(q.ShardingError, match="Explicit axes.*AxisType.Auto"):
-    q.state_shardings(jax.eval_shape(optimizer("q_adam_mini").init, params), params, shardings)
-  tx = optimizer("q_adam_mini")
-  state = tx.init(params)
-  with pytest.raises(q.ShardingError, match="embed/embedding: the mesh"):
-    jax.jit(tx.update)(jax.device_put(grads[0], shardings), state, params)
+
+  def wrap(inner):
+    if wrapper == "masked":
+      return optax.masked(inner, FROZEN[frozen])
+    labels = jax.tree.map(lambda t: "opt" if t else "frozen", FROZEN[frozen])
+    return optax.multi_transform({"opt": inner, "frozen": optax.set_to_zero()}, labels)
+
+  want_params, want_state = train(wrap(optimizer("q_adam_mini")), params, grads[:3])
+  got_params, got_state = train(wrap(optimizer("q_adam_mini", shardings)),
+                                jax.device_put(params, shardings), grads[:3], shardings)
+  assert_close(got_params, want_params)
+  assert_state_close(got_state, want_state)
+  expected = q.state_shardings(got_state, params, shardings)
+  for x, s in zip(jax.tree.leaves(got_state), jax.tree.leaves(expected)):
+    assert x.sharding.is_equivalent_to(s, x.ndim), (x.shape, x.sharding.spec, s.spec)
+  inner = got_state.inner_state if wrapper == "masked" else got_state.inner_states["opt"].inner_state
+  assert inner[0].mu["lm_head"]["kernel"].codes.sharding.spec == P(None, "fsdp")
+
+
+def explicit_run(tx, params, grads, shardings):
+  """``train`` on the Explicit-axis mesh of ``shardings`` (jax.make_mesh's default)."""
+  with jax.set_mesh(jax.tree.leaves(shardings)[0].mesh):
+    return train(tx, jax.device_put(params, shardings), grads, shardings)
+
+
+@pytest.mark.parametrize("layout", ["fsdp_axis0", "fsdp_axis1", "tensor_parallel"])
+def test_explicit_axis_mesh(layout):
+  """jax.make_mesh's Explicit axes: no shardings=, the state's shardings come from the
+  parameters' types; init + 3 steps equal one device."""
+  axes, rule, _ = LAYOUTS[layout]
+  explicit = jax.make_mesh(tuple(axes.values()), tuple(axes))
+  assert all(t == AxisType.Explicit for t in explicit.axis_types)
+  shardings = shardings_for(explicit, rule)
+  params, grads = params_and_grads()
+  want_params, want_state = train(optimizer("q_adam_mini"), params, grads[:3])
+  got_params, got_state = explicit_run(optimizer("q_adam_mini"), params, grads[:3], shardings)
+  assert_close(got_params, want_params)
+  assert_state_close(got_state, want_state)
+  expected = q.state_shardings(got_state, params, shardings)
+  for x, s in zip(jax.tree.leaves(got_state), jax.tree.leaves(expected)):
+    assert x.sharding.is_equivalent_to(s, x.ndim), (x.shape, x.sharding.spec, s.spec)
+    typed = jax.typeof(x).sharding.spec  # the types say it too
+    assert tuple(typed) + (None,) * (x.ndim - len(typed)) == tuple(s.spec) + (None,) * (
+        x.ndim - len(s.spec)), (x.shape, typed, s.spec)
+  for x, s in zip(jax.tree.leaves(got_params), jax.tree.leaves(shardings)):
+    assert x.sharding.is_equivalent_to(s, x.ndim)
+
+
+def test_explicit_axis_mesh_fused_kernel():
+  """The fused step with the Pallas kernel (interpret mode) runs per shard on Explicit axes."""
+  shardings = shardings_for(jax.make_mesh((2, 4), ("data", "fsdp")), fsdp_axis1)
+  params, grads = params_and_grads()
+  want_params, want_state = train(optimizer("q_adam_mini"), params, grads[:2])
+  tx = q.fused_q_adam_mini(1e-2, weight_decay=0.1, partition=PART, quantization=INT8,
+                           stochastic_rounding="all", key=7, implementation="pallas")
+  with jax.set_mesh(jax.tree.leaves(shardings)[0].mesh):
+    p, state = jax.device_put(params, shardings), jax.jit(tx.init)(jax.device_put(params, shardings))
+    for g in grads[:2]:
+      p, state = jax.jit(tx.step)(jax.device_put(g, shardings), state, p)
+    text = jax.jit(tx.step).lower(jax.device_put(grads[0], shardings), state, p).as_text()
+  assert_close(p, want_params)
+  assert_state_close(state, want_state)
+  assert "shard_map" in text or "manual" in text
+
+
+def test_auto_axis_mesh_without_shardings():
+  """No shardings=: tx.init of arrays on Auto axes follows them; jax.jit(tx.init)
+  cannot see them and says what to pass."""
+  shardings = shardings_for(mesh(data=2, fsdp=4), fsdp_axis1)
+  params = jax.device_put(params_and_grads()[0], shardings)
+  for name in ("q_adam_mini", "adam_mini"):
+    state = optimizer(name).init(params)
+    expected = q.state_shardings(state, params, shardings)
+    for x, s in zip(jax.tree.leaves(state), jax.tree.leaves(expected)):
+      assert x.sharding.is_equivalent_to(s, x.ndim), (name, x.shape, x.sharding.spec, s.spec)
+    with pytest.raises(q.ShardingError,
+                       match=r"embed/embedding: .*pass shardings=jax.tree.map\(lambda p: p.sharding"):
+      jax.jit(optimizer(name).init)(params)
+  assert state[0].mu["lm_head"]["kernel"].sharding.spec == P(None, "fsdp")
