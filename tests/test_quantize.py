@@ -50,7 +50,7 @@ def _neighbours(x, s):
   return lo, hi
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=15, deadline=None)
 @given(shape=st.lists(st.integers(1, 40), min_size=1, max_size=3).map(tuple),
        group=st.sampled_from([4, 16, 64]), columns=st.integers(0, 2),
        seed=st.integers(0, 2**31 - 1))

@@ -5,10 +5,6 @@ devices runs ``tests/multidevice`` in a subprocess, so this process keeps its
 single device.
 """
 
-import os
-import pathlib
-import subprocess
-import sys
 import warnings
 
 import jax
@@ -17,6 +13,7 @@ import optax
 import pytest
 from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec as P
 
+import multidevice_process
 import qadam_mini_jax as q
 import tiny_models as tm
 from qadam_mini_jax import partition as partition_lib
@@ -81,16 +78,11 @@ def test_partition_specs_with_mesh_and_replicated_counters():
 
 
 def test_multidevice_suite():
-  """tests/multidevice on 8 simulated CPU devices, in a fresh process."""
-  tests = pathlib.Path(__file__).resolve().parent
-  env = dict(os.environ, QADAM_MULTIDEVICE="1", JAX_PLATFORMS="cpu",
-             XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") +
-                        " --xla_force_host_platform_device_count=8").strip())
-  proc = subprocess.run(
-      [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tests / "multidevice")],
-      cwd=tests.parent, env=env, capture_output=True, text=True, timeout=1200)
-  assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
-  assert " passed" in proc.stdout and "skipped" not in proc.stdout, proc.stdout[-2000:]
+  """tests/multidevice on 8 simulated CPU devices, in a process of its own (started
+  when the suite was collected, see ``multidevice_process``)."""
+  rc, out = multidevice_process.result()
+  assert rc == 0, out[-9000:]
+  assert " passed" in out and "skipped" not in out, out[-2000:]
 
 
 def test_nnx_partitioning_metadata():
