@@ -116,11 +116,9 @@ def _kernel(hyper_ref, seed_ref, p_ref, g_ref, codes_ref, scales_ref, factor_ref
   row0, col0 = (pid // tiles_b) * tile[0], (pid % tiles_b) * tile[1]
   # Pallas's Triton lowering does not mask ``ref[...]`` of an edge block: every
   # access of one that can overhang the leaf is masked here.
-  mask = _in_bounds(tile, (row0, col0), (a, b))
-  scale_block = (1, tile[1]) if columns else (tile[0], 1)
-  scale_mask = _in_bounds(scale_block, (0, col0) if columns else (row0, 0), (1, b) if columns else (a, 1))
-  factor_block = factor_ref.shape
-  factor_mask = _in_bounds(factor_block, (row0, col0), (a, b))
+  # The scale and factor blocks are the tile's with some axes of size 1.
+  mask, scale_mask, factor_mask = (_in_bounds(block, (row0, col0), (a, b)) for block in (
+      tile, scales_ref.shape, factor_ref.shape))
 
   b1, one_minus_b1 = hyper_ref[0], hyper_ref[1]
   g = _load(g_ref, mask).astype(jnp.float32)
