@@ -20,6 +20,7 @@ import optax
 
 from qadam_mini_jax import partition as partition_lib
 from qadam_mini_jax import transform
+from qadam_mini_jax import weights
 
 
 _NORM = re.compile(r".*norm.*|ln(_\w+|\d+)?", re.IGNORECASE)
@@ -186,10 +187,10 @@ def fused_q_adam_mini(
   chain = q_adam_mini(learning_rate, b1, b2, eps, weight_decay, mask=mask, partition=partition,
                       quantization=quantization, stochastic_rounding=stochastic_rounding,
                       key=key, implementation="xla", shardings=shardings)
-  _, adam_step = transform.adam_mini_step(
+  _, adam_step = transform.adam_mini_step(transform.AdamMiniConfig(
       b1, b2, eps, partition=partition, quantization=quantization,
       stochastic_rounding=stochastic_rounding, key=key, implementation=implementation,
-      shardings=shardings)
+      shardings=shardings))
   # The chain's own decay and learning-rate transforms give the scalars and
   # advance their schedule counts exactly as the chain does.
   decay = optax.add_decayed_weights(weight_decay)
@@ -201,7 +202,7 @@ def fused_q_adam_mini(
     wd, decay_inner = decay.update(0.0 * one, decay_state.inner_state, one)
     neg_lr, lr_state = scale.update(one, lr_state)
     decays = _mask(mask, partition)
-    decays = decays(params) if callable(decays) else decays
+    decays = decays(weights.float_like(params)) if callable(decays) else decays
     params, adam_state = adam_step(
         grads, adam_state, transform.Epilogue(params, neg_lr, wd, decays))
     return params, (adam_state, decay_state._replace(inner_state=decay_inner), lr_state)

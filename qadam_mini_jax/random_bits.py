@@ -50,11 +50,21 @@ def key_words(key: Any) -> jax.Array:
   return acc
 
 
-def stream_seeds(words: jax.Array, step: jax.Array, leaf: int) -> tuple[jax.Array, jax.Array]:
-  """Two uint32 scalars naming the stream of one leaf at one step."""
+#: What a stream rounds: a leaf's first moment, or its INT8 weights.
+MOMENT, WEIGHTS = 0, 1
+_PURPOSE_WORDS = (np.uint32(0), np.uint32(0x5BD1E995))
+
+
+def stream_seeds(words: jax.Array, step: jax.Array, leaf: int,
+                 purpose: int = MOMENT) -> tuple[jax.Array, jax.Array]:
+  """Two uint32 scalars naming the stream of one leaf at one step.
+
+  ``purpose`` (:data:`MOMENT` or :data:`WEIGHTS`) gives the two quantized
+  stores of a leaf independent streams from one key.
+  """
   step = jnp.asarray(step).astype(jnp.uint32)
   s = mix32(jnp.asarray(leaf, jnp.uint32) * _GOLDEN + step)
-  s0 = mix32(s ^ words[0])
+  s0 = mix32(s ^ words[0] ^ _PURPOSE_WORDS[purpose])
   s1 = mix32(s0 ^ words[1])
   return s0, s1
 

@@ -7,12 +7,13 @@ For every parameter block B (Zhang et al. 2024, arXiv:2406.16793, Algorithm 1):
     u   <- (m/(1-b1^t)) / (sqrt(v_B)/sqrt(1-b2^t) + eps)
 
 ``m`` and ``v`` are updated from the same raw gradient, so they live in one
-transform (like ``optax.scale_by_adam``). Its pieces are the block partition
-(:mod:`.partition`), the block mean (:func:`.partition.block_mean`) and the
-momentum storage: float32/bfloat16, or Q-Adam-mini's group-wise INT8
-(:mod:`.quantize`) with round-to-nearest or counter-based stochastic rounding
-(:mod:`.random_bits`). The update always uses the full-precision ``m`` of this
-step; only what is stored for the next step is quantized.
+transform (like ``optax.scale_by_adam``). This module only maps one leaf's
+update (:func:`.leaf_update.update_leaf`: the block mean of
+:mod:`.partition`, ``m`` through its storage of :mod:`.storage`, float or
+Q-Adam-mini's group-wise INT8, jnp or the fused kernel) over the tree, with
+the settings held in one :class:`AdamMiniConfig`. The update always uses the
+full-precision ``m`` of this step; only what is stored for the next step is
+quantized.
 """
 
 from __future__ import annotations
@@ -27,89 +28,17 @@ from typing import Any, NamedTuple, Union
 import chex
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
+from qadam_mini_jax import leaf_update as leaf_update_lib
 from qadam_mini_jax import pallas_update
 from qadam_mini_jax import partition as partition_lib
-from qadam_mini_jax import quantize as quantize_lib
 from qadam_mini_jax import random_bits
 from qadam_mini_jax import sharding as sharding_lib
-
-
-@dataclasses.dataclass(frozen=True)
-class Int8Quantization:
-  """INT8 first-moment storage (Q-Adam-mini).
-
-  Attributes:
-    group_size: consecutive elements sharing one float32 scale (they run
-      inside one Adam-mini block where the layout allows, see
-      :func:`layout_for`).
-    min_size: leaves with fewer elements keep ``m`` in float (4 B/element;
-      they are a negligible share of a large model).
-  """
-
-  group_size: int = 256
-  min_size: int = 4096
-
-  def __post_init__(self):
-    for name in ("group_size", "min_size"):
-      value = getattr(self, name)
-      if not isinstance(value, (int, np.integer)) or value < (1 if name == "group_size" else 0):
-        raise ValueError(f"Int8Quantization.{name} must be a non-negative int "
-                         f"(group_size >= 1), got {value!r}.")
-
-
-def layout_for(spec: partition_lib.BlockSpec, shape: tuple[int, ...],
-               quantization: Int8Quantization) -> quantize_lib.GroupLayout:
-  """INT8 groups of a leaf (of one layer, if it stacks layers): down the columns
-  over its leading reduced axes.
-
-  A Flax ``(in, out)`` kernel with a block per output neuron gets groups over
-  ``in`` inside each neuron; leaves whose blocks do not reduce axis 0
-  (embedding rows, biases) or reduce every axis get row groups.
-  """
-  spec, shape = partition_lib.layer_slice(spec, shape)
-  leading = 0
-  while leading < len(shape) and leading in spec.axes:
-    leading += 1
-  return quantize_lib.group_layout(shape, quantization.group_size, leading)
-
-
-def stacked_axes(spec: partition_lib.BlockSpec, layer_rank: int) -> tuple[int, ...]:
-  """Where the layer axes of a stacked leaf sit in an array built per layer
-  with ``layer_rank`` axes (INT8 scales): the leaf's own positions, or last."""
-  out, rank = [], layer_rank
-  for axis in spec.layers:
-    out.append(min(axis, rank))
-    rank += 1
-  return tuple(out)
-
-
-def scales_shape(spec: partition_lib.BlockSpec, shape: tuple[int, ...],
-                 quantization: Int8Quantization) -> tuple[int, ...]:
-  """Shape of a leaf's INT8 scales: one layer's, with the layer axes inserted."""
-  out = list(layout_for(spec, shape, quantization).scales_shape)
-  for axis, at in zip(spec.layers, stacked_axes(spec, len(out))):
-    out.insert(at, shape[axis])
-  return tuple(out)
-
-
-def per_layer(fn: Callable[..., Any], in_axes: tuple[Any, ...], out_axes: tuple[Any, ...]):
-  """``fn`` of one layer's arrays, mapped over the layer axes of a stacked leaf.
-
-  ``in_axes`` / ``out_axes`` give, per argument / result (a pytree prefix),
-  the ascending positions of the layer axes in the stacked array, or ``None``
-  for an argument shared by all layers.
-  """
-  is_axes = lambda a: a is None or (isinstance(a, tuple) and all(isinstance(i, int) for i in a))
-
-  def nth(axes, k):
-    return jax.tree.map(lambda a: None if a is None else a[k] - k, axes, is_leaf=is_axes)
-  count = len(jax.tree.leaves(out_axes, is_leaf=is_axes)[0])
-  for k in reversed(range(count)):
-    fn = jax.vmap(fn, in_axes=nth(in_axes, k), out_axes=nth(out_axes, k))
-  return fn
+from qadam_mini_jax import storage as storage_lib
+from qadam_mini_jax import weights as weights_lib
+from qadam_mini_jax.storage import (  # noqa: F401  (stacked_axes: re-exported)
+    Int8Quantization, layout_for, quantizes, stacked_axes)
 
 
 #: ``"auto"`` (embedding and output blocks), ``"all"``, ``"none"``, a pytree of
@@ -228,7 +157,9 @@ class Epilogue(NamedTuple):
   """The rest of the ``q_adam_mini`` chain, fused into the step.
 
   With it the step returns new parameters ``p + (-lr)*(u + wd*p)`` (``wd``
-  only where ``decay`` is true) instead of the direction ``u``.
+  only where ``decay`` is true) instead of the direction ``u``; parameters
+  stored in INT8 (:class:`~qadam_mini_jax.weights.QuantizedParam`) come back
+  re-quantized.
   """
 
   params: Any
@@ -237,54 +168,68 @@ class Epilogue(NamedTuple):
   decay: Any  # pytree of bools like params
 
 
-def adam_mini_step(
-    b1: chex.Numeric = 0.9,
-    b2: chex.Numeric = 0.999,
-    eps: chex.Numeric = 1e-8,
-    *,
-    partition: partition_lib.BlockPartition | None = None,
-    mu_dtype: Any = None,
-    quantization: Int8Quantization | None = None,
-    stochastic_rounding: StochasticRounding = "auto",
-    key: Any = 0,
-    implementation: str = "xla",
-    shardings: Any = None,
-) -> tuple[Callable[[Any], ScaleByAdamMiniState], Callable[..., tuple[Any, ScaleByAdamMiniState]]]:
-  """``(init, step)`` of :func:`scale_by_adam_mini`; ``step(g, state, epilogue=None)``."""
-  check_hyperparameters(b1=b1, b2=b2, eps=eps)
-  partition = partition_lib.BlockPartition() if partition is None else partition
-  mu_dtype = _resolve_dtype(mu_dtype)
-  backend = resolve_implementation(implementation, quantization)
+@dataclasses.dataclass(frozen=True)
+class AdamMiniConfig:
+  """The settings of :func:`scale_by_adam_mini` (see its arguments)."""
 
-  def stores_int8(spec, shape):
-    """INT8 ``m`` for leaves (layers, if stacked) of at least ``min_size`` elements."""
-    return quantization is not None and (
-        math.prod(partition_lib.layer_slice(spec, shape)[1]) >= quantization.min_size)
+  b1: chex.Numeric = 0.9
+  b2: chex.Numeric = 0.999
+  eps: chex.Numeric = 1e-8
+  partition: partition_lib.BlockPartition = dataclasses.field(
+      default_factory=partition_lib.BlockPartition)
+  mu_dtype: Any = None
+  quantization: Int8Quantization | None = None
+  stochastic_rounding: StochasticRounding = "auto"
+  key: Any = 0
+  implementation: str = "xla"
+  shardings: Any = None
 
-  def leaf_init(spec, leaf):
-    if spec is None:
-      return optax.MaskedNode(), optax.MaskedNode()
-    nu = jnp.zeros(partition_lib.block_shape(spec, leaf.shape), jnp.float32)
-    if stores_int8(spec, leaf.shape):  # quantize(zeros), built directly (no reduction to fold)
-      return quantize_lib.QuantizedArray(
-          jnp.zeros(leaf.shape, jnp.int8),
-          jnp.zeros(scales_shape(spec, leaf.shape, quantization), jnp.float32)), nu
-    return jnp.zeros(leaf.shape, mu_dtype or leaf.dtype), nu  # optax: None = the param's dtype
+  def __post_init__(self):
+    check_hyperparameters(b1=self.b1, b2=self.b2, eps=self.eps)
+    if self.partition is None:
+      object.__setattr__(self, "partition", partition_lib.BlockPartition())
+    object.__setattr__(self, "mu_dtype", _resolve_dtype(self.mu_dtype))
+
+  def moment_storage(self, spec: partition_lib.BlockSpec, shape: tuple[int, ...],
+                     dtype: Any) -> Any:
+    """How ``m`` of a leaf is stored: INT8 (large leaves) or float."""
+    if quantizes(spec, shape, self.quantization):
+      return storage_lib.Int8Storage(layout_for(spec, shape, self.quantization))
+    return storage_lib.FloatStorage(self.mu_dtype or dtype)  # optax: None = the param's dtype
+
+
+def adam_mini_step(config: AdamMiniConfig) -> tuple[
+    Callable[[Any], ScaleByAdamMiniState], Callable[..., tuple[Any, ScaleByAdamMiniState]]]:
+  """``(init, step)`` of :func:`scale_by_adam_mini`; ``step(g, state, epilogue=None)``.
+
+  Both map :func:`.leaf_update.update_leaf` (and its storages' ``init``) over
+  the tree.
+  """
+  backend = resolve_implementation(config.implementation, config.quantization)
 
   def init_fn(params):
-    specs = partition_lib.block_specs(
-        params, partition, warn=True, present=sharding_lib.left_out_rules(params, partition))
-    leaves, treedef = jax.tree.flatten(params)
+    shapes = weights_lib.float_like(params)  # INT8 weights: their values' shapes and dtypes
+    specs = partition_lib.block_specs(shapes, config.partition, warn=True,
+                                      present=sharding_lib.left_out_rules(shapes, config.partition))
+
+    def leaf_init(spec, leaf):
+      if spec is None:
+        return optax.MaskedNode(), optax.MaskedNode()
+      storage = config.moment_storage(spec, tuple(leaf.shape), leaf.dtype)
+      return (storage.init(spec, tuple(leaf.shape)),
+              jnp.zeros(partition_lib.block_shape(spec, leaf.shape), jnp.float32))
+
+    leaves, treedef = jax.tree.flatten(shapes)
     mu, nu = zip(*map(leaf_init, treedef.flatten_up_to(specs), leaves)) if leaves else ((), ())
     return sharding_lib.follow(ScaleByAdamMiniState(
-        count=jnp.zeros([], jnp.int32), key=random_bits.key_words(key),
-        mu=jax.tree.unflatten(treedef, mu), nu=jax.tree.unflatten(treedef, nu)), params,
-        sharding_lib.param_shardings(params, shardings))
+        count=jnp.zeros([], jnp.int32), key=random_bits.key_words(config.key),
+        mu=jax.tree.unflatten(treedef, mu), nu=jax.tree.unflatten(treedef, nu)), shapes,
+        sharding_lib.param_shardings(weights_lib.codes_of(params), config.shardings))
 
   def step_fn(updates, state, epilogue: Epilogue | None = None):
     """On Explicit mesh axes, :func:`auto_step` under :func:`.sharding.on_auto_axes`."""
     if sharding_lib.explicit_specs(updates) is None:
-      return auto_step(shardings, updates, state, epilogue)
+      return auto_step(config.shardings, updates, state, epilogue)
     decay = epilogue and epilogue.decay  # Python bools: not an argument of auto_axes
     return sharding_lib.on_auto_axes(
         lambda found, g, s, ep: auto_step(found, g, s, ep and ep._replace(decay=decay)), updates,
@@ -293,97 +238,46 @@ def adam_mini_step(
 
   def auto_step(shardings, updates, state, epilogue):
     """The step, with the parameters' shardings (or ``None``)."""
-    specs = partition_lib.block_specs(updates, partition)
+    specs = partition_lib.block_specs(updates, config.partition)
     paths = _check_tree_matches(updates, specs, state)
     count = optax.safe_increment(state.count)
     t = count.astype(jnp.float32)
-    b1_, b2_ = jnp.asarray(b1, jnp.float32), jnp.asarray(b2, jnp.float32)
-    bc1 = 1.0 - b1_**t
-    sqrt_bc2 = jnp.sqrt(1.0 - b2_**t)
-    stochastic = _rounding_mask(stochastic_rounding, specs, updates)
+    b1, b2 = jnp.asarray(config.b1, jnp.float32), jnp.asarray(config.b2, jnp.float32)
+    scalars = leaf_update_lib.StepScalars(
+        b1=b1, b2=b2, eps=config.eps, bias_correction1=1.0 - b1**t,
+        sqrt_bias_correction2=jnp.sqrt(1.0 - b2**t), count=count, key=state.key,
+        neg_lr=epilogue and epilogue.neg_lr, wd=epilogue and epilogue.wd)
+    stochastic = _rounding_mask(config.stochastic_rounding, specs, updates)
 
     g_leaves, treedef = jax.tree.flatten(updates)
+    flat = lambda tree: treedef.flatten_up_to(tree)
+    params = flat(epilogue.params) if epilogue else [None] * len(g_leaves)
+    decays = flat(epilogue.decay) if epilogue else [None] * len(g_leaves)
     leaf_shardings = ([s for _, _, s in sharding_lib.per_parameter(updates, shardings)]
                       if shardings is not None else [None] * len(g_leaves))
-    per_leaf = zip(g_leaves, *(treedef.flatten_up_to(tree) for tree in (
-        specs, state.mu, state.nu,
-        epilogue.params if epilogue else state.mu, epilogue.decay if epilogue else state.mu)),
-        stochastic, leaf_shardings)
     out, out_mu, out_nu = [], [], []
-    for index, (g, spec, mu, nu, p, decay, sr, leaf_sharding) in enumerate(per_leaf):
+    for index, (g, spec, mu, nu, p, decay, sr, leaf_sharding) in enumerate(zip(
+        g_leaves, flat(specs), flat(state.mu), flat(state.nu), params, decays, stochastic,
+        leaf_shardings)):
       if spec is None:  # left alone (non-float or empty)
         out.append(p if epilogue else
                    g if g.dtype == jax.dtypes.float0 else jnp.zeros_like(g))
         out_mu.append(mu)
         out_nu.append(nu)
         continue
-      _check_leaf_matches(paths[index], tuple(g.shape), spec, mu, nu, stores_int8(spec, g.shape))
-      g32 = g.astype(jnp.float32)
-      nu = b2_ * nu + (1.0 - b2_) * partition_lib.block_mean(g32 * g32, spec)
-      # One factor per block, so the per-element work is a single multiply:
-      # u = m * 1/((1-b1^t) * (sqrt(v_B)/sqrt(1-b2^t) + eps)).
-      factor = 1.0 / (bc1 * (jnp.sqrt(nu) / sqrt_bc2 + eps))
-      wd = (epilogue.wd if decay else jnp.zeros([], jnp.float32)) if epilogue else None
-      out_nu.append(nu)
-
-      def finish(u, g, p):
-        """The chain after the preconditioner: decay, learning rate, apply."""
-        u = u.astype(g.dtype)
-        if epilogue is None:
-          return u
-        u = (u + wd * p) if decay else u
-        return jnp.asarray(p + epilogue.neg_lr.astype(u.dtype) * u).astype(p.dtype)
-
-      if not stores_int8(spec, g.shape):
-        m = b1_ * mu.astype(jnp.float32) + (1.0 - b1_) * g32
-        out.append(finish(m * partition_lib.broadcast_block(factor, spec, g.shape), g, p))
-        out_mu.append(m.astype(mu.dtype))
-        continue
-      mu = quantize_lib.QuantizedArray(mu.codes, mu.scales)  # flax.nnx hands it back as a State
-      layer_spec, _ = partition_lib.layer_slice(spec, g.shape)
-      layout = layout_for(spec, g.shape, quantization)
-      seeds = random_bits.stream_seeds(state.key, count, index) if sr else None
-      sharded = not (leaf_sharding is None or leaf_sharding.is_fully_replicated)
-      if sharded and spec.layers and backend is not None:
-        raise sharding_lib.ShardingError(
-            f"{paths[index]}: the fused kernel does not run per shard on stacked layers "
-            f"(layer axes {spec.layers}); use implementation='xla' for this model.")
-
-      def int8_step(g, mu, factor, p, layer):
-        """One layer's (or an unstacked leaf's) update: ``(out, new m)``."""
-        streams = seeds
-        if seeds is not None and layer is not None:
-          streams = random_bits.layer_seeds(*seeds, layer)
-        if backend is None:
-          m = b1_ * quantize_lib.dequantize(mu, layout) + (1.0 - b1_) * g.astype(jnp.float32)
-          noise = None if streams is None else random_bits.uniform(g.shape, *streams)
-          u = m * partition_lib.broadcast_block(factor, layer_spec, g.shape)
-          return finish(u, g, p), quantize_lib.quantize(m, layout, noise)
-        zero, no_word = jnp.zeros([], jnp.float32), jnp.zeros([], jnp.uint32)
-        hyper = [b1_, 1.0 - b1_, epilogue.neg_lr if epilogue else zero, wd if epilogue else zero]
-        args = (p if epilogue else g, g, mu, pallas_update.factors_2d(factor, layer_spec, layout),
-                jnp.stack([jnp.asarray(h, jnp.float32) for h in hyper] + [zero] * 4),
-                jnp.stack([*(streams or (no_word, no_word)), no_word, no_word]))  # offsets 0
-        kernel_args = dict(stochastic=streams is not None, fuse_step=epilogue is not None,
-                           backend=backend, **pallas_update.factor_axes(layer_spec, layout))
-        if not sharded:
-          return pallas_update.fused_leaf_update(*args, layout=layout, **kernel_args)
-        return pallas_update.sharded_leaf_update(
-            *args, layout=layout, sharding=leaf_sharding, path=paths[index], **kernel_args)
-
-      p_arg = p if epilogue else None
-      if not spec.layers:
-        new, mu = int8_step(g, mu, factor, p_arg, None)
-      else:  # map one layer's update over the layer axes
-        ax, sx = spec.layers, stacked_axes(spec, len(layout.scales_shape))
-        sizes = tuple(g.shape[a] for a in ax)
-        layers = jnp.arange(math.prod(sizes), dtype=jnp.uint32).reshape(sizes)
-        new, mu = per_layer(
-            int8_step, (ax, quantize_lib.QuantizedArray(ax, sx), ax, ax if epilogue else None,
-                        tuple(range(len(ax)))),
-            (ax, quantize_lib.QuantizedArray(ax, sx)))(g, mu, factor, p_arg, layers)
+      shape = tuple(g.shape)
+      moment = config.moment_storage(spec, shape, g.dtype)
+      _check_leaf_matches(paths[index], shape, spec, mu, nu, moment.quantized)
+      weights = weights_lib.storage_of(p, paths[index], spec, shape)
+      plan = leaf_update_lib.LeafPlan(
+          path=paths[index], index=index, spec=spec, moment=moment,
+          stochastic=sr and moment.quantized, weights=weights,
+          decay=None if epilogue is None else bool(decay),
+          backend=backend if moment.quantized else None, sharding=leaf_sharding)
+      new, mu, nu = leaf_update_lib.update_leaf(plan, scalars, g, mu, nu, p)
       out.append(new)
       out_mu.append(mu)
+      out_nu.append(nu)
     unflatten = lambda leaves: jax.tree.unflatten(treedef, leaves)
     return unflatten(out), sharding_lib.follow(ScaleByAdamMiniState(
         count=count, key=state.key, mu=unflatten(out_mu), nu=unflatten(out_nu)), updates,
@@ -436,10 +330,10 @@ def scale_by_adam_mini(
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
   """
-  init_fn, step_fn = adam_mini_step(
+  init_fn, step_fn = adam_mini_step(AdamMiniConfig(
       b1, b2, eps, partition=partition, mu_dtype=mu_dtype, quantization=quantization,
       stochastic_rounding=stochastic_rounding, key=key, implementation=implementation,
-      shardings=shardings)
+      shardings=shardings))
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args

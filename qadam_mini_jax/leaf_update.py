@@ -1,0 +1,175 @@
+"""One leaf's Adam-mini step as a pure function: storage and execution plugged in.
+
+For a leaf with block partition ``spec`` (Zhang et al. 2024, arXiv:2406.16793,
+Algorithm 1)::
+
+    v_B <- b2*v_B + (1-b2)*mean_{i in B}(g_i^2)
+    m   <- b1*m + (1-b1)*g
+    u   <- m * r_B,   r_B = 1/((1-b1^t)(sqrt(v_B)/sqrt(1-b2^t) + eps))
+
+and, when the step also applies the update (:attr:`LeafPlan.decay` is not
+``None``), ``p <- p + (-lr)*(u + wd*p)``. ``m`` is read and written through
+its storage (:mod:`.storage`) and so is ``p`` when it is stored in INT8
+(:mod:`.weights`); each quantized store rounds with its own counter-based
+stream (:mod:`.random_bits`). INT8 leaves run either in jnp (the
+specification) or in the fused Pallas kernel (:mod:`.pallas_update`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from qadam_mini_jax import pallas_update
+from qadam_mini_jax import partition as partition_lib
+from qadam_mini_jax import random_bits
+from qadam_mini_jax import sharding as sharding_lib
+
+
+class LeafPlan(NamedTuple):
+  """What is fixed about one leaf's update (static under ``jax.jit``).
+
+  Attributes:
+    path: the parameter's name, for errors.
+    index: the leaf's position in the tree; it names its rounding streams.
+    spec: its Adam-mini blocks.
+    moment: storage of ``m`` (:class:`.storage.FloatStorage` or
+      :class:`.storage.Int8Storage`).
+    stochastic: whether ``m`` rounds stochastically.
+    weights: storage of an INT8 parameter (:class:`.weights.WeightStorage`)
+      when the step writes one, else ``None``.
+    decay: ``None`` when the step returns the direction ``u``; else whether
+      weight decay applies as the step writes the new parameter.
+    backend: Pallas backend of an INT8 leaf's update, or ``None`` for jnp.
+    sharding: the parameter's ``NamedSharding`` (or ``None``).
+  """
+
+  path: str
+  index: int
+  spec: partition_lib.BlockSpec
+  moment: Any
+  stochastic: bool
+  weights: Any = None
+  decay: bool | None = None
+  backend: str | None = None
+  sharding: Any = None
+
+
+class StepScalars(NamedTuple):
+  """Traced scalars shared by every leaf of one step (float32; ``count`` int32)."""
+
+  b1: jax.Array
+  b2: jax.Array
+  eps: jax.Array
+  bias_correction1: jax.Array  # 1 - b1^t
+  sqrt_bias_correction2: jax.Array  # sqrt(1 - b2^t)
+  count: jax.Array
+  key: jax.Array
+  neg_lr: jax.Array | None = None  # with decay
+  wd: jax.Array | None = None
+
+
+def per_layer(fn: Callable[..., Any], in_axes: tuple[Any, ...], out_axes: tuple[Any, ...]):
+  """``fn`` of one layer's arrays, mapped over the layer axes of a stacked leaf.
+
+  ``in_axes`` / ``out_axes`` give, per argument / result (a pytree prefix),
+  the ascending positions of the layer axes in the stacked array, or ``None``
+  for an argument shared by all layers.
+  """
+  is_axes = lambda a: a is None or (isinstance(a, tuple) and all(isinstance(i, int) for i in a))
+
+  def nth(axes, k):
+    return jax.tree.map(lambda a: None if a is None else a[k] - k, axes, is_leaf=is_axes)
+  count = len(jax.tree.leaves(out_axes, is_leaf=is_axes)[0])
+  for k in reversed(range(count)):
+    fn = jax.vmap(fn, in_axes=nth(in_axes, k), out_axes=nth(out_axes, k))
+  return fn
+
+
+def _stream(plan: LeafPlan, s: StepScalars, purpose: int, layer: jax.Array | None):
+  """The rounding stream of one quantized store of this leaf (and layer)."""
+  seeds = random_bits.stream_seeds(s.key, s.count, plan.index, purpose)
+  return seeds if layer is None else random_bits.layer_seeds(*seeds, layer)
+
+
+def _jnp_layer(plan: LeafPlan, s: StepScalars, spec: partition_lib.BlockSpec,
+               g, mu, factor, p, layer):
+  """The update in jnp: ``(out, m)`` of one layer (or of an unstacked leaf)."""
+  m = s.b1 * plan.moment.load(mu) + (1.0 - s.b1) * g.astype(jnp.float32)
+  u = (m * partition_lib.broadcast_block(factor, spec, g.shape)).astype(g.dtype)
+
+  def noise(purpose):
+    return random_bits.uniform(g.shape, *_stream(plan, s, purpose, layer))
+
+  mu = plan.moment.store(m, noise(random_bits.MOMENT) if plan.stochastic else None)
+  if plan.decay is None:
+    return u, mu
+  value = p if plan.weights is None else plan.weights.load(p)
+  u = (u + s.wd * value) if plan.decay else u
+  new = value + s.neg_lr.astype(u.dtype) * u
+  if plan.weights is None:
+    return jnp.asarray(new).astype(p.dtype), mu
+  return plan.weights.store(new, noise(random_bits.WEIGHTS) if plan.weights.stochastic
+                            else None), mu
+
+
+def _kernel_layer(plan: LeafPlan, s: StepScalars, spec: partition_lib.BlockSpec,
+                  g, mu, factor, p, layer):
+  """The update in the fused Pallas kernel: ``(out, m)`` of one layer."""
+  layout, fused = plan.moment.layout, plan.decay is not None
+  zero, no_word = jnp.zeros([], jnp.float32), jnp.zeros([], jnp.uint32)
+  wd = (s.wd if plan.decay else zero) if fused else zero
+  hyper = [s.b1, 1.0 - s.b1, s.neg_lr if fused else zero, wd]
+  streams = _stream(plan, s, random_bits.MOMENT, layer) if plan.stochastic else None
+  args = (p if fused else g, g, mu, pallas_update.factors_2d(factor, spec, layout),
+          jnp.stack([jnp.asarray(h, jnp.float32) for h in hyper] + [zero] * 4),
+          jnp.stack([*(streams or (no_word, no_word)), no_word, no_word]))  # offsets 0
+  kernel_args = dict(stochastic=streams is not None, fuse_step=fused, backend=plan.backend,
+                     **pallas_update.factor_axes(spec, layout))
+  if plan.sharding is None or plan.sharding.is_fully_replicated:
+    return pallas_update.fused_leaf_update(*args, layout=layout, **kernel_args)
+  return pallas_update.sharded_leaf_update(
+      *args, layout=layout, sharding=plan.sharding, path=plan.path, **kernel_args)
+
+
+def update_leaf(plan: LeafPlan, s: StepScalars, g: jax.Array, mu: Any, nu: jax.Array,
+                p: Any = None) -> tuple[Any, Any, jax.Array]:
+  """One leaf's step: ``(out, m, v)``.
+
+  ``out`` is the direction ``u`` in ``g``'s dtype, or, with
+  :attr:`LeafPlan.decay`, the new parameter in ``p``'s storage.
+  """
+  g32 = g.astype(jnp.float32)
+  nu = s.b2 * nu + (1.0 - s.b2) * partition_lib.block_mean(g32 * g32, plan.spec)
+  # One factor per block, so the per-element work is a single multiply.
+  factor = 1.0 / (s.bias_correction1 * (jnp.sqrt(nu) / s.sqrt_bias_correction2 + s.eps))
+  quantized = plan.moment.quantized or plan.weights is not None
+  if plan.backend is not None and plan.moment.quantized:
+    if plan.spec.layers and not (plan.sharding is None or plan.sharding.is_fully_replicated):
+      raise sharding_lib.ShardingError(
+          f"{plan.path}: the fused kernel does not run per shard on stacked layers "
+          f"(layer axes {plan.spec.layers}); use implementation='xla' for this model.")
+    one_layer = _kernel_layer
+  else:
+    one_layer = _jnp_layer
+  if not (plan.spec.layers and quantized):  # groups of the whole leaf
+    out, mu = one_layer(plan, s, plan.spec, g, mu, factor, p, None)
+    return out, mu, nu
+  # Quantization groups are per layer: map one layer's update over the layer axes.
+  layer_spec, _ = partition_lib.layer_slice(plan.spec, g.shape)
+  ax = plan.spec.layers
+  sizes = tuple(g.shape[a] for a in ax)
+  layers = jnp.arange(math.prod(sizes), dtype=jnp.uint32).reshape(sizes)
+  p_axes = None if plan.decay is None else (ax if plan.weights is None
+                                             else plan.weights.layer_axes(plan.spec))
+  out_axes = ax if plan.decay is None or plan.weights is None else p_axes
+  m_axes = plan.moment.layer_axes(plan.spec)
+  out, mu = per_layer(
+      lambda *a: one_layer(plan, s, layer_spec, *a),
+      (ax, m_axes, ax, p_axes, tuple(range(len(ax)))), (out_axes, m_axes),
+  )(g, mu, factor, p, layers)
+  return out, mu, nu
