@@ -154,7 +154,22 @@ def decode(codes: jax.Array, scale: jax.Array) -> jax.Array:
   return c * jnp.abs(c) * _INV_LEVELS * scale
 
 
-def quantize(x: jax.Array, layout: GroupLayout, noise: jax.Array | None = None) -> QuantizedArray:
+def coarse_scale(scale: jax.Array, mantissa_bits: int) -> jax.Array:
+  """The smallest float32 ``>= scale`` with ``mantissa_bits`` mantissa bits (bitwise, exact).
+
+  INT8 weights take their group scales from this grid (:mod:`.weights`): a
+  scale then moves only when the group's range crosses a grid point (steps
+  of at most ``2^-mantissa_bits``), so re-quantizing after a small update
+  leaves every other element exactly where it was instead of re-rounding
+  the whole group to follow its largest element.
+  """
+  drop = 23 - mantissa_bits
+  bits = jax.lax.bitcast_convert_type(scale, jnp.uint32) + np.uint32((1 << drop) - 1)
+  return jax.lax.bitcast_convert_type(bits & np.uint32(0xFFFFFFFF ^ ((1 << drop) - 1)), jnp.float32)
+
+
+def quantize(x: jax.Array, layout: GroupLayout, noise: jax.Array | None = None,
+             scale_bits: int | None = None) -> QuantizedArray:
   """Quantize ``x`` group-wise to int8.
 
   Args:
@@ -162,9 +177,13 @@ def quantize(x: jax.Array, layout: GroupLayout, noise: jax.Array | None = None) 
     layout: the grouping (:func:`group_layout`).
     noise: uniform [0, 1) float32 array of ``x``'s shape for stochastic
       rounding, or ``None`` for round-to-nearest.
+    scale_bits: scales on the grid of :func:`coarse_scale` with these
+      mantissa bits; ``None``: each group's exact ``max|x|``.
   """
   g = _grouped(x.astype(jnp.float32), layout)
   scales = jnp.max(jnp.abs(g), axis=_group_axis(layout), keepdims=True)
+  if scale_bits is not None:
+    scales = coarse_scale(scales, scale_bits)
   r = np.float32(0.5) if noise is None else _grouped(noise, layout)
   return QuantizedArray(_ungrouped(encode(g, scales, r), layout),
                         scales.reshape(layout.scales_shape))

@@ -336,7 +336,9 @@ def scale_by_adam_mini(
       shardings=shardings))
 
   def update_fn(updates, state, params=None, **extra_args):
-    del params, extra_args
+    del extra_args
+    weights_lib.check_float(params, "an optax chain cannot apply updates to it: use "
+                            "qadam_mini_jax.fused_q_adam_mini(...).step")
     return step_fn(updates, state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -4,7 +4,9 @@ A weight matrix is stored as :class:`QuantizedParam`: int8 codes in its shape
 and one float32 scale per group of 256, the groups placed as the INT8 first
 moment's (:func:`.storage.layout_for`: inside one Adam-mini block, never
 mixing output neurons). The code is :mod:`.quantize`'s square-law code, chosen
-over a linear one by ``benchmarks/weight_quantization.py`` on trained weights.
+over a linear one by ``benchmarks/weight_quantization.py`` on trained weights,
+with each group's scale rounded up to a coarse grid (:data:`SCALE_BITS`) so
+that re-quantizing after a small update moves only what the update moved.
 Vectors (norms, biases) and leaves under ``min_size`` elements stay in float.
 
 Training: the model dequantizes each weight where it uses it
@@ -32,6 +34,11 @@ from qadam_mini_jax import leaf_update as leaf_update_lib
 from qadam_mini_jax import partition as partition_lib
 from qadam_mini_jax import quantize as quantize_lib
 from qadam_mini_jax import storage as storage_lib
+
+
+#: Mantissa bits of the weights' group scales (:func:`.quantize.coarse_scale`):
+#: a scale is at most 1/8 above its group's ``max|w|``.
+SCALE_BITS = 3
 
 
 @jax.tree_util.register_dataclass
@@ -153,6 +160,13 @@ def float_like(params: Any) -> Any:
                       params, is_leaf=is_quantized)
 
 
+def check_float(params: Any, why: str) -> None:
+  """TypeError naming the first :class:`QuantizedParam` in ``params``, with ``why``."""
+  for path, x in jax.tree_util.tree_flatten_with_path(params, is_leaf=is_quantized)[0]:
+    if is_quantized(x):
+      raise TypeError(f"{partition_lib.path_str(path)} is an INT8 weight (QuantizedParam): {why}.")
+
+
 def codes_of(params: Any) -> Any:
   """``params`` with each :class:`QuantizedParam` as its codes (which carry its sharding)."""
   return jax.tree.map(lambda x: x.codes if is_quantized(x) else x, params, is_leaf=is_quantized)
@@ -175,7 +189,7 @@ class WeightStorage:
                                    self.like.layout)
 
   def store(self, value: jax.Array, noise: jax.Array | None) -> QuantizedParam:
-    q = quantize_lib.quantize(value, self.like.layout, noise)
+    q = quantize_lib.quantize(value, self.like.layout, noise, SCALE_BITS)
     return dataclasses.replace(self.like, codes=q.codes, scales=q.scales)
 
   def layer_axes(self, spec: partition_lib.BlockSpec) -> QuantizedParam:
