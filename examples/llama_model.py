@@ -3,7 +3,9 @@
 Parameter names (``embed/embedding``, ``layers/i/attn/{q,k,v,o}_proj/kernel``,
 ``layers/i/mlp/{gate,up,down}_proj/kernel``, ``*_norm/scale``,
 ``lm_head/kernel``) are those the default Adam-mini partition recognises.
-Sizes follow the GaLore / Q-GaLore LLaMA configs.
+Sizes follow the GaLore / Q-GaLore LLaMA configs. Linear and embedding layers
+are ``qadam_mini_jax.nnx_layers``'s, so the same model runs with INT8 weights
+(``qadam_mini_jax.weights.quantize_params`` of its parameters).
 
 With ``scan_layers`` the blocks are stacked on a leading layer axis and run by
 ``nnx.scan`` (``layers/attn/q_proj/kernel`` is ``(num_layers, dim, dim)``):
@@ -18,6 +20,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from qadam_mini_jax import nnx_layers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,8 +70,8 @@ def rope(x: jax.Array, theta: float) -> jax.Array:
   return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1).astype(x.dtype)
 
 
-def _linear(i: int, o: int, rngs: nnx.Rngs, dtype) -> nnx.Linear:
-  return nnx.Linear(i, o, use_bias=False, dtype=dtype, rngs=rngs,
+def _linear(i: int, o: int, rngs: nnx.Rngs, dtype) -> nnx_layers.Linear:
+  return nnx_layers.Linear(i, o, use_bias=False, dtype=dtype, rngs=rngs,
                     kernel_init=nnx.initializers.normal(0.02))
 
 
@@ -122,7 +126,7 @@ class Llama(nnx.Module):
 
   def __init__(self, c: LlamaConfig, rngs: nnx.Rngs, dtype=None):
     self.config = c
-    self.embed = nnx.Embed(c.vocab, c.dim, dtype=dtype, rngs=rngs,
+    self.embed = nnx_layers.Embed(c.vocab, c.dim, dtype=dtype, rngs=rngs,
                            embedding_init=nnx.initializers.normal(0.02))
     blocks = [Block(c, rngs, dtype) for _ in range(c.num_layers)]
     self.layers = stack(blocks) if c.scan_layers else nnx.List(blocks)

@@ -13,7 +13,9 @@ update clipping are then per layer, as in the unscanned model.
 
 * ``adamw``: ``optax.adamw``.
 * ``adam_mini``, ``q_adam_mini``: this library, with the Adam-mini block
-  partition chosen by ``partition`` (see :data:`PARTITIONS`).
+  partition chosen by ``partition`` (see :data:`PARTITIONS`). With
+  ``weight_quant`` the weights themselves are INT8 (:func:`quantize_weights`)
+  and :func:`fused_step` updates them (no float master copy).
 * ``adafactor``: ``optax.adafactor`` with factored second moments, no
   momentum, update clipping 1.0 (per layer: :func:`clip_by_layer_rms`) and
   ``multiply_by_parameter_scale=False`` (so its learning rate means what
@@ -59,7 +61,8 @@ DEFAULT_PARTITION = "qk_per_neuron"
 
 #: Settings that change the optimizer state's structure or meaning: a
 #: checkpoint resumes only under the same values.
-STRUCTURAL_FIELDS = ("name", "partition", "grad_accum", "stochastic_rounding", "skip_nonfinite")
+STRUCTURAL_FIELDS = ("name", "partition", "grad_accum", "stochastic_rounding", "skip_nonfinite",
+                     "weight_quant")
 #: ``skip_nonfinite``: ``optax.apply_if_finite`` skips at most this many
 #: non-finite (micro-batch) gradients in a row, then applies them.
 MAX_SKIPPED_IN_A_ROW = 10
@@ -83,6 +86,7 @@ class OptimizerConfig:
   stochastic_rounding: str = "auto"  # which INT8 leaves: "auto", "all" or "none"
   seed: int = 0
   skip_nonfinite: bool = False  # optax.apply_if_finite around the whole optimizer
+  weight_quant: bool = False  # INT8 weights, no float master copy (q_adam_mini only)
 
   def __post_init__(self):
     if self.name not in OPTIMIZERS:
@@ -94,6 +98,12 @@ class OptimizerConfig:
       raise ValueError(f"unknown partition {self.partition!r}; choose from {', '.join(PARTITIONS)}.")
     if self.lr <= 0 or self.total_steps < 1 or self.grad_accum < 1:
       raise ValueError("lr must be > 0, total_steps and grad_accum >= 1.")
+    if self.weight_quant and (self.name != "q_adam_mini" or self.grad_accum > 1
+                              or self.skip_nonfinite):
+      raise ValueError("--weight-quant needs --optimizer q_adam_mini, whose fused step writes "
+                       "the INT8 weights, without --grad-accum or --skip-nonfinite (they would "
+                       f"need float updates); got {self.name}, grad_accum={self.grad_accum}, "
+                       f"skip_nonfinite={self.skip_nonfinite}.")
     if not 0 <= self.warmup_steps <= self.total_steps:
       raise ValueError(f"warmup_steps={self.warmup_steps} must be in [0, total_steps].")
 
@@ -141,10 +151,7 @@ def core(c: OptimizerConfig, model: LlamaConfig,
     return qadam_mini_jax.adam_mini(lr, c.b1, c.b2, weight_decay=c.weight_decay, mask=mask,
                                     partition=partition, shardings=shardings)
   if c.name == "q_adam_mini":
-    return qadam_mini_jax.q_adam_mini(
-        lr, c.b1, c.b2, weight_decay=c.weight_decay, mask=mask,
-        partition=partition, key=c.seed,
-        stochastic_rounding=c.stochastic_rounding, shardings=shardings)
+    return qadam_mini_jax.q_adam_mini(**q_adam_mini_args(c, model), shardings=shardings)
   if c.name == "adafactor":  # optax.adafactor's chain, clipping per layer
     return optax.chain(
         optax.scale_by_factored_rms(), clip_by_layer_rms(1.0, partition),
@@ -153,6 +160,41 @@ def core(c: OptimizerConfig, model: LlamaConfig,
         optax.scale(-1))
   return optax.lion(lambda count: LION_LR_SCALE * lr(count), c.b1, 0.99,
                     weight_decay=c.weight_decay / LION_LR_SCALE, mask=mask)
+
+
+def q_adam_mini_args(c: OptimizerConfig, model: LlamaConfig) -> dict[str, Any]:
+  """Keyword arguments of ``q_adam_mini`` / ``fused_q_adam_mini`` for this recipe."""
+  partition = block_partition(c, model)
+  return dict(learning_rate=schedule(c), b1=c.b1, b2=c.b2, weight_decay=c.weight_decay,
+              mask=functools.partial(qadam_mini_jax.default_decay_mask, partition=partition),
+              partition=partition, key=c.seed, stochastic_rounding=c.stochastic_rounding)
+
+
+def quantize_weights(c: OptimizerConfig, model: LlamaConfig, params: Any) -> Any:
+  """``params`` with INT8 weights under ``weight_quant`` (re-quantized with
+  stochastic rounding unless ``stochastic_rounding="none"``), else as they are."""
+  if not c.weight_quant:
+    return params
+  return qadam_mini_jax.weights.quantize_params(
+      params, block_partition(c, model), stochastic=c.stochastic_rounding != "none")
+
+
+def fused_step(c: OptimizerConfig, model: LlamaConfig):
+  """``step(grads, opt_state, params) -> (params, opt_state)`` for INT8 weights.
+
+  The state is :func:`make`'s (clipping, then ``q_adam_mini``): the gradients
+  are clipped by global norm, then ``fused_q_adam_mini`` adds each update and
+  re-quantizes the weights.
+  """
+  clip = optax.clip_by_global_norm(c.clip_norm)
+  fused = qadam_mini_jax.fused_q_adam_mini(**q_adam_mini_args(c, model))
+
+  def step(grads, opt_state, params):
+    clip_state, state = opt_state
+    grads, clip_state = clip.update(grads, clip_state)
+    params, state = fused.step(grads, state, params)
+    return params, (clip_state, state)
+  return step
 
 
 def make(c: OptimizerConfig, model: LlamaConfig,
@@ -169,7 +211,8 @@ def make(c: OptimizerConfig, model: LlamaConfig,
 
 def state_nbytes(c: OptimizerConfig, model: LlamaConfig, params: Any) -> int:
   """Bytes of the optimizer's own state (without gradient-accumulation buffers)."""
-  shapes = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype), params)  # unsharded
+  shapes = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype),  # unsharded
+                        qadam_mini_jax.weights.float_like(params))
   return qadam_mini_jax.tree_nbytes(jax.eval_shape(core(c, model).init, shapes))
 
 

@@ -12,6 +12,7 @@ compiled step's memory. From the repository root::
     python examples/train.py --model 20M --data my_texts/ --steps 5000 --dtype bfloat16
     python examples/train.py --mesh data=2,fsdp=4         # sharded over 8 devices
     python examples/train.py --model 1B --scan-layers     # blocks stacked, run by nnx.scan
+    python examples/train.py --weight-quant               # INT8 weights, no float master copy
 
 Outputs (in ``--out-dir``): ``metrics.jsonl`` (one JSON object per logged
 step), ``summary.json`` (final numbers), ``checkpoints/`` and, while the run
@@ -30,6 +31,12 @@ by :func:`sharding_rules.param_shardings`, the optimizer state following them
 computes, up to float summation order, and a checkpoint resumes on any mesh
 or on none.
 
+With ``--weight-quant`` (``q_adam_mini`` only) the weight matrices are stored
+in INT8 (``qadam_mini_jax.weights``): the model dequantizes each where it uses
+it, and ``fused_q_adam_mini`` adds each update and re-quantizes it with
+stochastic rounding (``--stochastic-rounding none``: to nearest). The setup
+printout gives weights + optimizer state + gradient bytes per parameter.
+
 With ``--scan-layers`` the blocks are stacked on a leading layer axis and run by
 ``nnx.scan``: the step compiles one block instead of one per layer (the setup
 printout gives the compile time), from the same initial weights, and trains to
@@ -41,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import pathlib
@@ -49,6 +57,7 @@ import shlex
 import signal
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -205,19 +214,21 @@ def optimizer_and_layout(model_cfg: LlamaConfig, opt_cfg: optimizers.OptimizerCo
 
 
 def init_fn(model_cfg: LlamaConfig, tx: optax.GradientTransformation, seed: int,
-            dtype: str, layout: MeshLayout | None = None) -> tuple[nnx.GraphDef, Any]:
+            dtype: str, layout: MeshLayout | None = None,
+            prepare: Callable[[Any], Any] = lambda params: params) -> tuple[nnx.GraphDef, Any]:
   """The model's graph definition and a jitted ``init() -> {"params", "opt_state"}``.
 
   The state is plain pytrees, created inside one ``jax.jit`` (one compilation
   instead of one per operation), directly in its shards on a mesh;
   ``jax.eval_shape(init)`` gives its shapes (and shardings) for free, which is
-  all a restore needs.
+  all a restore needs. ``prepare`` turns the initial parameters into the
+  stored ones (INT8 weights: ``optimizers.quantize_weights``).
   """
   create = model_factory(model_cfg, seed, dtype)
   graphdef, _ = nnx.split(nnx.eval_shape(create), nnx.Param)
 
   def init():
-    params = nnx.to_pure_dict(nnx.state(create(), nnx.Param))
+    params = prepare(nnx.to_pure_dict(nnx.state(create(), nnx.Param)))
     return {"params": params, "opt_state": tx.init(params)}
 
   if layout is None:
@@ -226,17 +237,27 @@ def init_fn(model_cfg: LlamaConfig, tx: optax.GradientTransformation, seed: int,
 
 
 def make_step_fns(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
-                  layout: MeshLayout | None = None):
-  """Jitted ``train_step(state, tokens) -> (state, metrics)`` and ``eval_loss(params, tokens)``."""
+                  layout: MeshLayout | None = None, fused_step: Callable[..., Any] | None = None):
+  """Jitted ``train_step(state, tokens) -> (state, metrics)`` and ``eval_loss(params, tokens)``.
+
+  With ``fused_step`` (INT8 weights, ``optimizers.fused_step``) the gradients
+  come from ``qadam_mini_jax.weights.value_and_grad`` and ``fused_step``
+  writes the new parameters; else ``tx.update`` and ``optax.apply_updates``.
+  """
   def loss_fn(params, tokens):
     return next_token_loss(nnx.merge(graphdef, params)(tokens), tokens)
 
   def train_step(state, tokens):
-    loss, grads = jax.value_and_grad(loss_fn)(state["params"], tokens)
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
+    if fused_step is None:
+      loss, grads = jax.value_and_grad(loss_fn)(state["params"], tokens)
+      updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+      params = optax.apply_updates(state["params"], updates)
+    else:
+      loss, grads = qadam_mini_jax.weights.value_and_grad(loss_fn)(state["params"], tokens)
+      params, opt_state = fused_step(grads, state["opt_state"], state["params"])
+    embedding = qadam_mini_jax.weights.dequantize(params["embed"]["embedding"])
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
-               "embed_norm": jnp.linalg.norm(params["embed"]["embedding"])}
+               "embed_norm": jnp.linalg.norm(embedding.astype(jnp.float32))}
     return {"params": params, "opt_state": opt_state}, metrics
 
   if layout is None:
@@ -404,11 +425,14 @@ def train(model_cfg: LlamaConfig, opt_cfg: optimizers.OptimizerConfig,
       print(f"note: took over the stale lock of {out} from {lock.stale_holder} (that process "
             "has ended)", file=sys.stderr)
     ckpts = checkpointing.Checkpoints(out / "checkpoints", keep=cfg.keep_checkpoints)
-    graphdef, init = init_fn(model_cfg, tx, cfg.seed, cfg.dtype, layout)
+    graphdef, init = init_fn(model_cfg, tx, cfg.seed, cfg.dtype, layout,
+                             functools.partial(optimizers.quantize_weights, opt_cfg, model_cfg))
     meta = run_metadata(model_cfg, opt_cfg, cfg, corpus)
     state, start_step = initial_state(ckpts, init, meta, cfg, say)
 
-    train_step, eval_loss = make_step_fns(graphdef, tx, layout)
+    train_step, eval_loss = make_step_fns(
+        graphdef, tx, layout,
+        optimizers.fused_step(opt_cfg, model_cfg) if opt_cfg.weight_quant else None)
     accum = opt_cfg.grad_accum
     put = (lambda tokens: tokens) if layout is None else layout.put
     micro_batch = lambda index: put(data_lib.train_batch(
@@ -417,14 +441,20 @@ def train(model_cfg: LlamaConfig, opt_cfg: optimizers.OptimizerConfig,
     memory = memory_report(compiled)
     val = [put(b) for b in
            data_lib.val_batches(corpus.val, cfg.batch_size, cfg.seq_len, cfg.eval_batches)]
-    n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
+    float_params = qadam_mini_jax.weights.float_like(state["params"])
+    n_params = sum(x.size for x in jax.tree.leaves(float_params))
     state_bytes = optimizers.state_nbytes(opt_cfg, model_cfg, state["params"])
+    weight_bytes = qadam_mini_jax.tree_nbytes(state["params"])
+    grad_bytes = sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(float_params))
     tokens_per_step = accum * cfg.batch_size * cfg.seq_len
     say(f"data: {corpus.name}: {len(corpus.train):,} training and {len(corpus.val):,} "
         f"validation bytes (byte-level tokens, vocabulary {data_lib.VOCAB_SIZE})")
     say(f"model: {n_params:,} parameters {model_cfg}")
-    say(f"optimizer: {opt_cfg.name}: state {state_bytes:,} bytes "
-        f"({state_bytes / n_params:.3f} B/param)")
+    say(f"optimizer: {opt_cfg.name}{' with INT8 weights' if opt_cfg.weight_quant else ''}: "
+        f"state {state_bytes:,} bytes ({state_bytes / n_params:.3f} B/param)")
+    say(f"bytes per parameter: weights {weight_bytes / n_params:.3f} + optimizer state "
+        f"{state_bytes / n_params:.3f} + gradient {grad_bytes / n_params:.3f} = "
+        f"{(weight_bytes + state_bytes + grad_bytes) / n_params:.3f}")
     per_device = {}
     if layout is not None:
       per_device = {
@@ -517,7 +547,8 @@ def train(model_cfg: LlamaConfig, opt_cfg: optimizers.OptimizerConfig,
         "state_bytes_per_param": state_bytes / n_params, "compiled_step_memory": memory,
         "compile_seconds": compile_seconds,
         "val_loss": val_loss, "val_ppl": math.exp(val_loss),
-        "embed_norm": float(jnp.linalg.norm(state["params"]["embed"]["embedding"])),
+        "embed_norm": float(jnp.linalg.norm(
+        qadam_mini_jax.weights.dequantize(state["params"]["embed"]["embedding"]))),
         "tokens_per_s": ((last_step - start_step) * tokens_per_step / train_time
                          if train_time else None),
         "data": corpus.name, "model": dataclasses.asdict(model_cfg),
@@ -630,6 +661,11 @@ def build_parser() -> argparse.ArgumentParser:
   g.add_argument("--no-stochastic-rounding", dest="stochastic_rounding", action="store_const",
                  const="none", help="same as --stochastic-rounding none: round m to nearest "
                                     "everywhere, also in the embedding and output layers")
+  g.add_argument("--weight-quant", action="store_true",
+                 help="q_adam_mini: store the weights themselves in INT8 (groups of 256, no "
+                      "float master copy; norms stay float), re-quantized after each update "
+                      "with stochastic rounding (round to nearest with --stochastic-rounding "
+                      "none)")
   g.add_argument("--skip-nonfinite", action="store_true",
                  help="skip updates whose gradients hold NaN or infinity (optax.apply_if_finite, "
                       f"up to {optimizers.MAX_SKIPPED_IN_A_ROW} in a row) instead of stopping")
@@ -681,7 +717,7 @@ def configs_from_args(args: argparse.Namespace):
       min_lr_ratio=args.min_lr_ratio, b1=args.b1, b2=args.b2, weight_decay=args.weight_decay,
       clip_norm=args.clip_norm, grad_accum=args.grad_accum, partition=args.partition,
       stochastic_rounding=args.stochastic_rounding, seed=args.seed,
-      skip_nonfinite=args.skip_nonfinite)
+      skip_nonfinite=args.skip_nonfinite, weight_quant=args.weight_quant)
   train_cfg = TrainConfig(
       data=tuple(args.data), val_fraction=args.val_fraction, seq_len=args.seq_len,
       batch_size=args.batch_size, dtype=args.dtype, seed=args.seed, log_every=args.log_every,
@@ -690,6 +726,9 @@ def configs_from_args(args: argparse.Namespace):
       keep_checkpoints=args.keep_checkpoints, resume=args.resume, resume_step=args.resume_step,
       stop_at=args.stop_at, progress=args.progress, mesh=args.mesh)
   make_mesh(train_cfg)  # a bad --mesh fails here, before anything is loaded
+  if args.weight_quant and args.mesh:
+    raise ValueError(f"--weight-quant does not combine with --mesh {args.mesh!r} yet: "
+                     "sharding_rules.py has no rules for INT8 weights.")
   if args.scan_layers and args.mesh:
     raise ValueError(f"--scan-layers does not combine with --mesh {args.mesh!r} yet: "
                      "sharding_rules.py shards unstacked 2-D weights only.")

@@ -4,6 +4,7 @@ References:
   Zhang et al., "Adam-mini: Use Fewer Learning Rates To Gain More",
   arXiv:2406.16793, 2024.
   Han, Yang, Chen, Wang, Sun, "Q-Adam-mini", ICML 2025 ES-FoMo workshop.
+  Zhang et al., "Q-GaLore" (INT8 weights with stochastic rounding), arXiv:2407.08296, 2024.
 """
 
 from qadam_mini_jax.alias import FusedOptimizer, adam_mini, default_decay_mask, fused_q_adam_mini, q_adam_mini
@@ -13,12 +14,14 @@ from qadam_mini_jax.quantize import QuantizedArray
 from qadam_mini_jax.report import describe, tree_nbytes, tree_nbytes_per_device
 from qadam_mini_jax.sharding import ShardingError, state_shardings
 from qadam_mini_jax.transform import Int8Quantization, ScaleByAdamMiniState, scale_by_adam_mini
+from qadam_mini_jax import weights
+from qadam_mini_jax.weights import QuantizedParam, quantize_params
 
 __all__ = [
-    "BlockPartition", "BlockSpec", "FusedOptimizer", "fused_q_adam_mini", "Int8Quantization", "PartitionError", "QuantizedArray", "ShardingError",
+    "BlockPartition", "BlockSpec", "FusedOptimizer", "fused_q_adam_mini", "Int8Quantization", "PartitionError", "QuantizedArray", "QuantizedParam", "ShardingError",
     "ScaleByAdamMiniState", "adam_mini", "block_specs", "default_decay_mask", "describe",
-    "q_adam_mini", "recorded_layers", "scale_by_adam_mini", "state_shardings", "tree_nbytes",
-    "tree_nbytes_per_device",
+    "q_adam_mini", "quantize_params", "recorded_layers", "scale_by_adam_mini", "state_shardings", "tree_nbytes",
+    "tree_nbytes_per_device", "weights",
 ]
 
 __version__ = "0.1.0"

@@ -371,3 +371,37 @@ def test_hugging_face_data_without_the_datasets_package_fails_clearly(monkeypatc
   monkeypatch.setitem(sys.modules, "datasets", None)  # as if not installed
   with pytest.raises(data_lib.DataError, match="needs the `datasets` package"):
     data_lib.load_corpus(["hf:wikitext:wikitext-2-raw-v1"], seq_len=16)
+
+
+WEIGHT_QUANT = [*SMALL, "--ffn-dim", "128", "--optimizer", "q_adam_mini", "--weight-quant",
+                "--steps", "6", "--warmup-steps", "1", "--checkpoint-every", "3"]
+
+
+@pytest.mark.parametrize("scan", [[], ["--scan-layers"]], ids=["unrolled", "scanned"])
+def test_int8_weights_train_and_resume_exactly(tmp_path, scan):
+  whole = run(tmp_path / "whole", *WEIGHT_QUANT, *scan)
+  params = whole.state["params"]
+  kernel = params["layers"]["mlp"]["up_proj"]["kernel"] if scan else (
+      params["layers"][0]["mlp"]["up_proj"]["kernel"])
+  assert isinstance(kernel, qadam_mini_jax.QuantizedParam) and kernel.codes.dtype == jnp.int8
+  assert kernel.shape == ((1, 32, 128) if scan else (32, 128)) and kernel.stochastic
+  assert not isinstance(params["norm"]["scale"], qadam_mini_jax.QuantizedParam)
+  losses = [m["loss"] for m in metrics(tmp_path / "whole")]
+  assert len(losses) == 6 and losses[-1] < losses[0]
+  run(tmp_path / "cut", *WEIGHT_QUANT, *scan, "--stop-at", "4")
+  resumed = run(tmp_path / "cut", *WEIGHT_QUANT, *scan, "--resume")
+  assert_same_state(whole.state, resumed.state)  # weight codes and scales, m, v, key, counts
+  assert metrics(tmp_path / "whole") == metrics(tmp_path / "cut")
+
+
+@pytest.mark.parametrize("flags, problem", [
+    (["--optimizer", "adamw"], "--weight-quant needs --optimizer q_adam_mini"),
+    (["--grad-accum", "2"], "without --grad-accum or --skip-nonfinite"),
+    (["--mesh", "data=1"], "--weight-quant does not combine with --mesh 'data=1' yet"),
+])
+def test_weight_quant_refuses_what_it_cannot_do(tmp_path, capsys, flags, problem):
+  with pytest.raises(SystemExit) as exit_info:
+    train.main([*SMALL, "--weight-quant", *flags, "--out-dir", str(tmp_path / "run")])
+  assert exit_info.value.code == 2
+  assert problem in capsys.readouterr().err.splitlines()[-1]
+  assert not (tmp_path / "run").exists()
