@@ -45,6 +45,7 @@ class Variant(NamedTuple):
   fuse_step: bool
   p_dtype: Any
   g_dtype: Any
+  int8_params: bool = False  # INT8 weights (codes and scales) in and out; fused step only
 
   @property
   def layout(self) -> quantize_lib.GroupLayout:
@@ -53,7 +54,7 @@ class Variant(NamedTuple):
 
   @property
   def config(self) -> pallas_update.KernelConfig:
-    return pallas_update.kernel_config(self.layout)
+    return pallas_update.kernel_config(self.layout, self.int8_params)
 
   @property
   def ragged(self) -> bool:
@@ -70,12 +71,33 @@ class Variant(NamedTuple):
     factors = (layout.a if axes["a_varies"] else 1) * (layout.b if axes["b_varies"] else 1)
     p, g = jnp.dtype(self.p_dtype).itemsize, jnp.dtype(self.g_dtype).itemsize
     scales = 4 * math.prod(layout.scales_shape) / n
+    p = 1 + scales if self.int8_params else p
     read = g + 1 + scales + 4 * factors / n + (p if self.fuse_step else 0)
     return read + (p if self.fuse_step else g) + 1 + scales
 
   @property
+  def leaf_arguments(self) -> range:
+    """Kernel arguments of leaf-sized buffers: inputs, then outputs (:attr:`outputs`)."""
+    return range(SCALAR_ARGUMENTS, self.outputs.stop)
+
+  @property
+  def outputs(self) -> range:
+    """Output arguments: p (or u, or p codes and scales), m codes and scales."""
+    inputs = 6 if self.int8_params else 5
+    count = 4 if self.int8_params else 3
+    return range(SCALAR_ARGUMENTS + inputs, SCALAR_ARGUMENTS + inputs + count)
+
+  @property
+  def element_arguments(self) -> tuple[int, ...]:
+    """Arguments read or written once per element: p (or its codes), g, m codes, their outputs."""
+    first = self.outputs.start
+    if self.int8_params:
+      return (2, 4, 5, first, first + 2)
+    return (2, 3, 4, first, first + 1)
+
+  @property
   def name(self) -> str:
-    dtypes = "f32" if self.p_dtype == jnp.float32 else "bf16"
+    dtypes = "w8" if self.int8_params else "f32" if self.p_dtype == jnp.float32 else "bf16"
     if self.p_dtype != self.g_dtype:
       dtypes = f"p{jnp.dtype(self.p_dtype).itemsize * 8}g{jnp.dtype(self.g_dtype).itemsize * 8}"
     return "_".join([
@@ -100,6 +122,12 @@ def variants() -> list[Variant]:
           Variant((50257, 768), ROWS, True, True, jnp.float32, jnp.float32),        # GPT-2 embedding
           Variant((32001, 4096), ROWS, True, False, jnp.bfloat16, jnp.bfloat16),    # LLaMA + pad token
           Variant((4096, 32001), COLUMNS, True, False, jnp.bfloat16, jnp.bfloat16)]
+  # INT8 weights (fused step only): both roundings on each kind of leaf, bf16 gradients.
+  out += [Variant(shape, axes, sr, True, jnp.float32, jnp.float32, True)
+          for shape, axes in [((4096, 4096), COLUMNS), ((1000, 300), COLUMNS),
+                              ((32000, 4096), ROWS), ((100, 300), ROWS)] for sr in (False, True)]
+  out += [Variant((4096, 4096), COLUMNS, True, True, jnp.bfloat16, jnp.bfloat16, True),
+          Variant((32001, 4096), ROWS, True, True, jnp.bfloat16, jnp.bfloat16, True)]
   return out
 
 
@@ -127,13 +155,15 @@ def triton_ir(variant: Variant) -> str:
   axes = pallas_update.factor_axes(spec, layout)
   s = jax.ShapeDtypeStruct
   factor = (layout.a if axes["a_varies"] else 1, layout.b if axes["b_varies"] else 1)
-  args = (s(variant.shape, variant.p_dtype), s(variant.shape, variant.g_dtype),
-          quantize_lib.QuantizedArray(s(variant.shape, jnp.int8),
-                                      s(layout.scales_shape, jnp.float32)),
-          s(factor, jnp.float32), s((8,), jnp.float32), s((4,), jnp.uint32))
+  codes = quantize_lib.QuantizedArray(s(variant.shape, jnp.int8),
+                                      s(layout.scales_shape, jnp.float32))
+  args = (codes if variant.int8_params else s(variant.shape, variant.p_dtype),
+          s(variant.shape, variant.g_dtype), codes, s(factor, jnp.float32), s((8,), jnp.float32),
+          s((6 if variant.int8_params else 4,), jnp.uint32))
   fn = lambda *a: pallas_update.fused_leaf_update(
       *a, layout=layout, stochastic=variant.stochastic, fuse_step=variant.fuse_step,
-      backend="triton", **axes)
+      backend="triton", params_stochastic=variant.stochastic if variant.int8_params else None,
+      **axes)
   with _captured_triton_modules() as texts:
     jax.export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=[
         jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*args)
@@ -142,7 +172,7 @@ def triton_ir(variant: Variant) -> str:
   return texts[0]
 
 
-SCALAR_ARGUMENTS = 2  # the kernel's first arguments: hyperparameters (8) and seed words (4)
+SCALAR_ARGUMENTS = 2  # the kernel's first arguments: hyperparameters (8) and seed words (4 or 6)
 
 
 class GlobalAccess(NamedTuple):

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 
 from qadam_mini_jax import pallas_update
 from qadam_mini_jax import partition as partition_lib
+from qadam_mini_jax import quantize as quantize_lib
 from qadam_mini_jax import random_bits
 from qadam_mini_jax import sharding as sharding_lib
 
@@ -125,13 +126,24 @@ def _kernel_layer(plan: LeafPlan, s: StepScalars, spec: partition_lib.BlockSpec,
   wd = (s.wd if plan.decay else zero) if fused else zero
   hyper = [s.b1, 1.0 - s.b1, s.neg_lr if fused else zero, wd]
   streams = _stream(plan, s, random_bits.MOMENT, layer) if plan.stochastic else None
-  args = (p if fused else g, g, mu, pallas_update.factors_2d(factor, spec, layout),
-          jnp.stack([jnp.asarray(h, jnp.float32) for h in hyper] + [zero] * 4),
-          jnp.stack([*(streams or (no_word, no_word)), no_word, no_word]))  # offsets 0
+  seeds = [*(streams or (no_word, no_word)), no_word, no_word]  # offsets 0
   kernel_args = dict(stochastic=streams is not None, fuse_step=fused, backend=plan.backend,
                      **pallas_update.factor_axes(spec, layout))
+  if plan.weights is not None:  # INT8 weights: their codes and scales in and out
+    weight_streams = (_stream(plan, s, random_bits.WEIGHTS, layer) if plan.weights.stochastic
+                      else (no_word, no_word))
+    seeds += list(weight_streams)
+    kernel_args["params_stochastic"] = plan.weights.stochastic
+    p = quantize_lib.QuantizedArray(p.codes, p.scales)
+  args = (p if fused else g, g, mu, pallas_update.factors_2d(factor, spec, layout),
+          jnp.stack([jnp.asarray(h, jnp.float32) for h in hyper] + [zero] * 4), jnp.stack(seeds))
   if plan.sharding is None or plan.sharding.is_fully_replicated:
-    return pallas_update.fused_leaf_update(*args, layout=layout, **kernel_args)
+    out, mu = pallas_update.fused_leaf_update(*args, layout=layout, **kernel_args)
+    return (out if plan.weights is None else plan.weights.wrap(out)), mu
+  if plan.weights is not None:
+    raise sharding_lib.ShardingError(
+        f"{plan.path}: the fused kernel does not update sharded INT8 weights yet; use "
+        "implementation='xla'.")
   return pallas_update.sharded_leaf_update(
       *args, layout=layout, sharding=plan.sharding, path=plan.path, **kernel_args)
 

@@ -6,7 +6,9 @@ One pass over an INT8-stored leaf: decode ``m`` (:func:`quantize.decode`), ``m <
 optionally ``u <- -lr*(u + wd*p)`` (decoupled weight decay and learning rate, the
 rest of the ``q_adam_mini`` chain) and ``p <- p + u``, then re-encode ``m``
 group-wise (:func:`quantize.encode`) with round-to-nearest or stochastic
-rounding. The arithmetic is that of :mod:`qadam_mini_jax.quantize` and
+rounding. With INT8 weights (:mod:`.weights`) ``p`` is decoded from its codes
+and scales and re-encoded the same way, from its own rounding stream: one
+pass reads and writes about 2 bytes of state per parameter plus the gradient. The arithmetic is that of :mod:`qadam_mini_jax.quantize` and
 :mod:`qadam_mini_jax.transform`, in the same order, and the rounding bits are
 :func:`qadam_mini_jax.random_bits.element_bits` of the element's flat index,
 generated in the kernel.
@@ -39,6 +41,8 @@ from qadam_mini_jax import random_bits
 from qadam_mini_jax import sharding as sharding_lib
 
 BACKENDS = ("triton", "interpret")
+#: Mantissa bits of INT8 weights' group scales (``weights.SCALE_BITS``).
+WEIGHT_SCALE_BITS = 3
 
 
 class TritonBackendMissing(RuntimeError):
@@ -108,10 +112,14 @@ def _store(ref, value, mask):
     triton_backend().store(ref, value, mask=mask)
 
 
-def _kernel(hyper_ref, seed_ref, p_ref, g_ref, codes_ref, scales_ref, factor_ref,
-            out_ref, codes_out_ref, scales_out_ref, *,
+def _kernel(hyper_ref, seed_ref, *refs,
             a: int, b: int, stride: int, tile: tuple[int, int], tiles_b: int, columns: bool,
-            stochastic: bool, fuse_step: bool):
+            stochastic: bool, fuse_step: bool, int8_params: bool, params_stochastic: bool):
+  if int8_params:  # p as INT8 codes and scales in, and out
+    (p_codes_ref, p_scales_ref, g_ref, codes_ref, scales_ref, factor_ref,
+     p_codes_out_ref, p_scales_out_ref, codes_out_ref, scales_out_ref) = refs
+  else:
+    p_ref, g_ref, codes_ref, scales_ref, factor_ref, out_ref, codes_out_ref, scales_out_ref = refs
   pid = pl.program_id(0)
   row0, col0 = (pid // tiles_b) * tile[0], (pid % tiles_b) * tile[1]
   # Pallas's Triton lowering does not mask ``ref[...]`` of an edge block: every
@@ -125,26 +133,38 @@ def _kernel(hyper_ref, seed_ref, p_ref, g_ref, codes_ref, scales_ref, factor_ref
   m = b1 * quantize_lib.decode(_load(codes_ref, mask), _load(scales_ref, scale_mask)) + one_minus_b1 * g
   u = m * _load(factor_ref, factor_mask)
   if fuse_step:  # -lr * (u + wd * p), then p + that: the q_adam_mini chain
-    p = _load(p_ref, mask).astype(jnp.float32)
+    if int8_params:
+      p = quantize_lib.decode(_load(p_codes_ref, mask), _load(p_scales_ref, scale_mask))
+    else:
+      p = _load(p_ref, mask).astype(jnp.float32)
     neg_lr, wd = hyper_ref[2], hyper_ref[3]
     u = p + neg_lr * (u + wd * p)
-  _store(out_ref, u.astype(out_ref.dtype), mask)
+  if not int8_params:
+    _store(out_ref, u.astype(out_ref.dtype), mask)
 
   group_axis = 0 if columns else 1
-  # Masked loads give 0 outside the leaf, so the padding never raises the max.
-  scale = jnp.max(jnp.abs(m), axis=group_axis, keepdims=True)
-  if stochastic:
+  index = None
+  if stochastic or params_stochastic:
     # The element's flat index in the whole leaf: this block may be one shard.
     i = jax.lax.broadcasted_iota(jnp.int32, tile, 0) + row0
     j = jax.lax.broadcasted_iota(jnp.int32, tile, 1) + col0
     index = ((i.astype(jnp.uint32) + seed_ref[2]) * np.uint32(stride)
              + j.astype(jnp.uint32) + seed_ref[3])
-    bits = random_bits.element_bits(index, seed_ref[0], seed_ref[1])
-    r = random_bits.bits_to_uniform(bits)
-  else:
-    r = np.float32(0.5)
-  _store(codes_out_ref, quantize_lib.encode(m, scale, r), mask)
-  _store(scales_out_ref, scale, scale_mask)
+
+  def requantize(x, words, on, codes_out, scales_out, scale_bits=None):
+    """Group max (masked loads give 0 outside the leaf, so padding never raises it), encode."""
+    scale = jnp.max(jnp.abs(x), axis=group_axis, keepdims=True)
+    if scale_bits is not None:
+      scale = quantize_lib.coarse_scale(scale, scale_bits)
+    r = (random_bits.bits_to_uniform(random_bits.element_bits(index, seed_ref[words[0]],
+                                                              seed_ref[words[1]]))
+         if on else np.float32(0.5))
+    _store(codes_out, quantize_lib.encode(x, scale, r), mask)
+    _store(scales_out, scale, scale_mask)
+
+  if int8_params:
+    requantize(u, (4, 5), params_stochastic, p_codes_out_ref, p_scales_out_ref, WEIGHT_SCALE_BITS)
+  requantize(m, (0, 1), stochastic, codes_out_ref, scales_out_ref)
 
 
 def _next_pow2(n: int) -> int:
@@ -162,7 +182,7 @@ _COLUMNS_WIDTH = 32  # columns per program: a whole 128-byte line of float32 per
 _ROWS_HEIGHT = 16  # rows per program
 
 
-def kernel_config(layout: quantize_lib.GroupLayout) -> KernelConfig:
+def kernel_config(layout: quantize_lib.GroupLayout, int8_params: bool = False) -> KernelConfig:
   """Tile and warps of a leaf, chosen from the compiled code.
 
   32 elements per thread keep every variant at or under 128 registers with
@@ -170,10 +190,13 @@ def kernel_config(layout: quantize_lib.GroupLayout) -> KernelConfig:
   element; columns tiles are 32 wide, so each row of a float32 tile is one
   128-byte line. Rows of a length that is not a multiple of 4 are not 16-byte
   aligned, so every element needs its own address: such leaves get half the
-  tile and 16 elements per thread. ``benchmarks/kernel_static.py`` measures
-  each variant (``benchmarks/results/kernel_static.md``).
+  tile and 16 elements per thread, and so do INT8 weights (a second code to
+  decode and encode, and its rounding bits), once more if both.
+  ``benchmarks/kernel_static.py`` measures each variant
+  (``benchmarks/results/kernel_static.md``).
   """
-  g, shrink = layout.group_size, 1 if layout.b % 4 == 0 else 2
+  g = layout.group_size
+  shrink = (1 if layout.b % 4 == 0 else 2) * (2 if int8_params else 1)
   if layout.columns:
     tile = (g, min(_next_pow2(layout.b), _COLUMNS_WIDTH // shrink))
   else:
@@ -183,14 +206,20 @@ def kernel_config(layout: quantize_lib.GroupLayout) -> KernelConfig:
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "layout", "stochastic", "fuse_step", "a_varies", "b_varies", "backend", "stride"))
+    "layout", "stochastic", "fuse_step", "a_varies", "b_varies", "backend", "stride",
+    "params_stochastic"))
 def fused_leaf_update(p, g, q: quantize_lib.QuantizedArray, factor, hyper, seeds, *,
                       layout: quantize_lib.GroupLayout, stochastic: bool, fuse_step: bool,
-                      a_varies: bool, b_varies: bool, backend: str, stride: int | None = None):
+                      a_varies: bool, b_varies: bool, backend: str, stride: int | None = None,
+                      params_stochastic: bool | None = None):
   """One fused step of an INT8 leaf.
 
   Args:
-    p: parameter (read only when ``fuse_step``).
+    p: parameter (read only when ``fuse_step``): a float array, or with
+      ``params_stochastic`` set, the INT8 weight's codes and scales as a
+      :class:`~.quantize.QuantizedArray` grouped by ``layout``
+      (:mod:`.weights`): then the kernel reads the weight's codes and
+      scales, ``g`` and ``m``'s codes and scales, and writes both re-quantized.
     g: gradient, same shape.
     q: stored first moment, grouped by ``layout``.
     factor: block factors ``r_B`` on the ``(a, b)`` view of ``layout``,
@@ -199,19 +228,28 @@ def fused_leaf_update(p, g, q: quantize_lib.QuantizedArray, factor, hyper, seeds
     hyper: float32 ``[b1, 1-b1, -lr, wd, 0, 0, 0, 0]``.
     seeds: uint32 ``[s0, s1, i0, j0]``: the stream of
       :func:`random_bits.stream_seeds`, and the offset of this block in the
-      ``(a, b)`` view of the whole leaf (zeros unless ``p`` is one shard).
+      ``(a, b)`` view of the whole leaf (zeros unless ``p`` is one shard);
+      with INT8 weights ``[s0, s1, i0, j0, w0, w1]``, ``w0, w1`` the weights'
+      stream (:data:`random_bits.WEIGHTS`).
     fuse_step: return the new parameter ``p + (-lr)*(u + wd*p)`` instead of
       the Adam-mini direction ``u``.
     stride: ``b`` of the whole leaf when ``p`` is one shard of it (default
       ``layout.b``); with ``i0, j0`` it gives each element its whole-leaf index
       for the rounding bits.
+    params_stochastic: ``None`` for a float ``p``; for INT8 weights whether
+      they round stochastically (their scales on the grid of
+      :func:`.quantize.coarse_scale` with :data:`WEIGHT_SCALE_BITS`).
 
   Returns:
-    ``(out, QuantizedArray)``: ``out`` has ``g``'s dtype (``p``'s when fused).
+    ``(out, QuantizedArray)``: ``out`` has ``g``'s dtype (``p``'s when fused),
+    or is the new weight's ``QuantizedArray``.
   """
   check_group_size(layout.group_size)
+  int8_params = params_stochastic is not None
+  if int8_params and not fuse_step:
+    raise ValueError("INT8 weights are written by the fused step only (fuse_step=True).")
   a, b, groups = layout.a, layout.b, layout.groups
-  tile, num_warps = kernel_config(layout)
+  tile, num_warps = kernel_config(layout, int8_params)
   tiles_a, tiles_b = -(-a // tile[0]), -(-b // tile[1])
   index = lambda k: (k // tiles_b, k % tiles_b)
   full = pl.BlockSpec(tile, index)
@@ -221,25 +259,34 @@ def fused_leaf_update(p, g, q: quantize_lib.QuantizedArray, factor, hyper, seeds
       lambda k: (k // tiles_b if a_varies else 0, k % tiles_b if b_varies else 0))
   scalar = lambda n: pl.BlockSpec((n,), lambda k: (0,))
   scales_2d = (groups, b) if layout.columns else (a, groups)
-  out_dtype = p.dtype if fuse_step else g.dtype
   kernel = functools.partial(_kernel, a=a, b=b, stride=b if stride is None else stride,
-                             tile=tile, tiles_b=tiles_b,
-                             columns=layout.columns, stochastic=stochastic, fuse_step=fuse_step)
-  out, codes, scales = pl.pallas_call(
+                             tile=tile, tiles_b=tiles_b, columns=layout.columns,
+                             stochastic=stochastic, fuse_step=fuse_step,
+                             int8_params=int8_params, params_stochastic=bool(params_stochastic))
+  grouped = lambda x: quantize_lib.QuantizedArray(x.codes.reshape(a, b), x.scales.reshape(scales_2d))
+  moment_shapes = (jax.ShapeDtypeStruct((a, b), jnp.int8),
+                   jax.ShapeDtypeStruct(scales_2d, jnp.float32))
+  if int8_params:  # in: p codes, p scales, g, codes, scales, factor; out: p codes, p scales, codes, scales
+    param_in, param_specs, param_shapes = tuple(grouped(p)), [full, scale_spec], moment_shapes
+    aliases = {2: 0, 3: 1, 5: 2, 6: 3}
+  else:  # in: p, g, codes, scales, factor; out: p (or u), codes, scales
+    param_in, param_specs = (p.reshape(a, b),), [full]
+    param_shapes = (jax.ShapeDtypeStruct((a, b), p.dtype if fuse_step else g.dtype),)
+    aliases = {2 if fuse_step else 3: 0, 4: 1, 5: 2}
+  *out, codes, scales = pl.pallas_call(
       kernel,
-      out_shape=(jax.ShapeDtypeStruct((a, b), out_dtype),
-                 jax.ShapeDtypeStruct((a, b), jnp.int8),
-                 jax.ShapeDtypeStruct(scales_2d, jnp.float32)),
+      out_shape=(*param_shapes, *moment_shapes),
       grid=(tiles_a * tiles_b,),
-      in_specs=[scalar(8), scalar(4), full, full, full, scale_spec, factor_spec],
-      out_specs=(full, full, scale_spec),
-      input_output_aliases={2 if fuse_step else 3: 0, 4: 1, 5: 2},
+      in_specs=[scalar(8), scalar(seeds.shape[0]), *param_specs, full, full, scale_spec,
+                factor_spec],
+      out_specs=(*param_specs, full, scale_spec),
+      input_output_aliases=aliases,
       name="q_adam_mini_leaf",
       **pallas_call_options(backend, num_warps),
-  )(hyper, seeds, p.reshape(a, b), g.reshape(a, b), q.codes.reshape(a, b),
-    q.scales.reshape(scales_2d), factor)
-  return out.reshape(layout.shape), quantize_lib.QuantizedArray(
-      codes.reshape(layout.shape), scales.reshape(layout.scales_shape))
+  )(hyper, seeds, *param_in, g.reshape(a, b), *grouped(q), factor)
+  ungrouped = lambda c, s: quantize_lib.QuantizedArray(
+      c.reshape(layout.shape), s.reshape(layout.scales_shape))
+  return (ungrouped(*out) if int8_params else out[0].reshape(layout.shape)), ungrouped(codes, scales)
 
 
 def factor_axes(spec: partition_lib.BlockSpec, layout: quantize_lib.GroupLayout) -> dict[str, bool]:

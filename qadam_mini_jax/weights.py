@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qadam_mini_jax import leaf_update as leaf_update_lib
+from qadam_mini_jax import pallas_update
 from qadam_mini_jax import partition as partition_lib
 from qadam_mini_jax import quantize as quantize_lib
 from qadam_mini_jax import storage as storage_lib
@@ -38,7 +39,7 @@ from qadam_mini_jax import storage as storage_lib
 
 #: Mantissa bits of the weights' group scales (:func:`.quantize.coarse_scale`):
 #: a scale is at most 1/8 above its group's ``max|w|``.
-SCALE_BITS = 3
+SCALE_BITS = pallas_update.WEIGHT_SCALE_BITS
 
 
 @jax.tree_util.register_dataclass
@@ -189,7 +190,10 @@ class WeightStorage:
                                    self.like.layout)
 
   def store(self, value: jax.Array, noise: jax.Array | None) -> QuantizedParam:
-    q = quantize_lib.quantize(value, self.like.layout, noise, SCALE_BITS)
+    return self.wrap(quantize_lib.quantize(value, self.like.layout, noise, SCALE_BITS))
+
+  def wrap(self, q: quantize_lib.QuantizedArray) -> QuantizedParam:
+    """The weight of codes and scales ``q`` (from ``quantize`` or the fused kernel)."""
     return dataclasses.replace(self.like, codes=q.codes, scales=q.scales)
 
   def layer_axes(self, spec: partition_lib.BlockSpec) -> QuantizedParam:

@@ -2,7 +2,7 @@
 
 Every kernel variant the library can launch (``kernel_compile.variants()``:
 columns and rows layouts, round-to-nearest and stochastic, fused step on and
-off, fp32 and bf16, aligned and ragged leaves) is lowered by Pallas for CUDA
+off, fp32 and bf16, INT8 weights, aligned and ragged leaves) is lowered by Pallas for CUDA
 and compiled by the PyPI ``triton`` to PTX and a cubin. From the compiled code:
 no register spills and at least two blocks per SM; in a ragged variant every
 global load and store of a leaf-sized buffer is predicated (memory safety that
@@ -16,7 +16,6 @@ pytest.importorskip("triton", reason="no triton wheel for this platform (Linux x
 import kernel_compile as kc  # noqa: E402  (benchmarks/, on sys.path from conftest)
 
 VARIANTS = kc.variants()
-LEAF_ARGUMENTS = range(kc.SCALAR_ARGUMENTS, 10)  # p, g, codes, scales, factor and the 3 outputs
 
 
 @pytest.fixture(scope="module")
@@ -29,6 +28,8 @@ def test_variants_cover_every_flag_and_both_kinds_of_leaf():
   assert len(flags) == 2 * 2 * 2 * 2 * 2
   shapes = {v.shape for v in VARIANTS if v.ragged}
   assert {(1000, 300), (50257, 768), (32001, 4096)} <= shapes
+  int8_weights = {(v.layout.columns, v.stochastic, v.ragged) for v in VARIANTS if v.int8_params}
+  assert len(int8_weights) == 2 * 2 * 2
 
 
 def _on_targets(variants):
@@ -50,8 +51,8 @@ def test_no_spills_and_two_blocks_per_sm(compiled, variant, sm):
 def test_every_leaf_access_of_a_ragged_variant_is_predicated(compiled, variant, sm):
   accesses = compiled[variant, sm].accesses
   assert accesses and all(a.argument >= 0 for a in accesses), "an address was not traced"
-  leaf = [a for a in accesses if a.argument in LEAF_ARGUMENTS]
-  assert {a.argument for a in leaf if a.op == "st"} == {7, 8, 9}
+  leaf = [a for a in accesses if a.argument in variant.leaf_arguments]
+  assert {a.argument for a in leaf if a.op == "st"} == set(variant.outputs)
   if variant.ragged:
     unmasked = [a.line for a in leaf if not a.predicated]
     assert not unmasked, f"{variant.name} sm_{sm}: unpredicated {unmasked[:3]}"
@@ -63,7 +64,7 @@ def test_every_leaf_access_of_a_ragged_variant_is_predicated(compiled, variant, 
 @_on_targets([v for v in VARIANTS if not v.ragged])
 def test_aligned_variants_keep_16_byte_vector_accesses(compiled, variant, sm):
   c = compiled[variant, sm]
-  bulk = [a for a in c.accesses if a.argument in (2, 3, 4, 7, 8)]
+  bulk = [a for a in c.accesses if a.argument in variant.element_arguments]
   assert bulk and all(a.width_bits == 128 for a in bulk), [a.line for a in bulk if a.width_bits != 128]
   # A warp reads whole 128-byte lines of each float32 tile row.
   assert all(warp_row >= min(128, 4 * variant.config.tile[1]) for _, warp_row in c.f32_rows)

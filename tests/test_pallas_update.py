@@ -246,3 +246,45 @@ def test_without_the_triton_backend_auto_warns_and_pallas_raises(monkeypatch):
     assert transform.resolve_implementation("auto", q.Int8Quantization()) is None
   with pytest.raises(pallas_update.TritonBackendMissing, match="implementation='xla'"):
     q.q_adam_mini(1e-3, implementation="pallas")
+
+
+@pytest.mark.parametrize("weight_rounding", [False, True], ids=["nearest", "stochastic"])
+def test_int8_weights_kernel_matches_jnp_path_over_steps(weight_rounding):
+  """One kernel reads weight codes + scales, g and m codes and writes both: as the jnp path.
+
+  Ragged column and row groups, a 3-D leaf, a stacked (scanned) leaf, float leaves beside.
+  """
+  params = _params()
+  params["layers"] = {"o_proj": {"kernel": jax.random.normal(jax.random.key(7), (2, 300, 24))}}
+  stacked = q.BlockPartition(num_heads=8, layers={"layers": 0})
+  qp = q.weights.quantize_params(params, stacked, INT8, stochastic=weight_rounding)
+  assert sum(isinstance(x, q.QuantizedParam) for x in jax.tree.leaves(
+      qp, is_leaf=lambda x: isinstance(x, q.QuantizedParam))) == 8
+  runs = {}
+  for implementation in ("xla", "pallas"):
+    opt = q.fused_q_adam_mini(1e-2, weight_decay=0.1, partition=stacked, quantization=INT8,
+                              stochastic_rounding="all", key=5, implementation=implementation)
+    p, state, step = qp, opt.init(qp), jax.jit(opt.step)
+    for t in range(3):
+      p, state = step(_grads(q.weights.float_like(params), t), state, p)
+    runs[implementation] = p, state
+  (p_x, s_x), (p_k, s_k) = runs["xla"], runs["pallas"]
+  assert_states_agree(s_x[0], s_k[0])
+  for x, y in zip(*(jax.tree.leaves(p, is_leaf=lambda x: isinstance(x, q.QuantizedParam))
+                    for p in (p_x, p_k))):
+    if isinstance(x, q.QuantizedParam):
+      np.testing.assert_allclose(y.scales, x.scales, rtol=4 * 2**-23, atol=0)
+      diff = np.abs(np.asarray(x.codes, np.int32) - np.asarray(y.codes, np.int32))
+      assert diff.max(initial=0) <= 1 and diff.mean() < 1e-3
+    else:
+      np.testing.assert_array_equal(x, y)
+
+
+def test_int8_weights_are_written_by_the_fused_step_only():
+  layout = Q.group_layout((64, 64), 256, 1)
+  codes = Q.QuantizedArray(jnp.zeros((64, 64), jnp.int8), jnp.zeros(layout.scales_shape))
+  with pytest.raises(ValueError, match="fused step only"):
+    pallas_update.fused_leaf_update(
+        codes, jnp.zeros((64, 64)), codes, jnp.ones((1, 64)), jnp.zeros(8),
+        jnp.zeros(6, jnp.uint32), layout=layout, stochastic=False, fuse_step=False,
+        a_varies=False, b_varies=True, backend="interpret", params_stochastic=True)
