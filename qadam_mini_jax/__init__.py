@@ -12,7 +12,7 @@ from qadam_mini_jax.partition import (BlockPartition, BlockSpec, PartitionError,
                                       recorded_layers)
 from qadam_mini_jax.quantize import QuantizedArray
 from qadam_mini_jax.report import describe, tree_nbytes, tree_nbytes_per_device
-from qadam_mini_jax.sharding import ShardingError, state_shardings
+from qadam_mini_jax.sharding import ShardingError, state_shardings, weight_shardings
 from qadam_mini_jax.transform import Int8Quantization, ScaleByAdamMiniState, scale_by_adam_mini
 from qadam_mini_jax import weights
 from qadam_mini_jax.weights import QuantizedParam, quantize_params
@@ -20,7 +20,7 @@ from qadam_mini_jax.weights import QuantizedParam, quantize_params
 __all__ = [
     "BlockPartition", "BlockSpec", "FusedOptimizer", "fused_q_adam_mini", "Int8Quantization", "PartitionError", "QuantizedArray", "QuantizedParam", "ShardingError",
     "ScaleByAdamMiniState", "adam_mini", "block_specs", "default_decay_mask", "describe",
-    "q_adam_mini", "quantize_params", "recorded_layers", "scale_by_adam_mini", "state_shardings", "tree_nbytes",
+    "q_adam_mini", "quantize_params", "recorded_layers", "scale_by_adam_mini", "state_shardings", "tree_nbytes", "weight_shardings",
     "tree_nbytes_per_device", "weights",
 ]
 

@@ -18,7 +18,6 @@ specification) or in the fused Pallas kernel (:mod:`.pallas_update`).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -72,23 +71,6 @@ class StepScalars(NamedTuple):
   key: jax.Array
   neg_lr: jax.Array | None = None  # with decay
   wd: jax.Array | None = None
-
-
-def per_layer(fn: Callable[..., Any], in_axes: tuple[Any, ...], out_axes: tuple[Any, ...]):
-  """``fn`` of one layer's arrays, mapped over the layer axes of a stacked leaf.
-
-  ``in_axes`` / ``out_axes`` give, per argument / result (a pytree prefix),
-  the ascending positions of the layer axes in the stacked array, or ``None``
-  for an argument shared by all layers.
-  """
-  is_axes = lambda a: a is None or (isinstance(a, tuple) and all(isinstance(i, int) for i in a))
-
-  def nth(axes, k):
-    return jax.tree.map(lambda a: None if a is None else a[k] - k, axes, is_leaf=is_axes)
-  count = len(jax.tree.leaves(out_axes, is_leaf=is_axes)[0])
-  for k in reversed(range(count)):
-    fn = jax.vmap(fn, in_axes=nth(in_axes, k), out_axes=nth(out_axes, k))
-  return fn
 
 
 def _stream(plan: LeafPlan, s: StepScalars, purpose: int, layer: jax.Array | None):
@@ -180,7 +162,7 @@ def update_leaf(plan: LeafPlan, s: StepScalars, g: jax.Array, mu: Any, nu: jax.A
                                              else plan.weights.layer_axes(plan.spec))
   out_axes = ax if plan.decay is None or plan.weights is None else p_axes
   m_axes = plan.moment.layer_axes(plan.spec)
-  out, mu = per_layer(
+  out, mu = partition_lib.per_layer(
       lambda *a: one_layer(plan, s, layer_spec, *a),
       (ax, m_axes, ax, p_axes, tuple(range(len(ax)))), (out_axes, m_axes),
   )(g, mu, factor, p, layers)

@@ -41,8 +41,6 @@ from qadam_mini_jax import random_bits
 from qadam_mini_jax import sharding as sharding_lib
 
 BACKENDS = ("triton", "interpret")
-#: Mantissa bits of INT8 weights' group scales (``weights.SCALE_BITS``).
-WEIGHT_SCALE_BITS = 3
 
 
 class TritonBackendMissing(RuntimeError):
@@ -163,7 +161,8 @@ def _kernel(hyper_ref, seed_ref, *refs,
     _store(scales_out, scale, scale_mask)
 
   if int8_params:
-    requantize(u, (4, 5), params_stochastic, p_codes_out_ref, p_scales_out_ref, WEIGHT_SCALE_BITS)
+    requantize(u, (4, 5), params_stochastic, p_codes_out_ref, p_scales_out_ref,
+               quantize_lib.WEIGHT_SCALE_BITS)
   requantize(m, (0, 1), stochastic, codes_out_ref, scales_out_ref)
 
 
@@ -238,7 +237,7 @@ def fused_leaf_update(p, g, q: quantize_lib.QuantizedArray, factor, hyper, seeds
       for the rounding bits.
     params_stochastic: ``None`` for a float ``p``; for INT8 weights whether
       they round stochastically (their scales on the grid of
-      :func:`.quantize.coarse_scale` with :data:`WEIGHT_SCALE_BITS`).
+      :func:`.quantize.coarse_scale` with :data:`.quantize.WEIGHT_SCALE_BITS`).
 
   Returns:
     ``(out, QuantizedArray)``: ``out`` has ``g``'s dtype (``p``'s when fused),

@@ -362,6 +362,23 @@ def layer_slice(spec: BlockSpec, shape: tuple[int, ...]) -> tuple[BlockSpec, tup
           tuple(shape[i] for i in kept))
 
 
+def per_layer(fn: Callable[..., Any], in_axes: tuple[Any, ...], out_axes: tuple[Any, ...]):
+  """``fn`` of one layer's arrays, mapped over the layer axes of a stacked leaf.
+
+  ``in_axes`` / ``out_axes`` give, per argument / result (a pytree prefix),
+  the ascending positions of the layer axes in the stacked array, or ``None``
+  for an argument shared by all layers.
+  """
+  is_axes = lambda a: a is None or (isinstance(a, tuple) and all(isinstance(i, int) for i in a))
+
+  def nth(axes, k):
+    return jax.tree.map(lambda a: None if a is None else a[k] - k, axes, is_leaf=is_axes)
+  count = len(jax.tree.leaves(out_axes, is_leaf=is_axes)[0])
+  for k in reversed(range(count)):
+    fn = jax.vmap(fn, in_axes=nth(in_axes, k), out_axes=nth(out_axes, k))
+  return fn
+
+
 def recorded_layers(params: Any, name: str = "layers") -> dict[str, tuple[int, ...]]:
   """``BlockPartition(layers=...)`` from the layer axes Flax recorded in ``params``.
 

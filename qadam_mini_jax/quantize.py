@@ -46,6 +46,8 @@ import jax.numpy as jnp
 import numpy as np
 
 QMAX = 127
+#: Mantissa bits of INT8 weights' group scales (:func:`coarse_scale`, :mod:`.weights`).
+WEIGHT_SCALE_BITS = 3
 
 
 class QuantizedArray(NamedTuple):

@@ -45,6 +45,7 @@ import optax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from qadam_mini_jax import partition as partition_lib
+from qadam_mini_jax import weights as weights_lib
 
 
 class ShardingError(ValueError):
@@ -331,8 +332,10 @@ def state_shardings(state: Any, params: Any, param_shardings: Any, *, mesh: Any 
     state: the optimizer state, or its shapes (``jax.eval_shape(tx.init,
       params)``), or a ``flax.nnx.Optimizer``'s ``opt_state`` with ``params``
       from ``nnx.state(model, nnx.Param)``.
-    params: the parameters (arrays or ``ShapeDtypeStruct``s).
-    param_shardings: a pytree like ``params`` of ``NamedSharding``s, or of
+    params: the parameters (arrays or ``ShapeDtypeStruct``s; an INT8 weight,
+      :class:`~qadam_mini_jax.weights.QuantizedParam`, counts as its value).
+    param_shardings: a pytree like ``params`` of ``NamedSharding``s (one per
+      weight, INT8 or not), or of
       ``PartitionSpec``s together with ``mesh`` (e.g. from
       ``nnx.get_partition_spec``).
     mesh: the ``jax.sharding.Mesh`` of PartitionSpecs.
@@ -344,6 +347,7 @@ def state_shardings(state: Any, params: Any, param_shardings: Any, *, mesh: Any 
     ShardingError: a parameter sharding cuts INT8 quantization groups, or
       ``param_shardings`` does not match ``params``.
   """
+  params = weights_lib.float_like(params)  # an INT8 weight: its value's path and shape
   per_param = {name: (shape, sharding)
                for name, shape, sharding in per_parameter(params, param_shardings, mesh)}
   treedef = jax.tree.structure(params)
@@ -376,3 +380,22 @@ def state_shardings(state: Any, params: Any, param_shardings: Any, *, mesh: Any 
     return jax.tree.unflatten(node_def, [walk(c) for c in children])
 
   return walk(state)
+
+
+def weight_shardings(params: Any, param_shardings: Any, *, mesh: Any = None) -> Any:
+  """Shardings of parameters that hold INT8 weights (:func:`.weights.quantize_params`).
+
+  A :class:`~qadam_mini_jax.weights.QuantizedParam`'s codes take the weight's
+  sharding and its scales that sharding reduced along the group axes (as the
+  INT8 ``m``'s scales: :func:`state_shardings`); float leaves keep theirs.
+  For ``jax.device_put`` or ``jax.jit(..., out_shardings=...)``.
+
+  Args:
+    params: the parameters, INT8 weights among them.
+    param_shardings: one ``NamedSharding`` (or ``PartitionSpec`` with ``mesh``)
+      per weight, as for float parameters.
+
+  Raises:
+    ShardingError: a weight's sharding cuts its INT8 groups.
+  """
+  return state_shardings(params, params, param_shardings, mesh=mesh)

@@ -5,7 +5,8 @@ and one float32 scale per group of 256, the groups placed as the INT8 first
 moment's (:func:`.storage.layout_for`: inside one Adam-mini block, never
 mixing output neurons). The code is :mod:`.quantize`'s square-law code, chosen
 over a linear one by ``benchmarks/weight_quantization.py`` on trained weights,
-with each group's scale rounded up to a coarse grid (:data:`SCALE_BITS`) so
+with each group's scale rounded up to a coarse grid (3 mantissa bits, at most
+1/8 above ``max|w|``: :data:`.quantize.WEIGHT_SCALE_BITS`) so
 that re-quantizing after a small update moves only what the update moved.
 Vectors (norms, biases) and leaves under ``min_size`` elements stay in float.
 
@@ -30,16 +31,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qadam_mini_jax import leaf_update as leaf_update_lib
-from qadam_mini_jax import pallas_update
 from qadam_mini_jax import partition as partition_lib
 from qadam_mini_jax import quantize as quantize_lib
 from qadam_mini_jax import storage as storage_lib
-
-
-#: Mantissa bits of the weights' group scales (:func:`.quantize.coarse_scale`):
-#: a scale is at most 1/8 above its group's ``max|w|``.
-SCALE_BITS = pallas_update.WEIGHT_SCALE_BITS
 
 
 @jax.tree_util.register_dataclass
@@ -89,18 +83,12 @@ def _layer_axes(q: QuantizedParam) -> QuantizedParam:
       scales=storage_lib.stacked_axes(spec, len(q.layout.scales_shape)), carrier=None)
 
 
-def _per_layer(q: QuantizedParam, fn: Callable[..., Any], out_axes: Any, *args: Any):
-  """``fn(q_layer, *args_layer)`` over the layers of a stacked ``q`` (args share its layer axes)."""
-  if not q.stacked:
-    return fn(q, *args)
-  return leaf_update_lib.per_layer(fn, (_layer_axes(q),) + (q.layers,) * len(args), out_axes)(
-      q, *args)
-
-
 def _values(q: QuantizedParam) -> jax.Array:
   def one(q):
     return quantize_lib.dequantize(quantize_lib.QuantizedArray(q.codes, q.scales), q.layout)
-  return _per_layer(q, one, q.layers).astype(q.dtype)
+  if q.stacked:
+    one = partition_lib.per_layer(one, (_layer_axes(q),), q.layers)
+  return one(q).astype(q.dtype)
 
 
 @jax.custom_vjp
@@ -190,7 +178,8 @@ class WeightStorage:
                                    self.like.layout)
 
   def store(self, value: jax.Array, noise: jax.Array | None) -> QuantizedParam:
-    return self.wrap(quantize_lib.quantize(value, self.like.layout, noise, SCALE_BITS))
+    return self.wrap(quantize_lib.quantize(value, self.like.layout, noise,
+                                             quantize_lib.WEIGHT_SCALE_BITS))
 
   def wrap(self, q: quantize_lib.QuantizedArray) -> QuantizedParam:
     """The weight of codes and scales ``q`` (from ``quantize`` or the fused kernel)."""
@@ -244,7 +233,7 @@ def quantize_params(params: Any, partition: partition_lib.BlockPartition | None 
     store = WeightStorage(like).store
     if not spec.layers:
       return store(x.astype(jnp.float32), None)
-    return leaf_update_lib.per_layer(lambda w: store(w, None), (spec.layers,),
+    return partition_lib.per_layer(lambda w: store(w, None), (spec.layers,),
                                      _layer_axes(like))(x.astype(jnp.float32))
   return jax.tree.map(convert, specs, params,
                       is_leaf=lambda s: s is None or isinstance(s, partition_lib.BlockSpec))

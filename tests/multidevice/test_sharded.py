@@ -365,3 +365,34 @@ def test_auto_axis_mesh_without_shardings():
                        match=r"embed/embedding: .*pass shardings=jax.tree.map\(lambda p: p.sharding"):
       jax.jit(optimizer(name).init)(params)
   assert state[0].mu["lm_head"]["kernel"].sharding.spec == P(None, "fsdp")
+
+
+@pytest.mark.parametrize("layout", ["fsdp_axis1", "tensor_parallel"])
+def test_int8_weights_sharded_run_equals_single_device(layout):
+  """INT8 weights placed by weight_shardings; the fused step with shardings= on 8 devices."""
+  axes, rule, ways = LAYOUTS[layout]
+  m = mesh(**axes)
+  shardings = shardings_for(m, rule)
+  params, grads = params_and_grads()
+  qparams = q.quantize_params(params, PART, INT8)
+  placed = q.weight_shardings(qparams, shardings)
+  kernel = placed["lm_head"]["kernel"]
+  assert isinstance(kernel, q.QuantizedParam)
+  assert kernel.codes == shardings["lm_head"]["kernel"]
+
+  def run(p, shardings=None):
+    opt = q.fused_q_adam_mini(1e-2, weight_decay=0.1, partition=PART, quantization=INT8,
+                              stochastic_rounding="all", key=7, shardings=shardings)
+    state, step = jax.jit(opt.init)(p), jax.jit(opt.step)
+    for g in grads:
+      p, state = step(g if shardings is None else jax.device_put(g, shardings), state, p)
+    return p, state
+
+  want_params, want_state = run(qparams)
+  got_params, got_state = run(jax.device_put(qparams, placed), shardings)
+  assert_state_close(got_state, want_state)
+  assert_state_close(got_params, want_params)  # weight codes within one step, scales close
+  for x, s in zip(jax.tree.leaves(got_params), jax.tree.leaves(placed)):
+    assert x.sharding.is_equivalent_to(s, x.ndim)
+  codes = got_params["lm_head"]["kernel"].codes
+  assert max(q.tree_nbytes_per_device(codes).values()) * ways == codes.size
