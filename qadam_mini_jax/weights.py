@@ -164,8 +164,6 @@ def codes_of(params: Any) -> Any:
 class WeightStorage:
   """The :mod:`.storage` interface of an INT8 weight (one layer at a time)."""
 
-  quantized = True
-
   def __init__(self, like: QuantizedParam):
     self.like = dataclasses.replace(like, codes=None, scales=None, carrier=None)
 
