@@ -183,6 +183,12 @@ def fused_q_adam_mini(
   :func:`q_adam_mini` with the same arguments (checkpoints are interchangeable),
   and the parameters it returns equal ``apply_updates`` of that chain's updates
   up to float32 rounding. Arguments are those of :func:`q_adam_mini`.
+
+  ``params`` may hold INT8 weights (:class:`~qadam_mini_jax.weights.QuantizedParam`,
+  from :func:`~qadam_mini_jax.weights.quantize_params`, with ``grads`` from
+  :func:`~qadam_mini_jax.weights.value_and_grad`): ``step`` returns them
+  re-quantized, ``Q(w - lr*(u + wd*w))``, with stochastic rounding on a stream
+  of their own (Q-Adam-mini's ``--weight_quant``, no float master copy).
   """
   chain = q_adam_mini(learning_rate, b1, b2, eps, weight_decay, mask=mask, partition=partition,
                       quantization=quantization, stochastic_rounding=stochastic_rounding,
