@@ -526,6 +526,15 @@ def conclusion(rt_records: list[dict], drift_records: list[dict]) -> list[str]:
   ]
 
 
+def json_text(tables: dict[str, list[dict]]) -> str:
+  """``{table: [record, ...]}`` as JSON, one record per line, floats to 5 significant digits."""
+  def record(r):
+    return json.dumps({k: float(f"{v:.5g}") if isinstance(v, float) else v for k, v in r.items()})
+  return "{\n" + ",\n".join(
+      f"{json.dumps(name)}: [\n" + ",\n".join(map(record, rows)) + "\n]"
+      for name, rows in tables.items()) + "\n}\n"
+
+
 def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--closed-loop", action="store_true",
@@ -619,11 +628,10 @@ def main(argv: list[str] | None = None) -> None:
       *conclusion(rt_records, drift_records),
   ])
   results_file.write("weight_quantization.md", text)
-  results_file.write("weight_quantization.json", json.dumps({
+  results_file.write("weight_quantization.json", json_text({
       "roundtrip": rt_records, "drift": drift_records,
-      "runs": {k: {"final_train_loss": float(l[-LAST_LOSSES:].mean()), "val_loss": v}
-               for k, (l, v) in runs.items()}}, indent=1) + "\n")
-
+      "runs": [{"weights": k, "final_train_loss": float(l[-LAST_LOSSES:].mean()), "val_loss": v}
+               for k, (l, v) in runs.items()]}))
 
 if __name__ == "__main__":
   main()
