@@ -10,11 +10,14 @@ This compares two codes with the same groups (``storage.layout_for``, as
 ``weights.quantize_params`` places them) and the same per-group absmax scale
 ``s`` (float32), codes ``c`` in [-127, 127]:
 
-* square-law, the library's (``quantize.quantize``/``dequantize``): value
+* square-law, the INT8 momentum's (``quantize.quantize``/``dequantize``): value
   ``s * sign(c) * (c/127)^2``;
-* linear (:func:`linear_quantize`/:func:`linear_dequantize`, here): value
+* linear (the same with ``linear=True``, the code INT8 weights use): value
   ``s * c / 127``; rounding ``floor(127 |w| / s + r)`` with the sign applied,
   ``r = 1/2`` (round-to-nearest, RTN) or ``r ~ U[0, 1)`` (stochastic, SR).
+
+Both with exact ``max|w|`` scales (the library's weights round them up to a
+coarse grid, ``quantize.coarse_scale``, the same for either code).
 
 Weights: the example LLaMA ``tiny`` (``examples/llama_model.py``) trained by
 the example's own functions (``examples/train.py``: ``init_fn``,
@@ -89,46 +92,12 @@ LAST_LOSSES = 20
 QMAX = quantize_lib.QMAX
 
 
-# --- the linear code, with the library's groups ------------------------------------
-
-def _group_axis(layout: quantize_lib.GroupLayout) -> int:
-  return 1 if layout.columns else 2
-
-
-def linear_quantize(x: jax.Array, layout: quantize_lib.GroupLayout,
-                    noise: jax.Array | None = None) -> quantize_lib.QuantizedArray:
-  """Linear symmetric absmax INT8: codes ``c`` in [-127, 127], value ``s * c / 127``.
-
-  Groups and scales (``s = max|x|`` per group, float32) are those of
-  ``quantize.quantize`` for ``layout``; ``noise`` (uniform [0, 1) of ``x``'s
-  shape) rounds stochastically, ``None`` to the nearest level.
-  """
-  g = quantize_lib._grouped(x.astype(jnp.float32), layout)  # pylint: disable=protected-access
-  scales = jnp.max(jnp.abs(g), axis=_group_axis(layout), keepdims=True)
-  inv = jnp.where(scales > 0, np.float32(QMAX) / jnp.where(scales > 0, scales, 1.0), 0.0)
-  r = np.float32(0.5) if noise is None else quantize_lib._grouped(noise, layout)  # pylint: disable=protected-access
-  code = jnp.minimum(jnp.floor(jnp.abs(g) * inv + r), np.float32(QMAX))
-  code = jnp.where(g < 0, -code, code).astype(jnp.int8)
-  return quantize_lib.QuantizedArray(quantize_lib._ungrouped(code, layout),  # pylint: disable=protected-access
-                                     scales.reshape(layout.scales_shape))
-
-
-def linear_dequantize(q: quantize_lib.QuantizedArray,
-                      layout: quantize_lib.GroupLayout) -> jax.Array:
-  """float32 values ``s * c / 127`` of a :func:`linear_quantize` result."""
-  scales = jnp.expand_dims(q.scales.reshape(
-      (layout.groups, layout.b) if layout.columns else (layout.a, layout.groups)),
-      _group_axis(layout))
-  codes = quantize_lib._grouped(q.codes, layout).astype(jnp.float32)  # pylint: disable=protected-access
-  return quantize_lib._ungrouped(codes * scales * np.float32(1.0 / QMAX), layout)  # pylint: disable=protected-access
-
-
 def roundtrip(code: str, x: jax.Array, layout: quantize_lib.GroupLayout,
               noise: jax.Array | None = None) -> jax.Array:
   """``dq(q(x))`` with ``code`` (one of :data:`CODES`)."""
-  if code == "square-law":
-    return quantize_lib.dequantize(quantize_lib.quantize(x, layout, noise), layout)
-  return linear_dequantize(linear_quantize(x, layout, noise), layout)
+  linear = code == "linear"
+  return quantize_lib.dequantize(quantize_lib.quantize(x, layout, noise, linear=linear), layout,
+                                 linear=linear)
 
 
 def requantize(code: str, w: jax.Array, delta: jax.Array, layout: quantize_lib.GroupLayout,
@@ -153,7 +122,7 @@ def roundtrip_stats(w, layout, s0, s1):
   errs = [jnp.sum((roundtrip(c, w, layout, n) - w) ** 2)
           for c in CODES for n in (noise, None)]
   grouped = lambda x: quantize_lib._grouped(x, layout)  # pylint: disable=protected-access
-  g, real, axis = grouped(w), grouped(jnp.ones_like(w)), _group_axis(layout)
+  g, real, axis = grouped(w), grouped(jnp.ones_like(w)), quantize_lib._group_axis(layout)  # pylint: disable=protected-access
   s = jnp.max(jnp.abs(g), axis=axis, keepdims=True)
   rms = jnp.sqrt(jnp.sum(g * g, axis=axis) / jnp.sum(real, axis=axis))
   crest = jnp.where(rms > 0, s.squeeze(axis) / jnp.where(rms > 0, rms, 1.0), 0.0)  # 0: all-zero group
@@ -573,7 +542,7 @@ def main(argv: list[str] | None = None) -> None:
       "down the `in` axis inside each output neuron, 128 or 256 or 352 long here; embedding: "
       "256 consecutive elements of the flattened table), absmax float32 scale per group, "
       "the same for both codes. Square-law = `quantize.quantize` (value s·sign(c)·(c/127)²), "
-      "linear = value s·c/127 (`linear_quantize` here).",
+      "linear = value s·c/127 (`quantize(..., linear=True)`, the INT8 weights' code).",
       "",
       "## 1. Round-trip error ‖Q(w) - w‖ / ‖w‖",
       "",

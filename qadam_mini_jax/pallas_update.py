@@ -132,7 +132,8 @@ def _kernel(hyper_ref, seed_ref, *refs,
   u = m * _load(factor_ref, factor_mask)
   if fuse_step:  # -lr * (u + wd * p), then p + that: the q_adam_mini chain
     if int8_params:
-      p = quantize_lib.decode(_load(p_codes_ref, mask), _load(p_scales_ref, scale_mask))
+      p = quantize_lib.decode(_load(p_codes_ref, mask), _load(p_scales_ref, scale_mask),
+                              linear=True)
     else:
       p = _load(p_ref, mask).astype(jnp.float32)
     neg_lr, wd = hyper_ref[2], hyper_ref[3]
@@ -149,20 +150,19 @@ def _kernel(hyper_ref, seed_ref, *refs,
     index = ((i.astype(jnp.uint32) + seed_ref[2]) * np.uint32(stride)
              + j.astype(jnp.uint32) + seed_ref[3])
 
-  def requantize(x, words, on, codes_out, scales_out, scale_bits=None):
+  def requantize(x, words, on, codes_out, scales_out, weights=False):
     """Group max (masked loads give 0 outside the leaf, so padding never raises it), encode."""
     scale = jnp.max(jnp.abs(x), axis=group_axis, keepdims=True)
-    if scale_bits is not None:
-      scale = quantize_lib.coarse_scale(scale, scale_bits)
+    if weights:
+      scale = quantize_lib.coarse_scale(scale, quantize_lib.WEIGHT_SCALE_BITS)
     r = (random_bits.bits_to_uniform(random_bits.element_bits(index, seed_ref[words[0]],
                                                               seed_ref[words[1]]))
          if on else np.float32(0.5))
-    _store(codes_out, quantize_lib.encode(x, scale, r), mask)
+    _store(codes_out, quantize_lib.encode(x, scale, r, linear=weights), mask)
     _store(scales_out, scale, scale_mask)
 
   if int8_params:
-    requantize(u, (4, 5), params_stochastic, p_codes_out_ref, p_scales_out_ref,
-               quantize_lib.WEIGHT_SCALE_BITS)
+    requantize(u, (4, 5), params_stochastic, p_codes_out_ref, p_scales_out_ref, weights=True)
   requantize(m, (0, 1), stochastic, codes_out_ref, scales_out_ref)
 
 

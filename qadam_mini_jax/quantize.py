@@ -131,28 +131,38 @@ def _group_axis(layout: GroupLayout) -> int:
 
 _LEVELS = QMAX * QMAX
 _INV_LEVELS = np.float32(1.0 / _LEVELS)
+_INV_QMAX = np.float32(1.0 / QMAX)
 
 
-def encode(m: jax.Array, scale: jax.Array, r: jax.Array | float) -> jax.Array:
+def encode(m: jax.Array, scale: jax.Array, r: jax.Array | float, linear: bool = False) -> jax.Array:
   """int8 codes of ``m`` (float32) in groups of max ``scale`` (broadcastable).
 
   ``r = 0.5`` rounds to the nearest level, ``r ~ U[0, 1)`` stochastically.
-  In level units ``y = 127^2 |m| / s`` the levels are the squares ``k^2``; the
-  code is ``k = floor(sqrt(y))`` plus one when ``y - k^2 >= (1 - r)(2k + 1)``,
-  which is ``k + floor(f + r)`` for ``f = (y - k^2)/((k+1)^2 - k^2)`` without
-  a division per element: the one division, ``127^2 / s``, is per group.
+  Square-law: in level units ``y = 127^2 |m| / s`` the levels are the squares
+  ``k^2``; the code is ``k = floor(sqrt(y))`` plus one when
+  ``y - k^2 >= (1 - r)(2k + 1)``, which is ``k + floor(f + r)`` for
+  ``f = (y - k^2)/((k+1)^2 - k^2)`` without a division per element: the one
+  division, ``127^2 / s``, is per group. ``linear``: ``y = 127 |m| / s``,
+  levels ``k``, plus one when ``y - k >= 1 - r``.
   """
-  inv_scale = jnp.where(scale > 0, np.float32(_LEVELS) / jnp.where(scale > 0, scale, 1.0), 0.0)
+  levels = QMAX if linear else _LEVELS
+  inv_scale = jnp.where(scale > 0, np.float32(levels) / jnp.where(scale > 0, scale, 1.0), 0.0)
   y = jnp.abs(m) * inv_scale
-  k = jnp.floor(jnp.sqrt(y))
-  up = y - k * k >= (1.0 - r) * (2.0 * k + 1.0)
+  if linear:
+    k = jnp.floor(y)
+    up = y - k >= 1.0 - r
+  else:
+    k = jnp.floor(jnp.sqrt(y))
+    up = y - k * k >= (1.0 - r) * (2.0 * k + 1.0)
   code = jnp.minimum(jnp.where(up, k + 1.0, k), np.float32(QMAX))
   return jnp.where(m < 0, -code, code).astype(jnp.int8)
 
 
-def decode(codes: jax.Array, scale: jax.Array) -> jax.Array:
-  """float32 values ``scale * sign(c) * (c/127)^2`` of int8 ``codes``."""
+def decode(codes: jax.Array, scale: jax.Array, linear: bool = False) -> jax.Array:
+  """float32 values ``scale * sign(c) * (c/127)^2`` of int8 ``codes`` (``linear``: ``scale * c/127``)."""
   c = codes.astype(jnp.float32)
+  if linear:
+    return c * _INV_QMAX * scale
   return c * jnp.abs(c) * _INV_LEVELS * scale
 
 
@@ -171,7 +181,7 @@ def coarse_scale(scale: jax.Array, mantissa_bits: int) -> jax.Array:
 
 
 def quantize(x: jax.Array, layout: GroupLayout, noise: jax.Array | None = None,
-             scale_bits: int | None = None) -> QuantizedArray:
+             scale_bits: int | None = None, linear: bool = False) -> QuantizedArray:
   """Quantize ``x`` group-wise to int8.
 
   Args:
@@ -181,19 +191,21 @@ def quantize(x: jax.Array, layout: GroupLayout, noise: jax.Array | None = None,
       rounding, or ``None`` for round-to-nearest.
     scale_bits: scales on the grid of :func:`coarse_scale` with these
       mantissa bits; ``None``: each group's exact ``max|x|``.
+    linear: the linear code ``s * c/127`` instead of the square-law one
+      (INT8 weights, :mod:`.weights`).
   """
   g = _grouped(x.astype(jnp.float32), layout)
   scales = jnp.max(jnp.abs(g), axis=_group_axis(layout), keepdims=True)
   if scale_bits is not None:
     scales = coarse_scale(scales, scale_bits)
   r = np.float32(0.5) if noise is None else _grouped(noise, layout)
-  return QuantizedArray(_ungrouped(encode(g, scales, r), layout),
+  return QuantizedArray(_ungrouped(encode(g, scales, r, linear), layout),
                         scales.reshape(layout.scales_shape))
 
 
-def dequantize(q: QuantizedArray, layout: GroupLayout) -> jax.Array:
-  """float32 values of a :func:`quantize` result."""
+def dequantize(q: QuantizedArray, layout: GroupLayout, linear: bool = False) -> jax.Array:
+  """float32 values of a :func:`quantize` result (of the same ``linear``)."""
   scales = jnp.expand_dims(q.scales.reshape(
       (layout.groups, layout.b) if layout.columns else (layout.a, layout.groups)),
       _group_axis(layout))
-  return _ungrouped(decode(_grouped(q.codes, layout), scales), layout)
+  return _ungrouped(decode(_grouped(q.codes, layout), scales, linear), layout)

@@ -26,12 +26,12 @@ def _params(seed=0, layers=None):
           "lm_head": {"kernel": normal(64, 96)}}
 
 
-def _square_law_numpy(x, scale, r):
-  """Independent square-law quantizer of one group: ``(codes, values)``, float64."""
-  y = np.abs(x) / scale * 127.0**2 if scale > 0 else np.zeros_like(x)
-  k = np.floor(np.sqrt(y))
-  code = np.minimum(k + ((y - k * k) / (2 * k + 1) >= 1 - r), 127) * np.sign(x)
-  return code, scale * np.sign(code) * (code / 127) ** 2
+def _linear_numpy(x, scale, r):
+  """Independent linear quantizer of one group: ``(codes, values)``, float64."""
+  y = np.abs(x) / scale * 127.0 if scale > 0 else np.zeros_like(x)
+  k = np.floor(y)
+  code = np.minimum(k + (y - k >= 1 - r), 127) * np.sign(x)
+  return code, scale * code / 127
 
 
 def _coarse_scale_numpy(s):
@@ -51,7 +51,7 @@ def _quantize_numpy(x, layout, noise=None):
     for j in range(x.shape[1]):
       col = np.asarray(x[i:i + g, j], np.float64)
       scale = _coarse_scale_numpy(np.abs(col).max())
-      out[i:i + g, j] = _square_law_numpy(col, scale, r[i:i + g, j])[1]
+      out[i:i + g, j] = _linear_numpy(col, scale, r[i:i + g, j])[1]
   return out
 
 
