@@ -47,8 +47,9 @@ COMPUTE_DTYPE = jnp.bfloat16  # activations and matmuls; parameters keep their o
 BUDGETS_GIB = (16, 24, 40, 80)
 LEARNING_RATE = 1e-3
 
-#: ``row(config, batch) -> (abstract state, jitted train_step, abstract tokens)``:
-#: ``train_step(state, tokens) -> (state, metrics)`` donates ``state``.
+#: ``row(config, batch) -> (state, train_step, tokens)``: ``state`` and ``tokens``
+#: abstract (``jax.ShapeDtypeStruct`` pytrees, any structure), ``train_step(state,
+#: tokens) -> (state, metrics)`` jitted and donating ``state``.
 Row = Callable[[LlamaConfig, tuple[int, int]], tuple[Any, Any, jax.ShapeDtypeStruct]]
 
 
@@ -76,10 +77,11 @@ def optax_row(make_tx: Callable[[LlamaConfig], optax.GradientTransformation],
   return build
 
 
-#: The table's rows, name -> :data:`Row`. A new row (another optimizer, or one
-#: with its own parameter storage and train step) is one entry here: a function
-#: of the config and batch returning the abstract state, the jitted train step
-#: that donates it, and the abstract tokens.
+#: The table's rows, name -> :data:`Row`: adding a row is adding an entry here.
+#: An optimizer in the example's train step is ``optax_row(make_tx)``; a row
+#: with its own parameter storage and train step is any function of the config
+#: and batch that builds them (bytes per parameter always count the config's
+#: parameters, whatever the state holds).
 ROWS: dict[str, Row] = {
     "optax.adamw": optax_row(lambda c: optax.adamw(LEARNING_RATE)),
     "optax.adamw, bf16 params": optax_row(lambda c: optax.adamw(LEARNING_RATE), jnp.bfloat16),
@@ -90,12 +92,17 @@ ROWS: dict[str, Row] = {
 }
 
 
+def num_params(config: LlamaConfig) -> int:
+  model = nnx.eval_shape(lambda: Llama(config, nnx.Rngs(0)))
+  return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
 def measure(row: Row, config: LlamaConfig, batch: tuple[int, int] = BATCH) -> dict[str, Any]:
   """Parameters, XLA's memory figures (bytes), peak and compile seconds of one row."""
   state, train_step, tokens = row(config, batch)
   compiled, seconds = train.compile_step(train_step, state, tokens)
   mem = train.memory_report(compiled)
-  n = sum(x.size for x in jax.tree.leaves(state["params"]))
+  n = num_params(config)
   peak = mem["argument"] + mem["output"] - mem["alias"] + mem["temp"]
   return {"params": n, **mem, "peak": peak, "peak_bytes_per_param": peak / n,
           "compile_s": seconds}
@@ -133,9 +140,13 @@ def report(records: list[dict[str, Any]], models: list[str]) -> str:
   device = jax.devices()[0]
   machine = (f"{getattr(device, 'device_kind', jax.default_backend())} "
              f"({compile_time.cpu_name()}, {os.cpu_count()} cores)")
+  cpu_note = [] if jax.default_backend() != "cpu" else [
+      "**CPU backend**: its temporaries are not a GPU's (the CPU adds some, e.g. transposed "
+      "weight copies for the backward matmuls): compare the rows against each other, and take "
+      "absolute figures from a GPU run of this script.", ""]
   lines = [
-      f"Produced by `python benchmarks/fits.py {' '.join(sys.argv[1:])}`".rstrip()
-      + f" on the {jax.default_backend().upper()} backend, {machine}; jax {jax.__version__}, "
+      f"Produced by `{' '.join(['python benchmarks/fits.py', *sys.argv[1:]])}` on the "
+      f"{jax.default_backend().upper()} backend, {machine}; jax {jax.__version__}, "
       f"flax {flax.__version__}, optax {optax.__version__}.", "",
       f"The example LLaMA's full train step (batch {BATCH[0]} x {BATCH[1]} tokens, bf16 "
       "compute, fp32 logits and loss; every block under `nnx.remat`, blocks scanned; "
@@ -144,9 +155,7 @@ def report(records: list[dict[str, Any]], models: list[str]) -> str:
       "(activations, gradients, the update's intermediates); peak = argument + output - "
       "alias + temp. Parameters are fp32 except in the bf16-params row, where `optax.adamw`'s "
       "state follows them into bf16.", "",
-      f"**{jax.default_backend().upper()} backend**: its temporaries are not a GPU's (the CPU "
-      "adds some, e.g. transposed weight copies for the backward matmuls): compare the rows "
-      "against each other, and take absolute figures from a GPU run of this script.", "",
+      *cpu_note,
       "| model | parameters | optimizer | argument GiB | temp GiB | peak GiB | peak B/param "
       "| compile s |", "|---|---:|---|---:|---:|---:|---:|---:|"]
   for r in records:
@@ -155,11 +164,16 @@ def report(records: list[dict[str, Any]], models: list[str]) -> str:
                    f"{gib(r['argument'])} | {gib(r['temp'])} | {gib(r['peak'])} | "
                    f"{r['peak_bytes_per_param']:.2f} | {r['compile_s']:.1f} |")
   lines += ["", f"## Largest config that fits (of {', '.join(models)}; peak GiB)", "",
-            *largest_fits(records)]
+            "Peak <= budget. A GPU needs some headroom beyond XLA's peak (runtime, allocator; "
+            "see JAX's notes on GPU memory allocation).", "", *largest_fits(records)]
   unrolled = [r for r in records if r["layers"] == "unrolled"]
   if unrolled:
     peaks = {(r["optimizer"], r["layers"]): r for r in records if r["model"] == UNROLLED_CHECK}
     lines += ["", f"## {UNROLLED_CHECK}: blocks scanned or unrolled (both under `nnx.remat`)",
+              "", "With the blocks unrolled, XLA's scheduler may run a block's recomputation "
+              "early, before the backward pass needs it, and keep its activations alive: remat "
+              "then saves nothing, and the unrolled temp is far above the scanned one. Scanned, "
+              "each recomputation runs inside its iteration of the backward loop.",
               "", "| optimizer | scanned temp GiB | unrolled temp GiB | scanned peak GiB "
               "| unrolled peak GiB |", "|---|---:|---:|---:|---:|"]
     for r in unrolled:
