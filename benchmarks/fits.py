@@ -141,13 +141,17 @@ def report(records: list[dict[str, Any]], models: list[str]) -> str:
   machine = (f"{getattr(device, 'device_kind', jax.default_backend())} "
              f"({compile_time.cpu_name()}, {os.cpu_count()} cores)")
   cpu_note = [] if jax.default_backend() != "cpu" else [
-      "**CPU backend**: its temporaries are not a GPU's (the CPU adds some, e.g. transposed "
-      "weight copies for the backward matmuls): compare the rows against each other, and take "
-      "absolute figures from a GPU run of this script.", ""]
+      "**CPU backend**: its temporaries are not a GPU's. The CPU adds some (e.g. transposed "
+      "weight copies for the backward matmuls), and its default scheduler favours concurrency "
+      "over memory (`XLA_FLAGS=--xla_cpu_enable_concurrency_optimized_scheduler=false` "
+      "schedules for memory instead, and moves temp by several bytes per parameter, not the "
+      "same way for every optimizer). The argument column holds on any backend; take temp "
+      "and peak from a GPU run of this script.", ""]
+  flags = f", `XLA_FLAGS={os.environ['XLA_FLAGS']}`" if os.environ.get("XLA_FLAGS") else ""
   lines = [
       f"Produced by `{' '.join(['python benchmarks/fits.py', *sys.argv[1:]])}` on the "
       f"{jax.default_backend().upper()} backend, {machine}; jax {jax.__version__}, "
-      f"flax {flax.__version__}, optax {optax.__version__}.", "",
+      f"flax {flax.__version__}, optax {optax.__version__}{flags}.", "",
       f"The example LLaMA's full train step (batch {BATCH[0]} x {BATCH[1]} tokens, bf16 "
       "compute, fp32 logits and loss; every block under `nnx.remat`, blocks scanned; "
       "parameters and optimizer state donated) compiled for abstract arguments, not run. "
