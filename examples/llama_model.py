@@ -36,6 +36,7 @@ class LlamaConfig:
   max_len: int = 256
   rope_theta: float = 10000.0
   scan_layers: bool = False  # blocks stacked on axis 0 and run by nnx.scan
+  remat: bool = False  # each block's call under nnx.remat (activations recomputed in backward)
 
   def __post_init__(self):
     if self.num_heads % self.num_kv_heads:
@@ -57,6 +58,7 @@ CONFIGS = {
     "350M": LlamaConfig(vocab=32000, dim=1024, ffn_dim=2736, num_layers=24, num_heads=16, num_kv_heads=16),
     "1B": LlamaConfig(vocab=32000, dim=2048, ffn_dim=5461, num_layers=24, num_heads=32, num_kv_heads=32),
     "7B": LlamaConfig(vocab=32000, dim=4096, ffn_dim=11008, num_layers=32, num_heads=32, num_kv_heads=32),
+    "13B": LlamaConfig(vocab=32000, dim=5120, ffn_dim=13824, num_layers=40, num_heads=40, num_kv_heads=40),
 }
 
 
@@ -135,12 +137,14 @@ class Llama(nnx.Module):
 
   def __call__(self, tokens: jax.Array) -> jax.Array:
     x = self.embed(tokens)
+    apply = lambda x, block: block(x)
+    if self.config.remat:
+      apply = nnx.remat(apply)
     if self.config.scan_layers:
-      x = nnx.scan(lambda x, block: block(x), in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)(
-          x, self.layers)
+      x = nnx.scan(apply, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)(x, self.layers)
     else:
       for layer in self.layers:
-        x = layer(x)
+        x = apply(x, layer)
     return self.lm_head(self.norm(x)).astype(jnp.float32)
 
 

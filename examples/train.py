@@ -324,7 +324,8 @@ def run_metadata(model_cfg: LlamaConfig, opt_cfg: optimizers.OptimizerConfig, cf
   The mesh is recorded but not compared: a run resumes on any mesh (or none).
   """
   return {
-      "model": dataclasses.asdict(model_cfg),
+      # remat changes no array: a checkpoint resumes with it on or off
+      "model": {k: v for k, v in dataclasses.asdict(model_cfg).items() if k != "remat"},
       "mesh": cfg.mesh,
       "optimizer": {k: getattr(opt_cfg, k) for k in optimizers.STRUCTURAL_FIELDS},
       "settings": {"optimizer": dataclasses.asdict(opt_cfg),

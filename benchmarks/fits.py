@@ -1,0 +1,210 @@
+"""Peak training-step memory per optimizer, and the largest LLaMA that fits in 16 to 80 GiB.
+
+    python benchmarks/fits.py                    # 60M, 1B, 7B, 13B
+    python benchmarks/fits.py --model 60M 1B
+
+Each row builds the example LLaMA's full train step (forward, backward with
+every block under ``nnx.remat``, optimizer update; state donated as in
+``examples/train.py``) for abstract arguments (``jax.eval_shape``: nothing is
+allocated), lowers and compiles it, and reads XLA's
+``compiled.memory_analysis()``: peak = argument + output - alias + temp.
+The blocks are stacked and scanned (``scan_layers``) to keep compile times
+short; ``UNROLLED_CHECK`` is also compiled with them unrolled. One batch
+(``BATCH``) and bf16 compute for every row. Results go to
+``benchmarks/results/fits_<backend>.md`` and a ``.json`` beside it, rewritten
+after each model (a run cut short keeps the sizes it finished).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import pathlib
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+import qadam_mini_jax
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "examples"))
+import compile_time  # noqa: E402  (benchmarks/, beside this script)
+import results_file  # noqa: E402
+import train  # noqa: E402  (examples/, added above)
+from llama_model import CONFIGS, Llama, LlamaConfig  # noqa: E402
+
+MODELS = ("60M", "1B", "7B", "13B")
+UNROLLED_CHECK = "60M"  # also compiled with unrolled blocks: the scan's figures hold?
+BATCH = (1, 2048)  # sequences x tokens
+COMPUTE_DTYPE = jnp.bfloat16  # activations and matmuls; parameters keep their own dtype
+BUDGETS_GIB = (16, 24, 40, 80)
+LEARNING_RATE = 1e-3
+
+#: ``row(config, batch) -> (state, train_step, tokens)``: ``state`` and ``tokens``
+#: abstract (``jax.ShapeDtypeStruct`` pytrees, any structure), ``train_step(state,
+#: tokens) -> (state, metrics)`` jitted and donating ``state``.
+Row = Callable[[LlamaConfig, tuple[int, int]], tuple[Any, Any, jax.ShapeDtypeStruct]]
+
+
+def partition(c: LlamaConfig) -> qadam_mini_jax.BlockPartition:
+  return qadam_mini_jax.BlockPartition(num_heads=c.num_heads, num_kv_heads=c.num_kv_heads,
+                                       layers={"layers": 0} if c.scan_layers else None)
+
+
+def optax_row(make_tx: Callable[[LlamaConfig], optax.GradientTransformation],
+              param_dtype=jnp.float32) -> Row:
+  """The row of ``examples/train.py``'s train step with ``make_tx(config)``,
+  parameters stored in ``param_dtype``."""
+  def build(config, batch):
+    tx = make_tx(config)
+    create = lambda: Llama(config, nnx.Rngs(0), dtype=COMPUTE_DTYPE)
+    graphdef, _ = nnx.split(nnx.eval_shape(create), nnx.Param)
+
+    def init():
+      params = nnx.to_pure_dict(nnx.state(create(), nnx.Param))
+      params = jax.tree.map(lambda p: p.astype(param_dtype), params)
+      return {"params": params, "opt_state": tx.init(params)}
+
+    train_step, _ = train.make_step_fns(graphdef, tx)
+    return jax.eval_shape(init), train_step, jax.ShapeDtypeStruct(batch, jnp.int32)
+  return build
+
+
+#: The table's rows, name -> :data:`Row`: adding a row is adding an entry here.
+#: An optimizer in the example's train step is ``optax_row(make_tx)``; a row
+#: with its own parameter storage and train step is any function of the config
+#: and batch that builds them (bytes per parameter always count the config's
+#: parameters, whatever the state holds).
+ROWS: dict[str, Row] = {
+    "optax.adamw": optax_row(lambda c: optax.adamw(LEARNING_RATE)),
+    "optax.adamw, bf16 params": optax_row(lambda c: optax.adamw(LEARNING_RATE), jnp.bfloat16),
+    "adam_mini": optax_row(
+        lambda c: qadam_mini_jax.adam_mini(LEARNING_RATE, partition=partition(c))),
+    "q_adam_mini": optax_row(
+        lambda c: qadam_mini_jax.q_adam_mini(LEARNING_RATE, partition=partition(c))),
+}
+
+
+def num_params(config: LlamaConfig) -> int:
+  model = nnx.eval_shape(lambda: Llama(config, nnx.Rngs(0)))
+  return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def measure(row: Row, config: LlamaConfig, batch: tuple[int, int] = BATCH) -> dict[str, Any]:
+  """Parameters, XLA's memory figures (bytes), peak and compile seconds of one row."""
+  state, train_step, tokens = row(config, batch)
+  compiled, seconds = train.compile_step(train_step, state, tokens)
+  mem = train.memory_report(compiled)
+  n = num_params(config)
+  peak = mem["argument"] + mem["output"] - mem["alias"] + mem["temp"]
+  return {"params": n, **mem, "peak": peak, "peak_bytes_per_param": peak / n,
+          "compile_s": seconds}
+
+
+def configs(model: str) -> dict[str, LlamaConfig]:
+  """Layout -> config of ``model`` with remat: scanned, and unrolled for ``UNROLLED_CHECK``."""
+  scanned = dataclasses.replace(CONFIGS[model], scan_layers=True, remat=True)
+  out = {"scanned": scanned}
+  if model == UNROLLED_CHECK:
+    out["unrolled"] = dataclasses.replace(scanned, scan_layers=False)
+  return out
+
+
+def gib(n: float) -> str:
+  return f"{n / 2**30:.2f}"
+
+
+def largest_fits(records: list[dict[str, Any]]) -> list[str]:
+  """Per optimizer, the largest measured model whose peak fits each budget."""
+  lines = ["| optimizer | " + " | ".join(f"{b} GiB" for b in BUDGETS_GIB) + " |",
+           "|---" * (len(BUDGETS_GIB) + 1) + "|"]
+  for name in ROWS:
+    rows = sorted((r for r in records if r["optimizer"] == name and r["layers"] == "scanned"),
+                  key=lambda r: r["params"])
+    cells = []
+    for budget in BUDGETS_GIB:
+      fit = [r for r in rows if r["peak"] <= budget * 2**30]
+      cells.append(f"{fit[-1]['model']} ({gib(fit[-1]['peak'])})" if fit else "none")
+    lines.append(f"| `{name}` | " + " | ".join(cells) + " |")
+  return lines
+
+
+def report(records: list[dict[str, Any]], models: list[str]) -> str:
+  device = jax.devices()[0]
+  machine = (f"{getattr(device, 'device_kind', jax.default_backend())} "
+             f"({compile_time.cpu_name()}, {os.cpu_count()} cores)")
+  cpu_note = [] if jax.default_backend() != "cpu" else [
+      "**CPU backend**: its temporaries are not a GPU's. The CPU adds some (e.g. transposed "
+      "weight copies for the backward matmuls), and its default scheduler favours concurrency "
+      "over memory (`XLA_FLAGS=--xla_cpu_enable_concurrency_optimized_scheduler=false` "
+      "schedules for memory instead, and moves temp by several bytes per parameter, not the "
+      "same way for every optimizer). The argument column holds on any backend; take temp "
+      "and peak from a GPU run of this script.", ""]
+  flags = f", `XLA_FLAGS={os.environ['XLA_FLAGS']}`" if os.environ.get("XLA_FLAGS") else ""
+  lines = [
+      f"Produced by `{' '.join(['python benchmarks/fits.py', *sys.argv[1:]])}` on the "
+      f"{jax.default_backend().upper()} backend, {machine}; jax {jax.__version__}, "
+      f"flax {flax.__version__}, optax {optax.__version__}{flags}.", "",
+      f"The example LLaMA's full train step (batch {BATCH[0]} x {BATCH[1]} tokens, bf16 "
+      "compute, fp32 logits and loss; every block under `nnx.remat`, blocks scanned; "
+      "parameters and optimizer state donated) compiled for abstract arguments, not run. "
+      "XLA's `memory_analysis()`: argument (parameters, optimizer state, tokens), temp "
+      "(activations, gradients, the update's intermediates); peak = argument + output - "
+      "alias + temp. Parameters are fp32 except in the bf16-params row, where `optax.adamw`'s "
+      "state follows them into bf16.", "",
+      *cpu_note,
+      "| model | parameters | optimizer | argument GiB | temp GiB | peak GiB | peak B/param "
+      "| compile s |", "|---|---:|---|---:|---:|---:|---:|---:|"]
+  for r in records:
+    if r["layers"] == "scanned":
+      lines.append(f"| {r['model']} | {r['params'] / 1e6:,.0f}M | `{r['optimizer']}` | "
+                   f"{gib(r['argument'])} | {gib(r['temp'])} | {gib(r['peak'])} | "
+                   f"{r['peak_bytes_per_param']:.2f} | {r['compile_s']:.1f} |")
+  lines += ["", f"## Largest config that fits (of {', '.join(models)}; peak GiB)", "",
+            "Peak <= budget. A GPU needs some headroom beyond XLA's peak (runtime, allocator; "
+            "see JAX's notes on GPU memory allocation).", "", *largest_fits(records)]
+  unrolled = [r for r in records if r["layers"] == "unrolled"]
+  if unrolled:
+    peaks = {(r["optimizer"], r["layers"]): r for r in records if r["model"] == UNROLLED_CHECK}
+    lines += ["", f"## {UNROLLED_CHECK}: blocks scanned or unrolled (both under `nnx.remat`)",
+              "", "With the blocks unrolled, XLA's scheduler may run a block's recomputation "
+              "early, before the backward pass needs it, and keep its activations alive: remat "
+              "then saves nothing, and the unrolled temp is far above the scanned one. Scanned, "
+              "each recomputation runs inside its iteration of the backward loop.",
+              "", "| optimizer | scanned temp GiB | unrolled temp GiB | scanned peak GiB "
+              "| unrolled peak GiB |", "|---|---:|---:|---:|---:|"]
+    for r in unrolled:
+      s = peaks[(r["optimizer"], "scanned")]
+      lines.append(f"| `{r['optimizer']}` | {gib(s['temp'])} | {gib(r['temp'])} | "
+                   f"{gib(s['peak'])} | {gib(r['peak'])} |")
+  return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--model", nargs="+", default=list(MODELS), choices=CONFIGS)
+  args = parser.parse_args()
+  name = f"fits_{jax.default_backend()}"
+  records = []
+  for model in args.model:
+    for layers, config in configs(model).items():
+      for optimizer, row in ROWS.items():
+        records.append({"model": model, "optimizer": optimizer, "layers": layers,
+                        **measure(row, config)})
+        r = records[-1]
+        print(f"{model} {layers} {optimizer}: peak {gib(r['peak'])} GiB "
+              f"({r['peak_bytes_per_param']:.2f} B/param), compiled in {r['compile_s']:.1f} s",
+              flush=True)
+    results_file.write(f"{name}.md", report(records, args.model))
+    results_file.write(f"{name}.json", json.dumps(records, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+  main()
