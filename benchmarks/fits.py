@@ -58,10 +58,12 @@ def partition(c: LlamaConfig) -> qadam_mini_jax.BlockPartition:
                                        layers={"layers": 0} if c.scan_layers else None)
 
 
-def optax_row(make_tx: Callable[[LlamaConfig], optax.GradientTransformation],
-              param_dtype=jnp.float32) -> Row:
+def optax_row(make_tx: Callable[[LlamaConfig], Any], param_dtype=jnp.float32,
+              int8_weights: bool = False) -> Row:
   """The row of ``examples/train.py``'s train step with ``make_tx(config)``,
-  parameters stored in ``param_dtype``."""
+  parameters stored in ``param_dtype``; with ``int8_weights`` the weight
+  matrices are INT8 (``quantize_params``) and ``make_tx`` gives a
+  ``fused_q_adam_mini``, whose step writes them (``--weight-quant``)."""
   def build(config, batch):
     tx = make_tx(config)
     create = lambda: Llama(config, nnx.Rngs(0), dtype=COMPUTE_DTYPE)
@@ -70,9 +72,11 @@ def optax_row(make_tx: Callable[[LlamaConfig], optax.GradientTransformation],
     def init():
       params = nnx.to_pure_dict(nnx.state(create(), nnx.Param))
       params = jax.tree.map(lambda p: p.astype(param_dtype), params)
+      if int8_weights:
+        params = qadam_mini_jax.quantize_params(params, partition(config))
       return {"params": params, "opt_state": tx.init(params)}
 
-    train_step, _ = train.make_step_fns(graphdef, tx)
+    train_step, _ = train.make_step_fns(graphdef, tx, fused_step=tx.step if int8_weights else None)
     return jax.eval_shape(init), train_step, jax.ShapeDtypeStruct(batch, jnp.int32)
   return build
 
@@ -89,6 +93,9 @@ ROWS: dict[str, Row] = {
         lambda c: qadam_mini_jax.adam_mini(LEARNING_RATE, partition=partition(c))),
     "q_adam_mini": optax_row(
         lambda c: qadam_mini_jax.q_adam_mini(LEARNING_RATE, partition=partition(c))),
+    "q_adam_mini + INT8 weights": optax_row(
+        lambda c: qadam_mini_jax.fused_q_adam_mini(LEARNING_RATE, partition=partition(c)),
+        int8_weights=True),
 }
 
 

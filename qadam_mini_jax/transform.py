@@ -255,7 +255,7 @@ def adam_mini_step(config: AdamMiniConfig) -> tuple[
     decays = flat(epilogue.decay) if epilogue else [None] * len(g_leaves)
     leaf_shardings = ([s for _, _, s in sharding_lib.per_parameter(updates, shardings)]
                       if shardings is not None else [None] * len(g_leaves))
-    out, out_mu, out_nu = [], [], []
+    out, out_mu, out_nu, previous = [], [], [], None
     for index, (g, spec, mu, nu, p, decay, sr, leaf_sharding) in enumerate(zip(
         g_leaves, flat(specs), flat(state.mu), flat(state.nu), params, decays, stochastic,
         leaf_shardings)):
@@ -274,7 +274,13 @@ def adam_mini_step(config: AdamMiniConfig) -> tuple[
           stochastic=sr and moment.quantized, weights=weights,
           decay=None if epilogue is None else bool(decay),
           backend=backend if moment.quantized else None, sharding=leaf_sharding)
+      if plan.moment.quantized and previous is not None:
+        # INT8 leaves one after another: the float32 m that each builds before
+        # re-quantizing is then never alive beside the others' (on XLA's CPU
+        # scheduler all of them were: 3.6 B/param more at the peak of a 1B step).
+        (g, mu, nu, p), _ = jax.lax.optimization_barrier(((g, mu, nu, p), previous))
       new, mu, nu = leaf_update_lib.update_leaf(plan, scalars, g, mu, nu, p)
+      previous = mu if plan.moment.quantized else previous
       out.append(new)
       out_mu.append(mu)
       out_nu.append(nu)
