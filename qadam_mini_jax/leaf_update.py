@@ -147,6 +147,11 @@ def update_leaf(plan: LeafPlan, s: StepScalars, g: jax.Array, mu: Any, nu: jax.A
       raise sharding_lib.ShardingError(
           f"{plan.path}: the fused kernel does not run per shard on stacked layers "
           f"(layer axes {plan.spec.layers}); use implementation='xla' for this model.")
+    if plan.weights is not None and plan.weights.like.layout != plan.moment.layout:
+      raise ValueError(
+          f"{plan.path}: the fused kernel needs the INT8 weight grouped as its m, got "
+          f"{plan.weights.like.layout} and {plan.moment.layout}; give quantize_params the "
+          "optimizer's partition and Int8Quantization.")
     one_layer = _kernel_layer
   else:
     one_layer = _jnp_layer

@@ -288,3 +288,12 @@ def test_int8_weights_are_written_by_the_fused_step_only():
         codes, jnp.zeros((64, 64)), codes, jnp.ones((1, 64)), jnp.zeros(8),
         jnp.zeros(6, jnp.uint32), layout=layout, stochastic=False, fuse_step=False,
         a_varies=False, b_varies=True, backend="interpret", params_stochastic=True)
+
+
+def test_int8_weights_grouped_unlike_m_are_refused_by_the_kernel_by_name():
+  params = {"mlp": {"up_proj": {"kernel": jnp.ones((300, 100))}}}
+  qp = q.quantize_params(params, PART, q.Int8Quantization(group_size=128, min_size=1000))
+  opt = q.fused_q_adam_mini(1e-2, partition=PART, quantization=INT8, implementation="pallas")
+  with pytest.raises(ValueError, match="mlp/up_proj/kernel: the fused kernel needs the INT8 "
+                                       "weight grouped as its m"):
+    opt.step(jax.tree.map(jnp.ones_like, params), opt.init(qp), qp)
