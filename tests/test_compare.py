@@ -5,8 +5,13 @@ from __future__ import annotations
 import pathlib
 import sys
 
+import pytest
+
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
 import compare  # noqa: E402  (benchmarks/, added above)
+
+# The 3- and 4-step runs differ in their schedule only: init and eval step compile once.
+pytestmark = pytest.mark.usefixtures("compilation_cache")
 
 # A model far below "tiny", evaluated only at its last step (--eval-every > --steps).
 TINY = [*compare.DEFAULT_TRAIN_FLAGS, "--dim", "32", "--layers", "1", "--heads", "2",

@@ -1,5 +1,7 @@
 """Group-wise symmetric INT8 quantization: layout, error bounds, rounding bias."""
 
+import functools
+
 import hypothesis.strategies as st
 import jax
 import jax.numpy as jnp
@@ -50,6 +52,14 @@ def _neighbours(x, s):
   return lo, hi
 
 
+@functools.partial(jax.jit, static_argnums=1)
+def _round_trip(x, layout):
+  """quantize and dequantize as one program (compiled once per example; run op by op,
+  the two compile some 35 operations for each new shape)."""
+  qa = Q.quantize(x, layout)
+  return qa, Q.dequantize(qa, layout)
+
+
 @settings(max_examples=15, deadline=None)
 @given(shape=st.lists(st.integers(1, 40), min_size=1, max_size=3).map(tuple),
        group=st.sampled_from([4, 16, 64]), columns=st.integers(0, 2),
@@ -58,10 +68,10 @@ def test_round_to_nearest_picks_the_nearest_level(shape, group, columns, seed):
   rng = np.random.default_rng(seed)
   x = (rng.normal(size=shape) * 10.0 ** rng.integers(-30, 5)).astype(np.float32)
   layout = Q.group_layout(shape, group, columns)
-  qa = Q.quantize(jnp.asarray(x), layout)
+  qa, back = _round_trip(jnp.asarray(x), layout)
   assert qa.codes.dtype == jnp.int8 and qa.codes.shape == shape
   assert qa.scales.dtype == jnp.float32 and qa.scales.shape == layout.scales_shape
-  back = np.asarray(Q.dequantize(qa, layout), np.float64)
+  back = np.asarray(back, np.float64)
   scales = np.asarray(qa.scales).reshape(-1)
   for k, (gx, gb) in enumerate(zip(_groups_numpy(x, layout), _groups_numpy(back, layout))):
     s = np.abs(gx).max()

@@ -4,6 +4,7 @@ Run by ``tests/test_sharding.py`` in a subprocess with 8 simulated CPU devices
 (``XLA_FLAGS=--xla_force_host_platform_device_count=8``).
 """
 
+import functools
 import math
 import re
 
@@ -106,6 +107,14 @@ def train(tx, params, grads, shardings=None):
   return params, state
 
 
+@functools.cache
+def single_device(name, steps=STEPS):
+  """``train`` of ``optimizer(name)`` on one device over the first ``steps`` gradients:
+  the reference of most tests here, computed once."""
+  params, grads = params_and_grads()
+  return train(optimizer(name), params, grads[:steps])
+
+
 def assert_close(a, b, rtol=1e-5):
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     scale = max(float(jnp.max(jnp.abs(y))), 1e-30)
@@ -129,7 +138,7 @@ def test_sharded_run_equals_single_device(layout, name):
   m = mesh(**axes)
   shardings = shardings_for(m, rule)
   params, grads = params_and_grads()
-  want_params, want_state = train(optimizer(name), params, grads)
+  want_params, want_state = single_device(name)
   got_params, got_state = train(optimizer(name, shardings), jax.device_put(params, shardings),
                                 grads, shardings)
   assert_close(got_params, want_params)
@@ -206,7 +215,7 @@ def test_kernel_runs_per_shard(layout):
   axes, rule, _ = LAYOUTS[layout]
   shardings = shardings_for(mesh(**axes), rule)
   params, grads = params_and_grads()
-  want_params, want_state = train(optimizer("q_adam_mini"), params, grads[:2])
+  want_params, want_state = single_device("q_adam_mini", 2)
   tx = optimizer("q_adam_mini", shardings, implementation="pallas")
   got_params, got_state = train(tx, jax.device_put(params, shardings), grads[:2], shardings)
   assert_close(got_params, want_params)
@@ -250,7 +259,7 @@ def test_orbax_checkpoint_restores_onto_another_mesh(tmp_path):
   mesh_a, mesh_b = mesh(data=2, fsdp=4), mesh(fsdp=8)
   sh_a, sh_b = shardings_for(mesh_a, fsdp_axis1), shardings_for(mesh_b, fsdp_axis0)
   tx_a, tx_b = optimizer("q_adam_mini", sh_a), optimizer("q_adam_mini", sh_b)
-  want_params, want_state = train(optimizer("q_adam_mini"), params, grads)
+  want_params, want_state = single_device("q_adam_mini")
 
   p_a, s_a = train(tx_a, jax.device_put(params, sh_a), grads[:3], sh_a)
   ckpt = ocp.StandardCheckpointer()
@@ -320,7 +329,7 @@ def test_explicit_axis_mesh(layout):
   assert all(t == AxisType.Explicit for t in explicit.axis_types)
   shardings = shardings_for(explicit, rule)
   params, grads = params_and_grads()
-  want_params, want_state = train(optimizer("q_adam_mini"), params, grads[:3])
+  want_params, want_state = single_device("q_adam_mini", 3)
   got_params, got_state = explicit_run(optimizer("q_adam_mini"), params, grads[:3], shardings)
   assert_close(got_params, want_params)
   assert_state_close(got_state, want_state)
@@ -338,7 +347,7 @@ def test_explicit_axis_mesh_fused_kernel():
   """The fused step with the Pallas kernel (interpret mode) runs per shard on Explicit axes."""
   shardings = shardings_for(jax.make_mesh((2, 4), ("data", "fsdp")), fsdp_axis1)
   params, grads = params_and_grads()
-  want_params, want_state = train(optimizer("q_adam_mini"), params, grads[:2])
+  want_params, want_state = single_device("q_adam_mini", 2)
   tx = q.fused_q_adam_mini(1e-2, weight_decay=0.1, partition=PART, quantization=INT8,
                            stochastic_rounding="all", key=7, implementation="pallas")
   with jax.set_mesh(jax.tree.leaves(shardings)[0].mesh):
