@@ -7,11 +7,11 @@ localhost port). ``conftest.py`` starts them in a background thread as soon as
 the suite selects ``tests/test_multiprocess.py``, so they run beside the rest of
 the suite; its tests wait for :func:`result`. The runs, in two rounds:
 
-* ``two`` and ``one``: the same 6 steps (checkpoints at 3 and 6) over 2
-  processes and over 1 process with 8 devices;
+* ``two`` over 2 processes and ``one`` over 1 process with 8 devices, from the
+  same flags (checkpoints every 3 steps): ``one`` stops after step 6, ``two``
+  trains on until its process 1 is killed (SIGKILL) once checkpoint 6 is saved;
 * ``two-then-one`` and ``one-then-two``: each one's checkpoint of step 3
-  resumed by the other process count, to step 6; beside them ``killed``: a
-  2-process run whose process 1 is killed (SIGKILL) after the first logged step.
+  resumed by the other process count, to step 6.
 
 The 1-process runs share a persistent compilation cache; the 2-process runs
 compile afresh: with jax 0.10.2 on CPU, process 0 hits the cache where process 1
@@ -37,12 +37,12 @@ DEVICES = 8
 # Far below "tiny"; a batch of 8 splits over fsdp = 8, so the weights and the
 # optimizer state are split across both processes. --steps 1000 with --stop-at:
 # the killed run trains on with the same compiled step.
-FLAGS = ["--dim", "32", "--layers", "1", "--heads", "2", "--kv-heads", "1", "--ffn-dim", "64",
+FLAGS = ["--keep-checkpoints", "100", "--dim", "32", "--layers", "1", "--heads", "2", "--kv-heads", "1", "--ffn-dim", "64",
          "--seq-len", "32", "--batch-size", "8", "--log-every", "1", "--eval-every", "3",
          "--eval-batches", "2", "--steps", "1000", "--warmup-steps", "1",
          "--checkpoint-every", "3", "--mesh", f"fsdp={DEVICES}", "--no-progress"]
 STOP_AT = 6
-HEARTBEAT_TIMEOUT = 10  # seconds, for the killed run
+HEARTBEAT_TIMEOUT = 10  # seconds, for the run "two" (killed)
 RUN_TIMEOUT = 600  # seconds: a run that takes longer hangs
 
 _state: dict[str, object] = {}
@@ -56,7 +56,7 @@ class Run:
   returncodes: list[int | None]
   outputs: list[str]  # stdout and stderr of each process, by process id
   ended: list[float]  # time.monotonic() at each process's end
-  killed_at: float | None = None  # when process 1 was killed (the run "killed")
+  killed_at: float | None = None  # when process 1 was killed (the run "two")
 
 
 def _free_port() -> int:
@@ -111,12 +111,11 @@ def _wait(out: pathlib.Path, started, killed_at: float | None = None) -> Run:
   return Run(out, codes, outputs, ended, killed_at)
 
 
-def _kill_after_first_step(out: pathlib.Path, started) -> float | None:
-  """SIGKILL process 1 once process 0 has logged a step; when that was (None: it never did)."""
+def _kill_after_step(out: pathlib.Path, started, step: int) -> float | None:
+  """SIGKILL process 1 once checkpoint ``step`` is saved; when that was (None: it never was)."""
   deadline = time.monotonic() + RUN_TIMEOUT
-  metrics = out / "metrics.jsonl"
   while time.monotonic() < deadline and all(p.poll() is None for p, _ in started):
-    if metrics.exists() and metrics.read_text().strip():
+    if (out / "checkpoints" / str(step)).is_dir():
       started[1][0].send_signal(signal.SIGKILL)
       return time.monotonic()
     time.sleep(0.05)
@@ -126,17 +125,15 @@ def _kill_after_first_step(out: pathlib.Path, started) -> float | None:
 def _schedule(root: pathlib.Path) -> dict[str, Run]:
   cache = root / "compilation-cache"
   stop = ["--stop-at", str(STOP_AT)]
-  first = {"two": _launch(root / "two", 2, cache, *stop),
-           "one": _launch(root / "one", 1, cache, *stop)}
-  runs = {name: _wait(root / name, started) for name, started in first.items()}
+  two = _launch(root / "two", 2, cache, "--heartbeat-timeout", str(HEARTBEAT_TIMEOUT))
+  one = _launch(root / "one", 1, cache, *stop)
+  killed_at = _kill_after_step(root / "two", two, STOP_AT)
+  runs = {"two": _wait(root / "two", two, killed_at), "one": _wait(root / "one", one)}
   second = {}
   for before, after, processes in (("two", "two-then-one", 1), ("one", "one-then-two", 2)):
     shutil.copytree(root / before, root / after)
     second[after] = _launch(root / after, processes, cache, *stop, "--resume-step", "3")
-  killed = _launch(root / "killed", 2, cache, "--heartbeat-timeout", str(HEARTBEAT_TIMEOUT))
-  killed_at = _kill_after_first_step(root / "killed", killed)
   runs.update({name: _wait(root / name, started) for name, started in second.items()})
-  runs["killed"] = _wait(root / "killed", killed, killed_at)
   return runs
 
 

@@ -15,6 +15,10 @@ import pytest
 import multiprocess_runs
 import train
 
+STOP_AT = multiprocess_runs.STOP_AT
+#: What only process 0 prints.
+LOG_LINES = r"distributed:|data:|step +\d|validation loss"
+
 
 @pytest.fixture(scope="module")
 def runs():
@@ -23,61 +27,62 @@ def runs():
 
 
 def metrics(out: pathlib.Path) -> list[dict]:
-  return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+  """The first STOP_AT lines of the run's metrics.jsonl ("two" trained on until killed)."""
+  lines = (out / "metrics.jsonl").read_text().splitlines()[:STOP_AT]
+  return [json.loads(line) for line in lines]
 
 
 def assert_same_losses(a: pathlib.Path, b: pathlib.Path):
   """The same steps logged, the same numbers up to float summation order (collectives differ)."""
   ma, mb = metrics(a), metrics(b)
-  assert [m["step"] for m in ma] == [m["step"] for m in mb] == list(
-      range(1, multiprocess_runs.STOP_AT + 1))
+  assert [m["step"] for m in ma] == [m["step"] for m in mb] == list(range(1, STOP_AT + 1))
   for key in ("loss", "grad_norm", "embed_norm", "val_loss"):
     np.testing.assert_allclose([m[key] for m in ma if key in m], [m[key] for m in mb if key in m],
                                rtol=1e-5, err_msg=key)
 
 
-def assert_succeeded(run: multiprocess_runs.Run):
-  assert run.returncodes == [0] * len(run.returncodes), run.outputs
+def assert_written_by_both_processes(out: pathlib.Path, step: int):
+  state = out / "checkpoints" / str(step) / "state"
+  assert {p.name for p in state.glob("ocdbt.process_*")} == {"ocdbt.process_0", "ocdbt.process_1"}
 
 
 def test_two_processes_train_as_one_process_with_eight_devices(runs):
   two, one = runs["two"], runs["one"]
-  assert_succeeded(two)
-  assert_succeeded(one)
-  assert_same_losses(two.out, one.out)
+  assert one.returncodes == [0], one.outputs
   assert "distributed: process 0 of 2: 4 of 8 cpu devices\n" in two.outputs[0]
-  assert "step 6: validation loss" in two.outputs[0]
-  # Only process 0 logs and writes the run's files; both write their checkpoint shards.
-  assert not re.search(r"distributed:|data:|step +\d|validation loss", two.outputs[1])
-  assert json.loads((two.out / "summary.json").read_text())["step"] == multiprocess_runs.STOP_AT
-  for step in (3, 6):
-    state = two.out / "checkpoints" / str(step) / "state"
-    assert {p.name for p in state.glob("ocdbt.process_*")} == {"ocdbt.process_0",
-                                                              "ocdbt.process_1"}
-  assert not (two.out / "run.lock").exists()
+  assert not re.search(LOG_LINES, two.outputs[1])  # only process 0 logs
+  assert_same_losses(two.out, one.out)
+  for step in (3, 6):  # each process wrote its shards of the weights and optimizer state
+    assert_written_by_both_processes(two.out, step)
 
 
 @pytest.mark.parametrize("name", ["two-then-one", "one-then-two"])
 def test_checkpoints_resume_with_another_process_count(runs, name):
   resumed = runs[name]
-  assert_succeeded(resumed)
-  saved_by = "two" if name.startswith("two") else "one"
+  assert resumed.returncodes == [0] * len(resumed.returncodes), resumed.outputs
   assert f"resumed from step 3 ({resumed.out}/checkpoints)" in resumed.outputs[0]
-  assert_same_losses(resumed.out, runs[saved_by].out)  # steps 1-3 its log, 4-6 resumed
-  assert_same_losses(resumed.out, runs["one" if saved_by == "two" else "two"].out)
+  assert_same_losses(resumed.out, runs["one"].out)  # steps 1-3 from its log, 4-6 resumed
+  assert_same_losses(resumed.out, runs["two"].out)
+  assert json.loads((resumed.out / "summary.json").read_text())["step"] == STOP_AT
+  assert f"step {STOP_AT}: validation loss" in resumed.outputs[0]
+  assert not (resumed.out / "run.lock").exists()  # released
+  if name == "one-then-two":
+    assert not re.search(LOG_LINES, resumed.outputs[1])
+    assert_written_by_both_processes(resumed.out, STOP_AT)
 
 
 def test_a_dead_process_stops_the_others_with_an_error(runs):
-  killed = runs["killed"]
-  assert killed.killed_at is not None, killed.outputs
-  assert killed.returncodes[1] == -9  # SIGKILL, as a host that fails
-  assert killed.returncodes[0] not in (0, None), killed.outputs[0]  # None: it hung
-  # JAX's coordination service ends it: heartbeats stopped.
-  assert "This most likely indicates that another task died" in killed.outputs[0]
-  assert killed.ended[0] - killed.killed_at < multiprocess_runs.HEARTBEAT_TIMEOUT + 60
+  two = runs["two"]
+  assert two.killed_at is not None, two.outputs  # it saved checkpoint 6, then process 1 died
+  assert two.returncodes[1] == -9  # SIGKILL, as when a host fails
+  assert two.returncodes[0] not in (0, None), two.outputs[0]  # None: it hung
+  # JAX's coordination service ends it when the heartbeats stop.
+  assert "This most likely indicates that another task died" in two.outputs[0]
+  assert two.ended[0] - two.killed_at < multiprocess_runs.HEARTBEAT_TIMEOUT + 60
 
 
-def test_a_launch_of_several_processes_must_ask_for_a_distributed_run(monkeypatch, capsys, tmp_path):
+def test_a_launch_of_several_processes_must_ask_for_a_distributed_run(monkeypatch, capsys,
+                                                                      tmp_path):
   monkeypatch.setenv("SLURM_NTASKS", "4")
   monkeypatch.setenv("SLURM_STEP_NODELIST", "node[001-004]")
   with pytest.raises(SystemExit) as exit_info:
