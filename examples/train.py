@@ -13,6 +13,8 @@ compiled step's memory. From the repository root::
     python examples/train.py --mesh data=2,fsdp=4         # sharded over 8 devices
     python examples/train.py --model 1B --scan-layers     # blocks stacked, run by nnx.scan
     python examples/train.py --weight-quant               # INT8 weights, no float master copy
+    python examples/train.py --mesh data=2,fsdp=4 --coordinator-address host0:1234 \\
+        --num-processes 2 --process-id 0                 # one of 2 processes (hosts)
 
 Outputs (in ``--out-dir``): ``metrics.jsonl`` (one JSON object per logged
 step), ``summary.json`` (final numbers), ``checkpoints/`` and, while the run
@@ -30,6 +32,13 @@ by :func:`sharding_rules.param_shardings`, the optimizer state following them
 (:func:`qadam_mini_jax.state_shardings`). It computes what the unsharded run
 computes, up to float summation order, and a checkpoint resumes on any mesh
 or on none.
+
+With ``--distributed`` (or ``--coordinator-address``, ``--num-processes``,
+``--process-id``) the run spans several processes, one per host, each started
+with the same flags (:mod:`multihost`): ``--mesh`` spans all their devices,
+each process feeds the rows of the global batch its devices hold, process 0
+alone logs and writes the metrics, summary and run lock, and every process
+writes its shards of each checkpoint (which resumes on any number of processes).
 
 With ``--weight-quant`` (``q_adam_mini`` only) the weight matrices are stored
 in INT8 (``qadam_mini_jax.weights``): the model dequantizes each where it uses
@@ -377,7 +386,7 @@ def initial_state(ckpts: checkpointing.Checkpoints, init, meta: dict[str, Any], 
       say(f"no checkpoint in {ckpts.directory}: starting from scratch")
     return init(), 0
   step = cfg.resume_step or ckpts.steps()[-1]
-  if step > last_step:
+  if step in ckpts.steps() and step > last_step:  # restore() reports a missing step
     flag = (f"--stop-at {cfg.stop_at}" if cfg.stop_at == last_step else f"--steps {last_step}")
     raise checkpointing.CheckpointError(
         f"{flag} is before step {step}, where the checkpoint to resume in {ckpts.directory} "

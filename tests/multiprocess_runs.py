@@ -35,12 +35,13 @@ import time
 REPO = pathlib.Path(__file__).resolve().parent.parent
 DEVICES = 8
 # Far below "tiny"; a batch of 8 splits over fsdp = 8, so the weights and the
-# optimizer state are split across both processes. --steps 1000 with --stop-at:
-# the killed run trains on with the same compiled step.
-FLAGS = ["--keep-checkpoints", "100", "--dim", "32", "--layers", "1", "--heads", "2", "--kv-heads", "1", "--ffn-dim", "64",
+# optimizer state are split across both processes. --steps 1000 and --stop-at 6
+# (not --steps 6): "two" trains on past step 6 with the same compiled step.
+FLAGS = ["--dim", "32", "--layers", "1", "--heads", "2", "--kv-heads", "1", "--ffn-dim", "64",
          "--seq-len", "32", "--batch-size", "8", "--log-every", "1", "--eval-every", "3",
          "--eval-batches", "2", "--steps", "1000", "--warmup-steps", "1",
-         "--checkpoint-every", "3", "--mesh", f"fsdp={DEVICES}", "--no-progress"]
+         "--checkpoint-every", "3", "--keep-checkpoints", "100", "--mesh", f"fsdp={DEVICES}",
+         "--no-progress"]
 STOP_AT = 6
 HEARTBEAT_TIMEOUT = 10  # seconds, for the run "two" (killed)
 RUN_TIMEOUT = 600  # seconds: a run that takes longer hangs
