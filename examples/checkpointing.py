@@ -28,6 +28,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+import multihost
+
 
 class CheckpointError(RuntimeError):
   """A checkpoint is missing, unreadable, or written for another model/optimizer."""
@@ -86,16 +88,20 @@ class Checkpoints:
 
     A resume from an older ``step`` starts a new trajectory: its checkpoints
     must not be shadowed by (or silently skipped for) the old ones, which are
-    kept rather than deleted.
+    kept rather than deleted. In a multi-process run process 0 moves them (the
+    others return ``[]``) while every process waits.
     """
+    newer = [s for s in self.steps() if s > step]
+    multihost.barrier("checkpoints listed")  # before any moves
     moved = []
-    for newer in [s for s in self.steps() if s > step]:
-      target = self.directory.with_name(self.directory.name + "-set-aside") / str(newer)
+    for s in newer if multihost.is_primary() else ():
+      target = self.directory.with_name(self.directory.name + "-set-aside") / str(s)
       while target.exists():
         target = target.with_name(target.name + "+")
       target.parent.mkdir(parents=True, exist_ok=True)
-      (self.directory / str(newer)).rename(target)
+      (self.directory / str(s)).rename(target)
       moved.append(target)
+    multihost.barrier("checkpoints set aside")
     self._manager.reload()
     return moved
 

@@ -126,10 +126,14 @@ def load_corpus(paths: Sequence[str] | None, seq_len: int, val_fraction: float =
 
 
 def train_batch(tokens: np.ndarray, index: int, batch_size: int, seq_len: int,
-                seed: int) -> np.ndarray:
-  """Training batch number ``index``: random windows, a pure function of (seed, index)."""
+                seed: int, rows: slice = slice(None)) -> np.ndarray:
+  """Training batch number ``index``: random windows, a pure function of (seed, index).
+
+  ``rows`` selects some of its rows, the same as slicing the whole batch (each
+  process of a multi-process run makes only the rows its devices hold).
+  """
   rng = np.random.default_rng([seed, index])
-  starts = rng.integers(0, len(tokens) - seq_len + 1, batch_size)
+  starts = rng.integers(0, len(tokens) - seq_len + 1, batch_size)[rows]
   return np.stack([tokens[s:s + seq_len] for s in starts]).astype(np.int32)
 
 

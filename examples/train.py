@@ -13,6 +13,8 @@ compiled step's memory. From the repository root::
     python examples/train.py --mesh data=2,fsdp=4         # sharded over 8 devices
     python examples/train.py --model 1B --scan-layers     # blocks stacked, run by nnx.scan
     python examples/train.py --weight-quant               # INT8 weights, no float master copy
+    python examples/train.py --mesh data=2,fsdp=4 --coordinator-address host0:1234 \\
+        --num-processes 2 --process-id 0                 # one of 2 processes (hosts)
 
 Outputs (in ``--out-dir``): ``metrics.jsonl`` (one JSON object per logged
 step), ``summary.json`` (final numbers), ``checkpoints/`` and, while the run
@@ -31,6 +33,13 @@ by :func:`sharding_rules.param_shardings`, the optimizer state following them
 computes, up to float summation order, and a checkpoint resumes on any mesh
 or on none.
 
+With ``--distributed`` (or ``--coordinator-address``, ``--num-processes``,
+``--process-id``) the run spans several processes, one per host, each started
+with the same flags (:mod:`multihost`): ``--mesh`` spans all their devices,
+each process feeds the rows of the global batch its devices hold, process 0
+alone logs and writes the metrics, summary and run lock, and every process
+writes its shards of each checkpoint (which resumes on any number of processes).
+
 With ``--weight-quant`` (``q_adam_mini`` only) the weight matrices are stored
 in INT8 (``qadam_mini_jax.weights``): the model dequantizes each where it uses
 it, and ``fused_q_adam_mini`` adds each update and re-quantizes it with
@@ -47,6 +56,7 @@ the same losses up to float summation order. Its checkpoints resume only with
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import json
@@ -72,6 +82,7 @@ import qadam_mini_jax
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import checkpointing  # noqa: E402  (the examples directory, added above)
 import data as data_lib  # noqa: E402
+import multihost  # noqa: E402
 import optimizers  # noqa: E402
 import run_lock  # noqa: E402
 import sharding_rules  # noqa: E402
@@ -175,11 +186,15 @@ class MeshLayout:
   state: Any  # NamedShardings like {"params": ..., "opt_state": ...}
   batch: NamedSharding  # token batches: rows over ("data", "fsdp")
 
-  def put(self, tokens: np.ndarray) -> jax.Array:
-    """A token batch on the mesh (replicated when its rows do not split evenly)."""
-    rows_split = len(tokens) % (self.mesh.shape["data"] * self.mesh.shape["fsdp"]) == 0
-    return jax.device_put(tokens, self.batch if rows_split
-                          else NamedSharding(self.mesh, PartitionSpec()))
+  def put(self, shape: tuple[int, int], rows: Callable[[slice], np.ndarray]) -> jax.Array:
+    """A token batch of ``shape`` on the mesh, from ``rows(slice)`` (those rows of the batch).
+
+    Each process makes only the rows its own devices hold. Replicated when the
+    rows do not split evenly.
+    """
+    rows_split = shape[0] % (self.mesh.shape["data"] * self.mesh.shape["fsdp"]) == 0
+    sharding = self.batch if rows_split else NamedSharding(self.mesh, PartitionSpec())
+    return jax.make_array_from_callback(shape, sharding, lambda index: rows(index[0]))
 
 
 def model_factory(model_cfg: LlamaConfig, seed: int, dtype: str):
@@ -355,8 +370,12 @@ def same_layer_layout(ckpts: checkpointing.Checkpoints, step: int | None,
 
 
 def initial_state(ckpts: checkpointing.Checkpoints, init, meta: dict[str, Any], cfg: TrainConfig,
-                  say) -> tuple[dict[str, Any], int]:
-  """``(state, step)``: restored with ``--resume``/``--resume-step``, else freshly initialised."""
+                  last_step: int, say) -> tuple[dict[str, Any], int]:
+  """``(state, step)``: restored with ``--resume``/``--resume-step``, else freshly initialised.
+
+  Raises CheckpointError, before reading any array, for a checkpoint past
+  ``last_step`` (the run would report a step it never reached).
+  """
   resuming = cfg.resume or cfg.resume_step is not None
   if not resuming and ckpts.steps():
     raise checkpointing.CheckpointError(
@@ -366,6 +385,13 @@ def initial_state(ckpts: checkpointing.Checkpoints, init, meta: dict[str, Any], 
     if resuming:
       say(f"no checkpoint in {ckpts.directory}: starting from scratch")
     return init(), 0
+  step = cfg.resume_step or ckpts.steps()[-1]
+  if step in ckpts.steps() and step > last_step:  # restore() reports a missing step
+    flag = (f"--stop-at {cfg.stop_at}" if cfg.stop_at == last_step else f"--steps {last_step}")
+    raise checkpointing.CheckpointError(
+        f"{flag} is before step {step}, where the checkpoint to resume in {ckpts.directory} "
+        f"stands (steps there: {ckpts.steps()}): give a later {flag.split()[0]}, or an "
+        "earlier checkpoint with --resume-step.")
   model = same_layer_layout(ckpts, cfg.resume_step, meta["model"])
   # Restore straight into this run's shards (one device without --mesh),
   # whatever mesh, if any, the checkpoint was saved from.
@@ -376,7 +402,7 @@ def initial_state(ckpts: checkpointing.Checkpoints, init, meta: dict[str, Any], 
   state, old = ckpts.restore(target, {"model": model, "optimizer": meta["optimizer"]},
                              cfg.resume_step)
   changed = [k for k in meta["settings"] if old["settings"].get(k) != meta["settings"][k]]
-  if changed:
+  if changed and multihost.is_primary():
     print(f"note: {', '.join(changed)} settings differ from the checkpoint's; "
           "the run continues, but not on the original trajectory.", file=sys.stderr)
   mesh_note = (f", saved on mesh {old.get('mesh') or 'none'}"
@@ -406,6 +432,26 @@ def all_finite(tree: Any) -> jax.Array:
                     if jnp.issubdtype(x.dtype, jnp.inexact)]).all()
 
 
+@contextlib.contextmanager
+def locked(out: pathlib.Path):
+  """The run lock of ``out`` (:mod:`run_lock`), held by process 0 for all processes of a run.
+
+  Yields the ``RunLock`` (None on other processes). When process 0 is refused,
+  every process raises ``LockError`` at once: none waits for one that stopped.
+  """
+  with contextlib.ExitStack() as stack:
+    lock, refused = None, None
+    if multihost.is_primary():
+      try:
+        lock = stack.enter_context(run_lock.RunLock(out))
+      except run_lock.LockError as err:
+        refused = err
+    if multihost.largest(refused is not None):
+      raise refused or run_lock.LockError(
+          f"process 0 of this run could not take the run lock of {out}: see its error.")
+    yield lock
+
+
 def train(model_cfg: LlamaConfig, opt_cfg: optimizers.OptimizerConfig,
           cfg: TrainConfig) -> Result:
   """Train, evaluate, log and checkpoint; see the module docstring.
@@ -417,30 +463,33 @@ def train(model_cfg: LlamaConfig, opt_cfg: optimizers.OptimizerConfig,
       validation loss or saved state; checkpoints saved before stay.
     Stopped: SIGINT or SIGTERM arrived; the step it arrived in was saved.
   """
-  say = print if cfg.verbose else (lambda *a, **k: None)
+  primary = multihost.is_primary()  # the process that logs and writes all but checkpoints
+  verbose = cfg.verbose and primary
+  say = print if verbose else (lambda *a, **k: None)
   corpus = data_lib.load_corpus(cfg.data, cfg.seq_len, cfg.val_fraction)
   tx, layout = optimizer_and_layout(model_cfg, opt_cfg, cfg, make_mesh(cfg))
   out = pathlib.Path(cfg.out_dir)
-  with run_lock.RunLock(out) as lock, stop_signals.StopRequests() as stop:
-    if lock.stale_holder:
+  with locked(out) as lock, stop_signals.StopRequests() as stop:
+    if lock and lock.stale_holder:
       print(f"note: took over the stale lock of {out} from {lock.stale_holder} (that process "
             "has ended)", file=sys.stderr)
     ckpts = checkpointing.Checkpoints(out / "checkpoints", keep=cfg.keep_checkpoints)
     graphdef, init = init_fn(model_cfg, tx, cfg.seed, cfg.dtype, layout,
                              functools.partial(optimizers.quantize_weights, opt_cfg, model_cfg))
     meta = run_metadata(model_cfg, opt_cfg, cfg, corpus)
-    state, start_step = initial_state(ckpts, init, meta, cfg, say)
+    last_step = min(opt_cfg.total_steps, cfg.stop_at or opt_cfg.total_steps)
+    state, start_step = initial_state(ckpts, init, meta, cfg, last_step, say)
 
     train_step, eval_loss = make_step_fns(
         graphdef, tx, layout,
         optimizers.fused_step(opt_cfg, model_cfg) if opt_cfg.weight_quant else None)
     accum = opt_cfg.grad_accum
-    put = (lambda tokens: tokens) if layout is None else layout.put
-    micro_batch = lambda index: put(data_lib.train_batch(
-        corpus.train, index, cfg.batch_size, cfg.seq_len, cfg.seed))
+    put = (lambda shape, rows: rows(slice(None))) if layout is None else layout.put
+    micro_batch = lambda index: put((cfg.batch_size, cfg.seq_len), functools.partial(
+        data_lib.train_batch, corpus.train, index, cfg.batch_size, cfg.seq_len, cfg.seed))
     compiled, compile_seconds = compile_step(train_step, state, micro_batch(0))
     memory = memory_report(compiled)
-    val = [put(b) for b in
+    val = [put(b.shape, b.__getitem__) for b in
            data_lib.val_batches(corpus.val, cfg.batch_size, cfg.seq_len, cfg.eval_batches)]
     float_params = qadam_mini_jax.weights.float_like(state["params"])
     n_params = sum(x.size for x in jax.tree.leaves(float_params))
@@ -482,10 +531,9 @@ def train(model_cfg: LlamaConfig, opt_cfg: optimizers.OptimizerConfig,
       return Diverged(f"step {step}: {problem}: training diverged and stops without saving; "
                       f"{kept}. Try a lower --lr (this run: {opt_cfg.lr:g}){advice}.")
 
-    log = MetricsLog(out / "metrics.jsonl", start_step if start_step else None)
+    log = MetricsLog(out / "metrics.jsonl", start_step if start_step else None) if primary else None
     schedule = optimizers.schedule(opt_cfg)
-    last_step = min(opt_cfg.total_steps, cfg.stop_at or opt_cfg.total_steps)
-    progress = _progress_bar(cfg.progress, opt_cfg.total_steps, start_step)
+    progress = _progress_bar(cfg.progress and primary, opt_cfg.total_steps, start_step)
     skippable = optimizers.MAX_SKIPPED_IN_A_ROW if opt_cfg.skip_nonfinite else 0
     window, window_start, train_time, nonfinite_in_a_row = [], time.perf_counter(), 0.0, 0
     val_loss = None
@@ -493,10 +541,15 @@ def train(model_cfg: LlamaConfig, opt_cfg: optimizers.OptimizerConfig,
       for k in range(accum):
         state, metrics = compiled(state, micro_batch((step - 1) * accum + k))
         window.append((step, metrics))
-      stopping = stop.signum is not None and step < last_step
-      saving = step % cfg.checkpoint_every == 0 or step == last_step or stopping
       evaluating = step % cfg.eval_every == 0 or step == last_step
-      if not (saving or evaluating or step % cfg.log_every == 0):
+      scheduled = (evaluating or step % cfg.checkpoint_every == 0
+                   or step % cfg.log_every == 0)
+      signum = stop.signum or 0
+      if jax.process_count() > 1:  # processes stop together, at the next logged step
+        signum = multihost.largest(signum) if scheduled else 0
+      stopping = signum != 0 and step < last_step
+      saving = step % cfg.checkpoint_every == 0 or step == last_step or stopping
+      if not (scheduled or stopping):
         continue
       fetched = jax.device_get([m for _, m in window])
       finite = [math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"]) for m in fetched]
@@ -524,11 +577,12 @@ def train(model_cfg: LlamaConfig, opt_cfg: optimizers.OptimizerConfig,
         if not math.isfinite(val_loss):
           raise diverged(step, f"validation loss {val_loss}")
         record.update(val_loss=val_loss, val_ppl=math.exp(val_loss))
-        if cfg.verbose:
+        if verbose:
           progress.write(f"step {step:6d}  loss {record['loss']:.4f}  val loss {val_loss:.4f}  "
                          f"val ppl {math.exp(val_loss):.3f}  embedding norm "
                          f"{record['embed_norm']:.2f}  {record['tokens_per_s']:,.0f} tokens/s")
-      log.write(record)
+      if log:
+        log.write(record)
       if saving:
         if not all_finite(state):
           raise diverged(step, "the parameters or optimizer state hold NaN or infinity")
@@ -536,7 +590,7 @@ def train(model_cfg: LlamaConfig, opt_cfg: optimizers.OptimizerConfig,
       window, window_start = [], time.perf_counter()
       if stopping:
         progress.close()
-        raise Stopped(stop.signum, step, ckpts.directory / str(step))
+        raise Stopped(signum, step, ckpts.directory / str(step))
     progress.close()
     if val_loss is None:  # nothing left to train: report the restored state
       val_loss = evaluate(eval_loss, state["params"], val)
@@ -556,7 +610,8 @@ def train(model_cfg: LlamaConfig, opt_cfg: optimizers.OptimizerConfig,
     }
     if layout is not None:
       summary.update(mesh=dict(layout.mesh.shape), **per_device)
-    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    if primary:
+      (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
   speed = f"{summary['tokens_per_s']:,.0f} tokens/s; " if summary["tokens_per_s"] else ""
   say(f"step {last_step}: validation loss {val_loss:.4f} (perplexity {math.exp(val_loss):.3f}, "
       f"{val_loss / math.log(2):.3f} bits/byte); embedding norm {summary['embed_norm']:.2f}; "
@@ -691,6 +746,21 @@ def build_parser() -> argparse.ArgumentParser:
                       "(axes data, fsdp, tensor; sizes multiply to the device count): the "
                       "batch splits over data*fsdp, the weights over fsdp (FSDP) and tensor "
                       "(Megatron), the optimizer state like the weights; default: one device")
+  g = p.add_argument_group(
+      "processes", "one run over several processes (one per host), each started with the same "
+      "flags: jax.distributed.initialize() joins them and --mesh spans all their devices; "
+      "values not given are detected by JAX from the launcher (SLURM, Open MPI; "
+      "JAX_COORDINATOR_ADDRESS for the address)")
+  g.add_argument("--distributed", action="store_true",
+                 help="run as one process of a multi-process run (implied by the flags below)")
+  g.add_argument("--coordinator-address", metavar="HOST:PORT",
+                 help="where process 0 serves the coordination service")
+  g.add_argument("--num-processes", type=POSITIVE_INT, help="how many processes the run has")
+  g.add_argument("--process-id", type=NON_NEGATIVE_INT,
+                 help="this process's index, 0 to --num-processes - 1 (0 logs and writes)")
+  g.add_argument("--heartbeat-timeout", type=POSITIVE_INT, default=100, metavar="SECONDS",
+                 help="when one process has died, the others stop after this long "
+                      "(default 100, JAX's)")
   return p
 
 
@@ -727,6 +797,11 @@ def configs_from_args(args: argparse.Namespace):
       keep_checkpoints=args.keep_checkpoints, resume=args.resume, resume_step=args.resume_step,
       stop_at=args.stop_at, progress=args.progress, mesh=args.mesh)
   make_mesh(train_cfg)  # a bad --mesh fails here, before anything is loaded
+  if jax.process_count() > 1 and not args.mesh:
+    raise ValueError(
+        f"a run over {jax.process_count()} processes needs --mesh over all their "
+        f"{jax.device_count()} devices, e.g. --mesh data={jax.process_count()},"
+        f"fsdp={jax.local_device_count()}.")
   if args.weight_quant and args.mesh:
     raise ValueError(f"--weight-quant does not combine with --mesh {args.mesh!r} yet: "
                      "sharding_rules.py has no rules for INT8 weights.")
@@ -750,18 +825,45 @@ def resume_command(argv: list[str]) -> str:
   return shlex.join(["python", str(script), *kept, "--resume"])
 
 
+def join_processes(args: argparse.Namespace) -> None:
+  """``jax.distributed.initialize`` when the flags ask for a multi-process run.
+
+  Raises ValueError when they do not but the launcher started several
+  processes (each would train alone), or when JAX cannot tell the values.
+  """
+  given = [flag for flag, value in (("--coordinator-address", args.coordinator_address),
+                                    ("--num-processes", args.num_processes),
+                                    ("--process-id", args.process_id)) if value is not None]
+  if not (args.distributed or given):
+    launch = multihost.undeclared_launch()
+    if launch:
+      raise ValueError(
+          f"{launch} says this is one of several processes, but train.py was not asked to "
+          "run distributed: pass --distributed to train one run over all of them, or start "
+          "a single process.")
+    return
+  report = multihost.initialize(args.coordinator_address, args.num_processes, args.process_id,
+                                args.heartbeat_timeout)
+  if multihost.is_primary():
+    detected = "" if len(given) == 3 else " (values not given detected by JAX)"
+    print(f"distributed: {report}{detected}")
+
+
 def main(argv: list[str] | None = None) -> None:
   """Run from the command line; exits 1 on an error, 128 + signal number when stopped."""
   argv = sys.argv[1:] if argv is None else argv
   parser = build_parser()
   args = parser.parse_args(argv)
   try:
+    join_processes(args)
     configs = configs_from_args(args)
   except ValueError as err:
     parser.error(str(err))
   try:
     train(*configs)
   except Stopped as stopped:
+    if not multihost.is_primary():
+      sys.exit(128 + stopped.signum)
     print(f"\nstopped by {signal.Signals(stopped.signum).name} after step {stopped.step}, "
           f"saved in {stopped.checkpoint}; continue with:\n  {resume_command(argv)}",
           file=sys.stderr)

@@ -18,11 +18,17 @@ if os.environ.get("QADAM_MULTIDEVICE") != "1":
 
 
 def pytest_collection_modifyitems(config, items):
-  """Start tests/multidevice early when the suite selects it (see multidevice_process)."""
+  """Start tests/multidevice and the multi-process runs early when the suite selects them.
+
+  See multidevice_process and multiprocess_runs.
+  """
   del config
   if any(item.name == "test_multidevice_suite" for item in items):
     import multidevice_process  # pylint: disable=g-import-not-at-top
     multidevice_process.start()
+  if any(item.path.name == "test_multiprocess.py" for item in items):
+    import multiprocess_runs  # pylint: disable=g-import-not-at-top
+    multiprocess_runs.start()
 
 
 #: JAX flags of the persistent compilation cache (also read from the environment,

@@ -225,6 +225,17 @@ def test_checkpoint_from_before_scan_layers_still_resumes(uninterrupted, copied_
   assert_same_state(uninterrupted[1].state, resumed.state)
 
 
+def test_a_resume_never_reports_a_step_it_did_not_reach(copied_run, capsys):
+  with pytest.raises(SystemExit) as exit_info:  # the newest checkpoint is of step 6
+    train.main([*RESUME_FLAGS, "--resume", "--stop-at", "4", "--out-dir", str(copied_run)])
+  assert re.fullmatch(
+      r"error: --stop-at 4 is before step 6, where the checkpoint to resume in \S+ stands "
+      r"\(steps there: \[3, 6\]\): give a later --stop-at, or an earlier checkpoint with "
+      r"--resume-step\.", exit_info.value.code)
+  assert "validation loss" not in capsys.readouterr().out
+  assert checkpointing.Checkpoints(copied_run / "checkpoints").steps() == [3, 6]
+
+
 def test_existing_checkpoints_are_not_overwritten_without_resume(copied_run):
   with pytest.raises(checkpointing.CheckpointError, match="already holds checkpoints"):
     run(copied_run, *RESUME_FLAGS)
