@@ -243,7 +243,7 @@ class Compiled:
   sm: int
   registers: int
   spill_bytes: int  # spill stores + spill loads
-  sass_instructions: int
+  sass_instructions: int | None  # None unless asked for (cuobjdump: half a compile's time)
   accesses: list[GlobalAccess]
   f32_rows: set[tuple[int, int]]  # float32 loads: (bytes per thread, per warp) along a row
   ptx: str
@@ -269,8 +269,12 @@ def _nvidia_tools(sm: int) -> tuple[str, str]:
   return ptxas, os.path.join(os.path.dirname(ptxas), "cuobjdump")
 
 
-def compile_variant(variant: Variant, sm: int, ttir: str | None = None) -> Compiled:
-  """Compile ``variant`` for ``sm`` with the Triton compiler and read its statistics."""
+def compile_variant(variant: Variant, sm: int, ttir: str | None = None,
+                    sass: bool = False) -> Compiled:
+  """Compile ``variant`` for ``sm`` with the Triton compiler and read its statistics.
+
+  ``sass``: also disassemble the cubin and count its SASS instructions.
+  """
   import triton  # pylint: disable=g-import-not-at-top
   from triton.backends.compiler import GPUTarget  # pylint: disable=g-import-not-at-top
   from triton.backends.nvidia.compiler import sm_arch_from_capability  # pylint: disable=g-import-not-at-top
@@ -289,17 +293,20 @@ def compile_variant(variant: Variant, sm: int, ttir: str | None = None) -> Compi
         [ptxas, "-v", f"--gpu-name={sm_arch_from_capability(sm)}",
          os.path.join(tmp, "kernel.ptx"), "-o", cubin],
         check=True, capture_output=True, text=True).stderr
-    sass = subprocess.run([cuobjdump, "-sass", cubin], check=True, capture_output=True,
-                          text=True).stdout
+    instructions = None
+    if sass:
+      listing = subprocess.run([cuobjdump, "-sass", cubin], check=True, capture_output=True,
+                               text=True).stdout
+      instructions = sum(1 for line in listing.splitlines()
+                         if re.match(r"\s+/\*[0-9a-f]+\*/\s+[A-Z@]", line) and "NOP;" not in line)
   registers = int(re.search(r"Used (\d+) registers", log).group(1))
   spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
-  instructions = sum(1 for line in sass.splitlines()
-                     if re.match(r"\s+/\*[0-9a-f]+\*/\s+[A-Z@]", line) and "NOP;" not in line)
   return Compiled(variant, sm, registers, int(spills.group(1)) + int(spills.group(2)),
                   instructions, global_accesses(ptx), float32_load_rows(kernel.asm["ttgir"]), ptx)
 
 
-def compile_all(variants: list[Variant], targets=TARGETS) -> dict[tuple[Variant, int], Compiled]:
+def compile_all(variants: list[Variant], targets=TARGETS,
+                sass: bool = False) -> dict[tuple[Variant, int], Compiled]:
   """:func:`compile_variant` of each variant on each target, a process per core.
 
   Lowering runs here (it is quick); the Triton compiler and ``ptxas`` run in
@@ -309,5 +316,6 @@ def compile_all(variants: list[Variant], targets=TARGETS) -> dict[tuple[Variant,
   ir = {v: triton_ir(v) for v in variants}
   spawn = multiprocessing.get_context("spawn")
   with concurrent.futures.ProcessPoolExecutor(os.cpu_count() or 1, mp_context=spawn) as pool:
-    jobs = {(v, sm): pool.submit(compile_variant, v, sm, ir[v]) for v in variants for sm in targets}
+    jobs = {(v, sm): pool.submit(compile_variant, v, sm, ir[v], sass)
+            for v in variants for sm in targets}
     return {key: job.result() for key, job in jobs.items()}

@@ -73,7 +73,7 @@ def row(c: kc.Compiled) -> list[str]:
 
 
 def main() -> None:
-  compiled = kc.compile_all(kc.variants())
+  compiled = kc.compile_all(kc.variants(), sass=True)
   header = ["variant", "target", "tile", "warps", "registers", "spill B", "blocks/SM",
             "SASS/element", "predicated leaf accesses", "f32 load B/thread/warp", "B/param moved"]
   lines = [f"Produced by `python benchmarks/kernel_static.py` (jax {jax.__version__}, PyPI triton "

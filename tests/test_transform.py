@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 
@@ -670,9 +671,11 @@ def test_stacked_layers_round_stochastically_with_a_stream_per_layer():
   assert np.abs(codes - nearest).max() <= 1
 
 
-def _equinox_lm(key, dim=256, heads=4, ffn=384, vocab=300):
+@functools.cache  # the same model for both kernel layouts: its initialisers take 4 s
+def _equinox_lm(seed, dim=256, heads=4, ffn=384, vocab=300):
   """An Equinox LLaMA-like model: ``Linear.weight`` is ``(out, in)``."""
   import equinox as eqx  # pylint: disable=g-import-not-at-top
+  key = jax.random.key(seed)
 
   class Block(eqx.Module):
     q_proj: eqx.nn.Linear
@@ -710,7 +713,7 @@ def test_equinox_out_in_kernels_update_like_their_flax_transpose(kernel_layout):
   of the same weights in Flax ``(in, out)`` layout, transposed (and the Flax
   reading of the Equinox weights does not)."""
   pytest.importorskip("equinox")
-  params, heads = _equinox_lm(jax.random.key(0))
+  params, heads = _equinox_lm(0)
   grads = jax.tree.map(lambda x: jnp.asarray(
       np.random.default_rng(x.size).standard_normal(x.shape), x.dtype), params)
   kw = dict(b2=B2, weight_decay=0.1, stochastic_rounding="none")
@@ -718,10 +721,11 @@ def test_equinox_out_in_kernels_update_like_their_flax_transpose(kernel_layout):
       num_heads=heads, kernel_layout=kernel_layout), **kw)
   flax_tx = qadam_mini_jax.q_adam_mini(1e-2, partition=qadam_mini_jax.BlockPartition(
       num_heads=heads), **kw)
-  eqx_u, eqx_s = _quiet(eqx_tx.update, grads, _quiet(eqx_tx.init, params), params)
+  # Jitted: the op-by-op update compiled each of its ~1000 operations on its own (30 s).
+  eqx_u, eqx_s = _quiet(jax.jit(eqx_tx.update), grads, _quiet(eqx_tx.init, params), params)
   flax_params, flax_grads = nest(_as_flax(params)), nest(_as_flax(grads))
-  flax_u, flax_s = _quiet(flax_tx.update, flax_grads, _quiet(flax_tx.init, flax_params),
-                          flax_params)
+  flax_u, flax_s = _quiet(jax.jit(flax_tx.update), flax_grads,
+                          _quiet(flax_tx.init, flax_params), flax_params)
   eqx_u, eqx_mu = _as_flax(eqx_u), _as_flax(jax.tree.map(
       lambda m: m.codes if isinstance(m, QuantizedArray) else m, eqx_s[0].mu, is_leaf=_is_q))
   flax_u, flax_mu = _flat(flax_u), _flat(flax_s[0].mu, _is_q)
@@ -765,7 +769,7 @@ def test_linen_scanned_model_trains_like_its_unrolled_twin(axis):
       return nn.Dense(vocab, use_bias=False, name="lm_head")(nn.RMSNorm(name="norm")(x))
 
   tokens = jax.random.randint(jax.random.key(1), (4, 16), 0, vocab)
-  stacked = Lm(True).init(jax.random.key(0), tokens)["params"]
+  stacked = jax.jit(Lm(True).init)(jax.random.key(0), tokens)["params"]
   unrolled = {k: v for k, v in stacked.items() if k != "layers"} | {
       f"layers_{l}": jax.tree.map(lambda x: jnp.take(x, l, axis), stacked["layers"])
       for l in range(layers)}
@@ -774,14 +778,16 @@ def test_linen_scanned_model_trains_like_its_unrolled_twin(axis):
     def loss(p):
       logits = model.apply({"params": p}, tokens)
       return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], tokens[:, 1:]).mean()
-    return jax.grad(loss)(params)
+    return jax.jit(jax.grad(loss))(params)  # op by op: each operation compiled on its own
 
   make = lambda **kw: qadam_mini_jax.q_adam_mini(
       1e-2, b2=B2, weight_decay=0.1, stochastic_rounding="none",
       partition=qadam_mini_jax.BlockPartition(**kw))
   tx_s, tx_u = make(layers={"layers": axis}), make()
-  u_s, _ = _quiet(tx_s.update, grads(Lm(True), stacked), _quiet(tx_s.init, stacked), stacked)
-  u_u, _ = _quiet(tx_u.update, grads(Lm(False), unrolled), _quiet(tx_u.init, unrolled), unrolled)
+  u_s, _ = _quiet(jax.jit(tx_s.update), grads(Lm(True), stacked), _quiet(tx_s.init, stacked),
+                  stacked)
+  u_u, _ = _quiet(jax.jit(tx_u.update), grads(Lm(False), unrolled),
+                  _quiet(tx_u.init, unrolled), unrolled)
   for l in range(layers):
     for k, u in _flat(u_s["layers"]).items():
       # The scanned and unrolled forward passes round differently, so gradients
