@@ -68,6 +68,9 @@ DEFAULT_VARIANTS = (
     "--optimizer q_adam_mini",
     "--optimizer q_adam_mini --no-stochastic-rounding --lr 3e-3",
     "--optimizer q_adam_mini --stochastic-rounding all --lr 3e-3",
+    "--optimizer adamw --mu-dtype bfloat16",
+    "--optimizer adafactor",
+    "--optimizer lion",
 )
 DEFAULT_LRS = (1e-3, 3e-3, 6e-3)
 DEFAULT_SEEDS = (0, 1, 2)
