@@ -34,8 +34,8 @@ class LeafPlan(NamedTuple):
   """What is fixed about one leaf's update (static under ``jax.jit``).
 
   Attributes:
-    path: the parameter's name, for errors.
-    index: the leaf's position in the tree; it names its rounding streams.
+    path: the parameter's name: in errors, and its rounding streams are
+      :func:`.random_bits.path_stream` of it.
     spec: its Adam-mini blocks.
     moment: storage of ``m`` (:class:`.storage.FloatStorage` or
       :class:`.storage.Int8Storage`).
@@ -49,7 +49,6 @@ class LeafPlan(NamedTuple):
   """
 
   path: str
-  index: int
   spec: partition_lib.BlockSpec
   moment: Any
   stochastic: bool
@@ -75,7 +74,7 @@ class StepScalars(NamedTuple):
 
 def _stream(plan: LeafPlan, s: StepScalars, purpose: int, layer: jax.Array | None):
   """The rounding stream of one quantized store of this leaf (and layer)."""
-  seeds = random_bits.stream_seeds(s.key, s.count, plan.index, purpose)
+  seeds = random_bits.stream_seeds(s.key, s.count, random_bits.path_stream(plan.path), purpose)
   return seeds if layer is None else random_bits.layer_seeds(*seeds, layer)
 
 

@@ -1,7 +1,11 @@
 """Counter-based random bits for stochastic rounding.
 
-The bits for element ``i`` of leaf ``l`` at step ``t`` under key ``k`` are a pure
-function ``hash(k, t, l, i)`` built from 32-bit integer multiply/xor-shift mixes.
+The bits for element ``i`` of the parameter at path ``l`` at step ``t`` under key
+``k`` are a pure function ``hash(k, t, l, i)`` built from 32-bit integer
+multiply/xor-shift mixes. A parameter's stream is named by its path
+(:func:`path_stream`), not by its position in the tree, so freezing a subtree
+(``optax.masked``), adding a parameter or scanning other layers leaves every
+other parameter's rounding noise as it was.
 Nothing is drawn from a stateful generator, so the same bits can be produced
 inside a GPU kernel (Triton cannot run ``jax.random``) without materialising a
 random array in memory, and a run is reproducible from its key alone.
@@ -10,6 +14,8 @@ random array in memory, and a run is reproducible from its key alone.
 from __future__ import annotations
 
 from typing import Any
+
+import hashlib
 
 import jax
 import jax.numpy as jnp
@@ -55,17 +61,31 @@ MOMENT, WEIGHTS = 0, 1
 _PURPOSE_WORDS = (np.uint32(0), np.uint32(0x5BD1E995))
 
 
-def stream_seeds(words: jax.Array, step: jax.Array, leaf: int,
-                 purpose: int = MOMENT) -> tuple[jax.Array, jax.Array]:
-  """Two uint32 scalars naming the stream of one leaf at one step.
+def path_stream(path: str) -> int:
+  """The 64-bit stream number of the parameter at ``path`` (e.g. ``"layers/0/mlp/kernel"``).
 
-  ``purpose`` (:data:`MOMENT` or :data:`WEIGHTS`) gives the two quantized
-  stores of a leaf independent streams from one key.
+  The first 8 bytes of the path's BLAKE2b digest: the same in every process
+  and Python version (unlike ``hash``), and two paths of one model share a
+  stream with probability about ``n^2 / 2^65``.
   """
+  return int.from_bytes(hashlib.blake2b(path.encode(), digest_size=8).digest(), "little")
+
+
+def stream_seeds(words: jax.Array, step: jax.Array, stream: int,
+                 purpose: int = MOMENT) -> tuple[jax.Array, jax.Array]:
+  """Two uint32 scalars naming one stream at one step.
+
+  ``stream`` is a static int below ``2**64``: a parameter's
+  :func:`path_stream`. ``purpose`` (:data:`MOMENT` or :data:`WEIGHTS`) gives
+  the two quantized stores of a parameter independent streams from one key.
+  """
+  if not 0 <= stream < 2**64:
+    raise ValueError(f"stream must be an int in [0, 2**64), got {stream}.")
+  low, high = np.uint32(stream & 0xFFFFFFFF), np.uint32(stream >> 32)
   step = jnp.asarray(step).astype(jnp.uint32)
-  s = mix32(jnp.asarray(leaf, jnp.uint32) * _GOLDEN + step)
+  s = mix32(jnp.asarray(low, jnp.uint32) * _GOLDEN + step)
   s0 = mix32(s ^ words[0] ^ _PURPOSE_WORDS[purpose])
-  s1 = mix32(s0 ^ words[1])
+  s1 = mix32(s0 ^ words[1] ^ high)
   return s0, s1
 
 

@@ -206,11 +206,13 @@ def adam_mini_step(config: AdamMiniConfig) -> tuple[
   the tree.
   """
   backend = resolve_implementation(config.implementation, config.quantization)
+  warned = []  # the partition's "found no ..." warning: once per optimizer, not at every trace
 
   def init_fn(params):
     shapes = weights_lib.float_like(params)  # INT8 weights: their values' shapes and dtypes
-    specs = partition_lib.block_specs(shapes, config.partition, warn=True,
+    specs = partition_lib.block_specs(shapes, config.partition, warn=not warned,
                                       present=sharding_lib.left_out_rules(shapes, config.partition))
+    warned.append(True)
 
     def leaf_init(spec, leaf):
       if spec is None:
@@ -270,7 +272,7 @@ def adam_mini_step(config: AdamMiniConfig) -> tuple[
       _check_leaf_matches(paths[index], shape, spec, mu, nu, moment.quantized)
       weights = weights_lib.storage_of(p, paths[index], spec, shape)
       plan = leaf_update_lib.LeafPlan(
-          path=paths[index], index=index, spec=spec, moment=moment,
+          path=paths[index], spec=spec, moment=moment,
           stochastic=sr and moment.quantized, weights=weights,
           decay=None if epilogue is None else bool(decay),
           backend=backend if moment.quantized else None, sharding=leaf_sharding)

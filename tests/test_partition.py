@@ -167,21 +167,6 @@ def test_block_mean_and_broadcast_match_numpy():
   chex.assert_shape(P.block_mean(jnp.asarray(x), q.BlockSpec((0, 1))), (1, 1))
 
 
-def test_describe_table():
-  model = tm.NnxLlama(nnx.Rngs(0))
-  state = nnx.state(model, nnx.Param)
-  table = q.describe(state, partition=q.BlockPartition(num_heads=4, num_kv_heads=2),
-                     quantization=q.Int8Quantization(min_size=256))
-  lines = table.splitlines()
-  assert lines[0].split() == ["path", "shape", "rule", "blocks", "state", "bytes"]
-  row = next(l for l in lines if l.startswith("embed/embedding"))
-  # int8 codes (512) + 2 fp32 scales (rows of 16 < 256, so the 512 elements
-  # form one row of two groups) + fp32 v per token (32 * 4)
-  assert row.split()[-3:] == ["embedding", "32", f"{512 + 2 * 4 + 32 * 4:,}"]
-  n_params = sum(x.size for x in jax.tree.leaves(state))
-  assert lines[-1].startswith("total") and f"{n_params:,} params" in lines[-1]
-
-
 MAXTEXT = {  # MaxText with scan_layers: the layer axis at position 1 (param_scan_axis=1)
     "decoder/layers/self_attention/query/kernel": (64, 3, 4, 16),   # (emb, L, heads, head_dim)
     "decoder/layers/self_attention/key/kernel": (64, 3, 2, 16),

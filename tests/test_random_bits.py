@@ -1,8 +1,11 @@
 """Counter-based random bits: hash reference, uniformity, stream independence."""
 
+import hashlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from qadam_mini_jax import random_bits as R
 
@@ -34,6 +37,19 @@ def test_element_bits_match_python_reference():
   idx = np.arange(10)
   want = [mix32_python((mix32_python(int(i) ^ r0) + r1) & MASK) for i in idx]
   assert [int(v) for v in R.element_bits(jnp.asarray(idx), s0, s1)] == want
+  # A stream number's high 32 bits enter the second word.
+  high = (0xCAFE << 32) | 5
+  assert [int(v) for v in R.stream_seeds(words, jnp.int32(3), high)] == [r0, mix32_python(r0 ^ 0xCAFE)]
+
+
+def test_path_streams_are_blake2b_of_the_path():
+  digest = hashlib.blake2b(b"layers/0/mlp/kernel", digest_size=8).digest()
+  assert R.path_stream("layers/0/mlp/kernel") == int.from_bytes(digest, "little")
+  streams = {R.path_stream(f"layers/{i}/{name}") for i in range(100)
+             for name in ("attn/q_proj/kernel", "attn/k_proj/kernel", "mlp/kernel")}
+  assert len(streams) == 300 and max(streams) >= 2**32  # distinct, and 64-bit
+  with pytest.raises(ValueError, match="stream must be an int in"):
+    R.stream_seeds(R.key_words(0), 1, 2**64)
 
 
 def test_uniform_is_uniform():

@@ -364,6 +364,72 @@ def test_stochastic_rounding_streams_differ_by_key_step_and_leaf():
   chex.assert_trees_all_equal(n1.nu, n2.nu)
 
 
+def _model_tree(seed, layer_keys=("layers_0", "layers_1")):
+  """An embedding, an output layer and one MLP kernel per layer (unstacked)."""
+  rng = np.random.default_rng(seed)
+  leaf = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)
+  return {"embed": {"embedding": leaf(64, 32)}, "lm_head": {"kernel": leaf(32, 64)},
+          **{k: {"mlp": {"kernel": leaf(32, 48)}} for k in layer_keys}}
+
+
+def _sr_codes(tx, params, steps=2):
+  """INT8 codes of ``m`` by path after ``steps`` steps of gradients ``_model_tree(100 + t)``
+  (taken at the params' paths), with every INT8 leaf rounding stochastically."""
+  state = tx.init(params)
+  for t in range(steps):
+    g = _model_tree(100 + t)
+    g = nest({path: _flat(g)[path] if path in _flat(g) else jnp.full(x.shape, 0.5 + t)
+              for path, x in _flat(params).items()})
+    _, state = jax.jit(tx.update)(g, state, params)
+  return {path: np.asarray(q.codes) for path, q in _flat(state, _is_q).items()
+          if isinstance(q, QuantizedArray)}
+
+
+def _sr_tx(**partition):
+  return scale_by_adam_mini(B1, B2, EPS, quantization=Int8Quantization(min_size=0),
+                            stochastic_rounding="all", key=5,
+                            partition=qadam_mini_jax.BlockPartition(**partition))
+
+
+def _codes_of(codes, path):
+  [got] = [c for p, c in codes.items() if p.endswith(path)]  # under masked/state prefixes
+  return got
+
+
+@pytest.mark.filterwarnings("ignore:Adam-mini partition found no")
+def test_rounding_streams_are_keyed_by_path_not_position():
+  """Freezing a subtree, adding a parameter or scanning the layers changes no
+  other parameter's stochastic-rounding noise (leaf positions all shift here)."""
+  params = _model_tree(0)
+  base = _sr_codes(_sr_tx(), params)
+  # The noise is real: round-to-nearest and another key give other codes.
+  rtn = _sr_codes(scale_by_adam_mini(B1, B2, EPS, quantization=Int8Quantization(min_size=0),
+                                     stochastic_rounding="none"), params)
+  assert np.mean(base["mu/lm_head/kernel"] != rtn["mu/lm_head/kernel"]) > 0.1
+  rekeyed = _sr_codes(scale_by_adam_mini(B1, B2, EPS, quantization=Int8Quantization(min_size=0),
+                                         stochastic_rounding="all", key=6), params)
+  assert np.mean(base["mu/lm_head/kernel"] != rekeyed["mu/lm_head/kernel"]) > 0.1
+
+  # Freezing layers_0 with optax.masked: every other leaf's codes, bit for bit.
+  frozen = nest({p: not p.startswith("layers_0") for p in _flat(params)})
+  masked = _sr_codes(optax.masked(_sr_tx(), frozen), params)
+  assert not any("layers_0" in p for p in masked)
+  for path in ("embed/embedding", "layers_1/mlp/kernel", "lm_head/kernel"):
+    np.testing.assert_array_equal(_codes_of(masked, path), base[f"mu/{path}"])
+
+  # A new parameter sorted before all the others ("a_head"): the others unchanged.
+  grown = _sr_codes(_sr_tx(), {"a_head": {"kernel": jnp.ones((32, 48))}, **params})
+  for path in ("embed/embedding", "layers_0/mlp/kernel", "layers_1/mlp/kernel", "lm_head/kernel"):
+    np.testing.assert_array_equal(grown[f"mu/{path}"], base[f"mu/{path}"])
+
+  # The layers scanned into one stacked leaf: embedding and output unchanged.
+  stacked = {k: v for k, v in params.items() if not k.startswith("layers_")}
+  stacked["layers"] = jax.tree.map(lambda *x: jnp.stack(x), params["layers_0"], params["layers_1"])
+  scanned = _sr_codes(_sr_tx(layers={"layers": 0}), stacked)
+  for path in ("embed/embedding", "lm_head/kernel"):
+    np.testing.assert_array_equal(scanned[f"mu/{path}"], base[f"mu/{path}"])
+
+
 # -----------------------------------------------------------------------------
 # 4. Leaves left alone and mismatched trees.
 # -----------------------------------------------------------------------------
