@@ -252,7 +252,13 @@ def table(all_cells: dict[tuple[str, float], Cell], lrs: list[float], select_see
               if (variant, lr) in all_cells else "-" for lr in lrs]
     gap = f"{100 * (c.val_loss / base.val_loss - 1):+.2f}%" if base else "-"
     seeds = ", ".join(f"{v:.4f}" for v in c.val_losses)
-    rows.append([f"`{variant}`", *losses, f"{c.lr:g}", ", ".join(str(r["seed"]) for r in c.runs),
+    tried = sorted(lr for v, lr in all_cells if v == variant
+                   and all_cells[v, lr].restricted(select_seeds).runs)
+    short = set(tried) < set(variant_lrs(c.runs[0]["flags"], lrs))  # grid not finished
+    rows.append([f"`{variant}`", *losses,
+                 f"{c.lr:g}" + (f" (of {', '.join(f'{lr:g}' for lr in tried)} only)" if short
+                                else ""),
+                 ", ".join(str(r["seed"]) for r in c.runs),
                  f"**{c.val_loss:.4f}** ({seeds})",
                  f"{math.exp(c.val_loss):.3f}", gap, f"{c.mean('state_bytes_per_param'):.3f}",
                  f"{c.runs[0]['summary']['state_bytes']:,}", f"{c.mean('tokens_per_s'):,.0f}",
