@@ -250,11 +250,11 @@ def table(all_cells: dict[tuple[str, float], Cell], lrs: list[float], select_see
   for variant, c in best.items():
     losses = [f"{all_cells[variant, lr].restricted(select_seeds).val_loss:.4f}"
               if (variant, lr) in all_cells else "-" for lr in lrs]
-    gap = f"{100 * (c.val_loss / base.val_loss - 1):+.2f}%" if base else "-"
     seeds = ", ".join(f"{v:.4f}" for v in c.val_losses)
     tried = sorted(lr for v, lr in all_cells if v == variant
                    and all_cells[v, lr].restricted(select_seeds).runs)
     short = set(tried) < set(variant_lrs(c.runs[0]["flags"], lrs))  # grid not finished
+    gap = f"{100 * (c.val_loss / base.val_loss - 1):+.2f}%" if base and not short else "-"
     rows.append([f"`{variant}`", *losses,
                  f"{c.lr:g}" + (f" (of {', '.join(f'{lr:g}' for lr in tried)} only)" if short
                                 else ""),

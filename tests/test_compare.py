@@ -75,9 +75,11 @@ def test_a_row_of_an_older_commit_is_reported_with_the_run_of_a_newer_one_that_r
                           "bbbbbbb |")
   assert rows[3].endswith("| 0 | **1.5000** (1.5000) | 4.482 | +0.00% | 8.000 | 80 | 1 | 3.50 "
                           "| 0 of 1 | ccccccc |")
-  # a grid of two learning rates, of which lion ran one: its best is marked as such
+  # a grid of two learning rates, of which lion ran one: its best is marked as such,
+  # and not compared with adamw's
   rows = compare.table(compare.cells(records), [1e-3, 3e-3], [0], set()).splitlines()
-  assert "| `lion` | 1.5000 | - | 0.001 (of 0.001 only) | 0 |" in rows[3]
+  assert "| `lion` | 1.5000 | - | 0.001 (of 0.001 only) | 0 | **1.5000** (1.5000) | 4.482 | - |" \
+      in rows[3]
 
 
 @pytest.mark.parametrize("records, problem", [
