@@ -68,11 +68,17 @@ DEFAULT_VARIANTS = (
     "--optimizer q_adam_mini",
     "--optimizer q_adam_mini --no-stochastic-rounding --lr 3e-3",
     "--optimizer q_adam_mini --stochastic-rounding all --lr 3e-3",
+    "--optimizer adamw --mu-dtype bfloat16",
+    "--optimizer adafactor",
+    "--optimizer lion",
 )
 DEFAULT_LRS = (1e-3, 3e-3, 6e-3)
 DEFAULT_SEEDS = (0, 1, 2)
 CURVE_KEYS = ("step", "loss", "val_loss", "embed_norm")  # kept from metrics.jsonl
 BASELINE = "adamw"  # the variant others are compared with
+#: Training losses of two runs of one trajectory agree to this relative tolerance (a
+#: few float32 roundings; :func:`same_trajectory`).
+LOSS_RTOL = 1e-6
 #: The model and budget of the committed comparison (flags of examples/train.py).
 DEFAULT_TRAIN_FLAGS = ("--model", "tiny", "--layers", "4", "--steps", "1000",
                        "--batch-size", "16", "--seq-len", "128", "--eval-every", "100",
@@ -100,16 +106,19 @@ def variant_lrs(flags: str, grid: list[float]) -> list[float]:
   return [float(words[words.index("--lr") + 1])] if "--lr" in words else list(grid)
 
 
+def git(*args: str) -> str | None:
+  """``git args``'s output in this checkout; ``None`` without git or a checkout."""
+  try:
+    return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True,
+                          check=True).stdout
+  except (OSError, subprocess.CalledProcessError):
+    return None
+
+
 @functools.cache
 def code_version() -> dict[str, str | None]:
   """The versions that produce a result: this library's (and its git commit,
   with a hash of uncommitted changes to it and the example), JAX's, Optax's, Flax's."""
-  def git(*args: str) -> str | None:
-    try:
-      return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True,
-                            check=True).stdout
-    except (OSError, subprocess.CalledProcessError):  # no git, or not a checkout
-      return None
   diff = git("diff", "HEAD", "--", "qadam_mini_jax", "examples")
   return {"qadam_mini_jax": qadam_mini_jax.__version__,
           "commit": (git("rev-parse", "HEAD") or "").strip() or None,
@@ -218,26 +227,44 @@ def best_per_variant(all_cells: dict[tuple[str, float], Cell], select_seeds) -> 
   return dict(sorted(best.items(), key=lambda item: (item[0] != BASELINE, item[0])))
 
 
+def provenance(all_cells: dict[tuple[str, float], Cell], variant: str) -> str:
+  """The commit that ran ``variant``'s runs, and which of them later commits reproduced."""
+  runs = [r for c in all_cells.values() if c.variant == variant for r in c.runs]
+  again = [f"lr {r['lr']:g} seed {r['seed']} reproduced by {', '.join(r['reproduced_by'])}"
+           for r in runs if r.get("reproduced_by")]
+  return "; ".join([runs[0].get("run_by") or run_by(runs[0]), *again])
+
+
 def table(all_cells: dict[tuple[str, float], Cell], lrs: list[float], select_seeds,
           cached: set[str]) -> str:
   """Markdown: per variant the selection seeds' loss at every lr, the best lr's numbers
-  and how many of its runs came from the cache (``cached``: their names)."""
+  and seeds, how many of its runs came from the cache (``cached``: their names) and
+  the commit that ran them (:func:`provenance`)."""
   best = best_per_variant(all_cells, select_seeds)
   base = best.get(BASELINE)
   head = ["optimizer", *[f"val loss @ lr {lr:g} (seed {', '.join(map(str, select_seeds))})"
-                        for lr in lrs], "best lr", "final val loss, mean (per seed)", "perplexity", f"vs {BASELINE}", "state B/param",
-          "state bytes", "tokens/s", "embedding norm", "runs from cache"]
+                        for lr in lrs], "best lr", "seeds", "final val loss, mean (per seed)",
+          "perplexity", f"vs {BASELINE}", "state B/param", "state bytes", "tokens/s",
+          "embedding norm", "runs from cache", "code"]
   rows = [head, ["---"] + ["---:"] * (len(head) - 1)]
   for variant, c in best.items():
     losses = [f"{all_cells[variant, lr].restricted(select_seeds).val_loss:.4f}"
               if (variant, lr) in all_cells else "-" for lr in lrs]
-    gap = f"{100 * (c.val_loss / base.val_loss - 1):+.2f}%" if base else "-"
     seeds = ", ".join(f"{v:.4f}" for v in c.val_losses)
-    rows.append([f"`{variant}`", *losses, f"{c.lr:g}", f"**{c.val_loss:.4f}** ({seeds})",
+    tried = sorted(lr for v, lr in all_cells if v == variant
+                   and all_cells[v, lr].restricted(select_seeds).runs)
+    short = set(tried) < set(variant_lrs(c.runs[0]["flags"], lrs))  # grid not finished
+    gap = f"{100 * (c.val_loss / base.val_loss - 1):+.2f}%" if base and not short else "-"
+    rows.append([f"`{variant}`", *losses,
+                 f"{c.lr:g}" + (f" (of {', '.join(f'{lr:g}' for lr in tried)} only)" if short
+                                else ""),
+                 ", ".join(str(r["seed"]) for r in c.runs),
+                 f"**{c.val_loss:.4f}** ({seeds})",
                  f"{math.exp(c.val_loss):.3f}", gap, f"{c.mean('state_bytes_per_param'):.3f}",
                  f"{c.runs[0]['summary']['state_bytes']:,}", f"{c.mean('tokens_per_s'):,.0f}",
                  f"{c.mean('embed_norm'):.2f}",
-                 f"{sum(r['name'] in cached for r in c.runs)} of {len(c.runs)}"])
+                 f"{sum(r['name'] in cached for r in c.runs)} of {len(c.runs)}",
+                 provenance(all_cells, variant)])
   return "\n".join("| " + " | ".join(row) + " |" for row in rows)
 
 
@@ -287,17 +314,66 @@ def plot(all_cells: dict[tuple[str, float], Cell], path: pathlib.Path, select_se
   fig.savefig(path, dpi=120)
 
 
+def run_by(record: dict, path: pathlib.Path | None = None) -> str:
+  """The commit whose code ran ``record`` (``+changes``: with uncommitted ones); for a
+  record from before runs recorded it, the commit that added ``path``."""
+  code = record.get("config", {}).get("code")
+  if code:
+    return (code["commit"] or "no git")[:7] + ("+changes" if code["uncommitted"] else "")
+  added = path and (git("log", "--diff-filter=A", "--format=%h", "--", str(path)) or "").split()
+  return f"not recorded (committed in {added[-1]})" if added else "not recorded"
+
+
+def same_trajectory(a: dict, b: dict) -> bool:
+  """Whether two runs went the same way: the same final validation loss, and at every
+  logged step the same validation loss and embedding norm, bit for bit, and training
+  losses within float32 rounding (``LOSS_RTOL``: the logged loss is not an input to
+  the update, and a differently compiled step may round it differently)."""
+  def points(record):
+    return [(p["step"], p.get("val_loss"), p["embed_norm"]) for p in record["curve"]]
+  return (a["summary"]["val_loss"] == b["summary"]["val_loss"] and points(a) == points(b)
+          and all(math.isclose(p["loss"], q["loss"], rel_tol=LOSS_RTOL, abs_tol=0)
+                  for p, q in zip(a["curve"], b["curve"])))
+
+
 def finished_runs(out: pathlib.Path) -> list[dict]:
-  """The records in ``<out>/runs/``, all of one setting (train flags, data and code)."""
-  records = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))]
-  if not records:
+  """The records in ``<out>/runs/``, of one recipe (train flags and data), each with its
+  ``run_by`` (:func:`run_by`).
+
+  A variant's runs must come from one commit. Runs of the same name (variant, lr,
+  seed) from several commits must have gone the same way (:func:`same_trajectory`):
+  the first is kept and names the others in ``reproduced_by``, the evidence that a
+  row of an older commit is what a newer commit computes.
+  """
+  by_name = collections.defaultdict(list)
+  for path in sorted((out / "runs").glob("*.json")):
+    record = json.loads(path.read_text())
+    by_name[record["name"]].append({**record, "run_by": run_by(record, path), "path": str(path)})
+  if not by_name:
     sys.exit(f"error: no finished runs in {out / 'runs'}")
-  settings = {json.dumps([r["train_flags"], r.get("config", {}).get("data"),
-                          r.get("config", {}).get("code")], sort_keys=True) for r in records}
-  if len(settings) > 1:
-    sys.exit(f"error: {out / 'runs'} holds runs of {len(settings)} different settings (train "
-             "flags, data or code); rerun compare.py with the flags of the one to report (its "
-             "runs come from the cache).")
+  recipes = {json.dumps(r["train_flags"]) for rs in by_name.values() for r in rs}
+  data = {json.dumps(r["config"]["data"], sort_keys=True)
+          for rs in by_name.values() for r in rs if "config" in r}
+  if len(recipes) > 1 or len(data) > 1:
+    sys.exit(f"error: {out / 'runs'} holds runs of {len(recipes)} sets of train flags and "
+             f"{len(data)} data sets; rerun compare.py with the flags of the one to report "
+             "(its runs come from the cache).")
+  records = []
+  for name, (kept, *others) in by_name.items():
+    for other in others:
+      if not same_trajectory(kept, other):
+        sys.exit(f"error: {name} by {kept['run_by']} and by {other['run_by']} differ (final "
+                 f"validation loss {kept['summary']['val_loss']} and "
+                 f"{other['summary']['val_loss']}): remove the one not to report "
+                 f"({kept['path']}, {other['path']}).")
+    records.append({**kept, "reproduced_by": [o["run_by"] for o in others]})
+  commits = collections.defaultdict(set)
+  for r in records:
+    commits[r["variant"]].add(r["run_by"])
+  mixed = {v: sorted(c) for v, c in commits.items() if len(c) > 1}
+  if mixed:
+    sys.exit(f"error: runs of one variant come from several commits ({mixed}): rerun it at "
+             "one, or remove the older runs.")
   return records
 
 
@@ -322,13 +398,19 @@ def report(out: pathlib.Path, records: list[dict], cached: set[str], lrs: list[f
       "number is the mean over all seeds at the best learning rate (each seed's value in "
       "brackets); the gap to adamw compares those means. Loss is nats per byte; perplexity "
       "is per byte; tokens/s were measured on the 2-core CPU the runs shared (other work "
-      "ran alongside some of them, so they are indicative only). The last column counts the "
+      "ran alongside some of them, so they are indicative only). `runs from cache` counts the "
       "runs reused from an earlier command (same configuration) rather than trained by this "
-      "one.\n\n")
+      "one. `seeds`: those of the bold mean (a command stopped early leaves some rows with "
+      "fewer). `code` is the commit whose code ran the row (rows from different commits are "
+      "compared as they are; a row from before runs recorded their commit names the commit "
+      "that added its results), and any of its runs that a later commit ran again with "
+      "the same trajectory: the same validation losses and embedding norms bit for bit, "
+      "training losses within float32 rounding.\n\n")
   (out / "compare.md").write_text(header + table(all_cells, lrs, select_seeds, cached) + "\n"
                                   + targets(best_per_variant(all_cells, select_seeds)))
   plot(all_cells, out / "compare.png", select_seeds)
-  best = {v: {"lr": c.lr, "val_loss_mean": c.val_loss, "val_losses": c.val_losses,
+  best = {v: {"lr": c.lr, "seeds": [r["seed"] for r in c.runs], "code": provenance(all_cells, v),
+              "val_loss_mean": c.val_loss, "val_losses": c.val_losses,
               **{k: c.mean(k) for k in ("state_bytes_per_param", "tokens_per_s",
                                          "embed_norm")}}
           for v, c in best_per_variant(all_cells, select_seeds).items()}

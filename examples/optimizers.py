@@ -20,6 +20,9 @@ update clipping are then per layer, as in the unscanned model.
   momentum, update clipping 1.0 (per layer: :func:`clip_by_layer_rms`) and
   ``multiply_by_parameter_scale=False`` (so its learning rate means what
   Adam's does); weight decay ``lr * wd``.
+* ``mu_dtype`` (``adamw``, ``adam_mini``, ``lion``): the first moment's dtype,
+  e.g. ``"bfloat16"`` (2 bytes per parameter instead of 4); ``None``: the
+  parameters' (float32).
 * ``lion``: ``optax.lion``; its learning rate is ``LION_LR_SCALE`` times the
   one given and its weight decay ``1 / LION_LR_SCALE`` times (the Lion paper's
   advice: a sign update needs a 3-10x smaller step), keeping ``lr * wd``.
@@ -57,12 +60,15 @@ PARTITIONS = ("qk_per_neuron", "reference", "value_one_block")
 #: ``q_adam_mini``'s ``stochastic_rounding``: ``auto`` (embedding and output
 #: layers, the paper's choice), ``all`` INT8 leaves, or ``none``.
 ROUNDINGS = ("auto", "all", "none")
+#: ``mu_dtype``: the first moment's dtype, for the optimizers that store it in float.
+MU_DTYPES = ("float32", "bfloat16")
+MU_DTYPE_OPTIMIZERS = ("adamw", "adam_mini", "lion")
 DEFAULT_PARTITION = "qk_per_neuron"
 
 #: Settings that change the optimizer state's structure or meaning: a
 #: checkpoint resumes only under the same values.
 STRUCTURAL_FIELDS = ("name", "partition", "grad_accum", "stochastic_rounding", "skip_nonfinite",
-                     "weight_quant")
+                     "weight_quant", "mu_dtype")
 #: ``skip_nonfinite``: ``optax.apply_if_finite`` skips at most this many
 #: non-finite (micro-batch) gradients in a row, then applies them.
 MAX_SKIPPED_IN_A_ROW = 10
@@ -87,6 +93,7 @@ class OptimizerConfig:
   seed: int = 0
   skip_nonfinite: bool = False  # optax.apply_if_finite around the whole optimizer
   weight_quant: bool = False  # INT8 weights, no float master copy (q_adam_mini only)
+  mu_dtype: str | None = None  # first moment's dtype (MU_DTYPE_OPTIMIZERS); None: the params'
 
   def __post_init__(self):
     if self.name not in OPTIMIZERS:
@@ -96,6 +103,11 @@ class OptimizerConfig:
                        f"{', '.join(ROUNDINGS)}.")
     if self.partition not in PARTITIONS:
       raise ValueError(f"unknown partition {self.partition!r}; choose from {', '.join(PARTITIONS)}.")
+    if self.mu_dtype not in (None, *MU_DTYPES):
+      raise ValueError(f"unknown mu_dtype {self.mu_dtype!r}; choose from {', '.join(MU_DTYPES)}.")
+    if self.mu_dtype is not None and self.name not in MU_DTYPE_OPTIMIZERS:
+      raise ValueError(f"--mu-dtype needs --optimizer {', '.join(MU_DTYPE_OPTIMIZERS)}: "
+                       f"{self.name} has no float first moment to set.")
     if self.lr <= 0 or self.total_steps < 1 or self.grad_accum < 1:
       raise ValueError("lr must be > 0, total_steps and grad_accum >= 1.")
     if self.weight_quant and (self.name != "q_adam_mini" or self.grad_accum > 1
@@ -146,10 +158,12 @@ def core(c: OptimizerConfig, model: LlamaConfig,
   lr, partition = schedule(c), block_partition(c, model)
   mask = functools.partial(qadam_mini_jax.default_decay_mask, partition=partition)
   if c.name == "adamw":
-    return optax.adamw(lr, c.b1, c.b2, weight_decay=c.weight_decay, mask=mask)
+    return optax.adamw(lr, c.b1, c.b2, mu_dtype=c.mu_dtype, weight_decay=c.weight_decay,
+                       mask=mask)
   if c.name == "adam_mini":
     return qadam_mini_jax.adam_mini(lr, c.b1, c.b2, weight_decay=c.weight_decay, mask=mask,
-                                    partition=partition, shardings=shardings)
+                                    partition=partition, mu_dtype=c.mu_dtype,
+                                    shardings=shardings)
   if c.name == "q_adam_mini":
     return qadam_mini_jax.q_adam_mini(**q_adam_mini_args(c, model), shardings=shardings)
   if c.name == "adafactor":  # optax.adafactor's chain, clipping per layer
@@ -158,7 +172,7 @@ def core(c: OptimizerConfig, model: LlamaConfig,
         optax.scale_by_learning_rate(lr, flip_sign=False),
         optax.add_decayed_weights(lambda count: c.weight_decay * lr(count), mask),
         optax.scale(-1))
-  return optax.lion(lambda count: LION_LR_SCALE * lr(count), c.b1, 0.99,
+  return optax.lion(lambda count: LION_LR_SCALE * lr(count), c.b1, 0.99, mu_dtype=c.mu_dtype,
                     weight_decay=c.weight_decay / LION_LR_SCALE, mask=mask)
 
 

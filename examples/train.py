@@ -722,6 +722,9 @@ def build_parser() -> argparse.ArgumentParser:
                       "float master copy; norms stay float), re-quantized after each update "
                       "with stochastic rounding (round to nearest with --stochastic-rounding "
                       "none)")
+  g.add_argument("--mu-dtype", choices=optimizers.MU_DTYPES,
+                 help=f"{', '.join(optimizers.MU_DTYPE_OPTIMIZERS)}: the first moment's dtype "
+                      "(default: the parameters', float32)")
   g.add_argument("--skip-nonfinite", action="store_true",
                  help="skip updates whose gradients hold NaN or infinity (optax.apply_if_finite, "
                       f"up to {optimizers.MAX_SKIPPED_IN_A_ROW} in a row) instead of stopping")
@@ -788,7 +791,8 @@ def configs_from_args(args: argparse.Namespace):
       min_lr_ratio=args.min_lr_ratio, b1=args.b1, b2=args.b2, weight_decay=args.weight_decay,
       clip_norm=args.clip_norm, grad_accum=args.grad_accum, partition=args.partition,
       stochastic_rounding=args.stochastic_rounding, seed=args.seed,
-      skip_nonfinite=args.skip_nonfinite, weight_quant=args.weight_quant)
+      skip_nonfinite=args.skip_nonfinite, weight_quant=args.weight_quant,
+      mu_dtype=args.mu_dtype)
   train_cfg = TrainConfig(
       data=tuple(args.data), val_fraction=args.val_fraction, seq_len=args.seq_len,
       batch_size=args.batch_size, dtype=args.dtype, seed=args.seed, log_every=args.log_every,

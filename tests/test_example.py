@@ -429,3 +429,21 @@ def test_weight_quant_refuses_what_it_cannot_do(tmp_path, capsys, flags, problem
   assert exit_info.value.code == 2
   assert problem in capsys.readouterr().err.splitlines()[-1]
   assert not (tmp_path / "run").exists()
+
+
+def test_mu_dtype_sets_the_first_moment_of_adamw_and_is_refused_elsewhere(tmp_path, capsys):
+  flags = [*SMALL, "--optimizer", "adamw", "--mu-dtype", "bfloat16"]
+  model_cfg, opt_cfg, cfg = train.configs_from_args(train.build_parser().parse_args(flags))
+  assert "mu_dtype" in optimizers.STRUCTURAL_FIELDS  # a checkpoint resumes only with the same
+  state = jax.eval_shape(train.init_fn(model_cfg, optimizers.make(opt_cfg, model_cfg), cfg.seed,
+                                       cfg.dtype)[1])
+  adam_state = optimizers.core_state(opt_cfg, state["opt_state"])[0]
+  assert {x.dtype for x in jax.tree.leaves(adam_state.mu)} == {jnp.dtype(jnp.bfloat16)}
+  assert {x.dtype for x in jax.tree.leaves(adam_state.nu)} == {jnp.dtype(jnp.float32)}
+  with pytest.raises(SystemExit) as exit_info:
+    train.main([*SMALL, "--optimizer", "q_adam_mini", "--mu-dtype", "bfloat16",
+                "--out-dir", str(tmp_path / "run")])
+  assert exit_info.value.code == 2
+  assert ("--mu-dtype needs --optimizer adamw, adam_mini, lion: q_adam_mini has no float first "
+          "moment to set.") in capsys.readouterr().err.splitlines()[-1]
+  assert not (tmp_path / "run").exists()
