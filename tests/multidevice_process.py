@@ -1,9 +1,9 @@
 """tests/multidevice on 8 simulated CPU devices, in a process of its own.
 
 The flag that makes 8 devices must precede JAX's start, so these tests run in a
-fresh process. ``conftest.py`` starts it as soon as the suite selects
-``test_sharding.py::test_multidevice_suite``, so it runs beside the rest of the
-suite on a second core; the test then waits for its result.
+fresh process. ``conftest.py`` starts it early when the suite selects
+``test_multiprocess.py``, so it runs beside the rest of the suite;
+``test_multiprocess.py::test_multidevice_suite`` then waits for its result.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ def start() -> None:
              XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") +
                         " --xla_force_host_platform_device_count=8").strip())
   env.pop("PYTEST_ADDOPTS", None)
+  env.pop("PYTEST_XDIST_WORKER", None)  # a session of its own, not a worker's
   log = tempfile.TemporaryFile(mode="w+")
   _run["log"] = log
   _run["proc"] = subprocess.Popen(

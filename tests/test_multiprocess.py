@@ -1,6 +1,8 @@
-"""examples/train.py over 2 processes x 4 CPU devices: the run of 1 process x 8, resumable across.
+"""Tests of other processes: examples/train.py over 2 processes x 4 CPU devices (the run
+of 1 process x 8, resumable across), and tests/multidevice on 8 CPU devices.
 
-The runs are started early, in the background (tests/multiprocess_runs.py).
+Both run in the background, started early (tests/multiprocess_runs.py,
+tests/multidevice_process.py); the tests here wait for them.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import re
 import numpy as np
 import pytest
 
+import multidevice_process
 import multiprocess_runs
 import train
 
@@ -93,3 +96,10 @@ def test_a_launch_of_several_processes_must_ask_for_a_distributed_run(monkeypatc
       "to run distributed: pass --distributed to train one run over all of them, or start a "
       "single process.")
   assert not (tmp_path / "run").exists()
+
+
+def test_multidevice_suite():
+  """tests/multidevice on 8 simulated CPU devices, in a process of its own."""
+  rc, out = multidevice_process.result()
+  assert rc == 0, out[-9000:]
+  assert " passed" in out and "skipped" not in out, out[-2000:]

@@ -1,8 +1,9 @@
 """Sharding of optimizer state (qadam_mini_jax.sharding).
 
 Spec derivation is checked here on abstract meshes; training on 8 simulated
-devices runs ``tests/multidevice`` in a subprocess, so this process keeps its
-single device.
+devices runs ``tests/multidevice`` in a process of its own
+(``tests/test_multiprocess.py::test_multidevice_suite``), so this process keeps
+its single device.
 """
 
 import warnings
@@ -13,7 +14,6 @@ import optax
 import pytest
 from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec as P
 
-import multidevice_process
 import qadam_mini_jax as q
 import tiny_models as tm
 from qadam_mini_jax import partition as partition_lib
@@ -75,14 +75,6 @@ def test_partition_specs_with_mesh_and_replicated_counters():
   assert got[0].mu["mlp"]["kernel"].codes.spec == P("fsdp", None)
   assert got[0].nu["mlp"]["kernel"].spec == P(None, None)  # one v per output neuron
   assert got[0].count.spec == P() and got[0].key.spec == P()
-
-
-def test_multidevice_suite():
-  """tests/multidevice on 8 simulated CPU devices, in a process of its own (started
-  when the suite was collected, see ``multidevice_process``)."""
-  rc, out = multidevice_process.result()
-  assert rc == 0, out[-9000:]
-  assert " passed" in out and "skipped" not in out, out[-2000:]
 
 
 def test_nnx_partitioning_metadata():
