@@ -26,7 +26,6 @@ def start() -> None:
              XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") +
                         " --xla_force_host_platform_device_count=8").strip())
   env.pop("PYTEST_ADDOPTS", None)
-  env.pop("PYTEST_XDIST_WORKER", None)  # a session of its own, not a worker's
   log = tempfile.TemporaryFile(mode="w+")
   _run["log"] = log
   _run["proc"] = subprocess.Popen(
