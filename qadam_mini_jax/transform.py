@@ -44,6 +44,7 @@ from qadam_mini_jax.storage import (  # noqa: F401  (stacked_axes: re-exported)
 #: ``"auto"`` (embedding and output blocks), ``"all"``, ``"none"``, a pytree of
 #: bools like the params, or a callable ``params -> pytree of bools``.
 StochasticRounding = Union[str, Any, Callable[[Any], Any]]
+ROUNDING_CHOICES = ("auto", "all", "none")
 
 
 IMPLEMENTATIONS = ("auto", "xla", "pallas")
@@ -137,11 +138,8 @@ def _rounding_mask(stochastic_rounding: StochasticRounding, specs: Any, tree: An
   """
   is_spec = lambda x: x is None or isinstance(x, partition_lib.BlockSpec)
   spec_leaves = jax.tree.leaves(specs, is_leaf=is_spec)
-  if isinstance(stochastic_rounding, str):
+  if isinstance(stochastic_rounding, str):  # one of ROUNDING_CHOICES (AdamMiniConfig)
     choice = stochastic_rounding.lower()
-    if choice not in ("auto", "all", "none"):
-      raise ValueError("stochastic_rounding must be 'auto', 'all', 'none', a "
-                       f"mask pytree or a callable, got {stochastic_rounding!r}.")
     return [s is not None and (choice == "all" or (
         choice == "auto" and s.rule in (partition_lib.EMBEDDING, partition_lib.OUTPUT)))
             for s in spec_leaves]
@@ -186,6 +184,10 @@ class AdamMiniConfig:
 
   def __post_init__(self):
     check_hyperparameters(b1=self.b1, b2=self.b2, eps=self.eps)
+    rounding = self.stochastic_rounding
+    if isinstance(rounding, str) and rounding.lower() not in ROUNDING_CHOICES:
+      raise ValueError(f"stochastic_rounding must be one of {ROUNDING_CHOICES}, a mask pytree "
+                       f"or a callable, got {rounding!r}.")
     if self.partition is None:
       object.__setattr__(self, "partition", partition_lib.BlockPartition())
     object.__setattr__(self, "mu_dtype", _resolve_dtype(self.mu_dtype))

@@ -81,8 +81,10 @@ def assert_directions_agree(u, v):
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_kernel_matches_jnp_path_step_by_step(rounding, dtype):
   params = _params(dtype)
+  # b1 and eps other than the defaults: the kernel must read them, not assume them
+  # (eps = 1e-3 moves u by about 1e-3 of its size here, 1e3 x the bound below).
   make = lambda impl: q.scale_by_adam_mini(
-      0.9, 0.95, partition=PART, quantization=INT8, stochastic_rounding=rounding,
+      0.8, 0.95, 1e-3, partition=PART, quantization=INT8, stochastic_rounding=rounding,
       key=7, implementation=impl)
   ref, ker = make("xla"), make("pallas")
   state = ref.init(params)
@@ -175,24 +177,34 @@ def test_kernel_on_one_shard_uses_whole_leaf_indices(columns):
   assert (np.asarray(unshifted.codes) != np.asarray(whole.codes[rows, cols])).any()
 
 
-def test_inject_hyperparams_does_not_recompile_the_kernel():
+def test_injected_hyperparameters_reach_the_kernel_without_recompiling():
+  """lr, b1, b2, eps and weight decay changed at run time: the kernel reads each of
+  them (it agrees with the jnp path given the same values) and compiles once."""
   params = _params()
-  tx = optax.inject_hyperparams(q.q_adam_mini)(
+  make = lambda impl: optax.inject_hyperparams(q.q_adam_mini)(
       learning_rate=1e-2, b1=0.9, b2=0.95, weight_decay=0.1, partition=PART,
-      quantization=INT8, implementation="pallas")
-  state = tx.init(params)
-  update = jax.jit(tx.update)
-  _, state = update(_grads(params, 0), state, params)
-  state.hyperparams["learning_rate"] = jnp.asarray(3e-3, jnp.float32)
-  state.hyperparams["b1"] = jnp.asarray(0.8, jnp.float32)
-  u, state = update(_grads(params, 1), state, params)
-  assert update._cache_size() == 1
-  assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(u))
+      quantization=INT8, stochastic_rounding="all", key=3, implementation=impl)
+  runs = {}
+  for impl in ("xla", "pallas"):
+    tx = make(impl)
+    update, state = jax.jit(tx.update), tx.init(params)
+    _, state = update(_grads(params, 0), state, params)
+    for name, value in dict(learning_rate=3e-3, b1=0.7, b2=0.8, eps=1e-2,
+                            weight_decay=0.3).items():
+      state.hyperparams[name] = jnp.asarray(value, jnp.float32)
+    u, state = update(_grads(params, 1), state, params)
+    assert update._cache_size() == 1
+    runs[impl] = u, state.inner_state[0]
+  (u_ref, s_ref), (u_ker, s_ker) = runs["xla"], runs["pallas"]
+  assert_directions_agree(u_ref, u_ker)
+  assert_states_agree(s_ref, s_ker)
 
 
-def test_bad_implementation_and_group_size():
+def test_bad_implementation_backend_and_group_size():
   with pytest.raises(ValueError, match="implementation must be one of"):
     q.q_adam_mini(1e-3, implementation="cuda")
+  with pytest.raises(ValueError, match=r"Unknown Pallas backend 'mosaic'; expected one of"):
+    pallas_update.pallas_call_options("mosaic")
   with pytest.raises(ValueError, match="power-of-two group size"):
     q.q_adam_mini(1e-3, quantization=q.Int8Quantization(group_size=100), implementation="pallas")
   q.q_adam_mini(1e-3, quantization=q.Int8Quantization(group_size=100), implementation="auto")

@@ -78,3 +78,16 @@ def test_key_words_accepts_ints_and_keys():
   assert R.key_words(typed).dtype == jnp.uint32 and R.key_words(typed).shape == (2,)
   np.testing.assert_array_equal(R.key_words(5), R.key_words(jnp.asarray(5)))
   assert not np.array_equal(R.key_words(5), R.key_words(6))
+
+
+def test_key_words_keep_every_bit_of_the_seed():
+  """Seeds >= 2^32 keep their high word; every word of a wide raw key counts."""
+  np.testing.assert_array_equal(R.key_words(2**32 + 3), [3, 1])
+  np.testing.assert_array_equal(R.key_words(2**63 + 2**32 * 5 + 7), [7, 2**31 + 5])
+  wide = jnp.asarray([1, 2, 3, 4], jnp.uint32)
+  for i in range(4):
+    assert not np.array_equal(R.key_words(wide), R.key_words(wide.at[i].add(1))), i
+  rbg = jax.random.key(9, impl="rbg")
+  assert jax.random.key_data(rbg).shape == (4,)
+  np.testing.assert_array_equal(R.key_words(rbg), R.key_words(jax.random.key_data(rbg)))
+  assert not np.array_equal(R.key_words(rbg), R.key_words(jax.random.key(10, impl="rbg")))

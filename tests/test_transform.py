@@ -170,6 +170,32 @@ def test_state_layout_and_values_after_one_step():
       np.testing.assert_allclose(mu[k], m, rtol=1e-6, atol=1e-9, err_msg=k)
 
 
+@pytest.mark.parametrize("quantization, implementation", [
+    (None, "xla"), (Int8Quantization(min_size=0), "xla"), (Int8Quantization(min_size=0), "pallas")],
+    ids=["float", "int8", "int8-kernel"])
+def test_eps_sits_outside_the_square_root_after_bias_correction(quantization, implementation):
+  """Hand-computed: b1 = 1/2, b2 = 3/4, eps = 1 and the same gradient twice give
+  m/(1-b1^t) = g and v/(1-b2^t) = mean_B g^2 at both steps, so
+  u = g / (sqrt(mean_B g^2) + 1): 2/3 for |g| = 2 (eps inside the root: 2/sqrt(5);
+  added before the bias correction: 1/2), and exactly 0, not NaN, for an all-zero block.
+  The bias holds one block per element, the kernel one per column. INT8 ``m`` is
+  exact at step 1 (its update uses the unrounded m); step 2 reads it back rounded."""
+  g = {"mlp": {"bias": jnp.asarray([2.0, -1.0, 0.0]),
+               "kernel": jnp.asarray([[2.0, 0.0], [-2.0, 0.0]])}}
+  want = {"mlp/bias": [2 / 3, -1 / 2, 0.0], "mlp/kernel": [[2 / 3, 0.0], [-2 / 3, 0.0]]}
+  tx = scale_by_adam_mini(0.5, 0.75, 1.0, quantization=quantization,
+                          implementation=implementation)
+  state = _quiet(tx.init, g)
+  update = jax.jit(tx.update)
+  for step in (1, 2):
+    u, state = update(g, state)
+    for k, v in _flat(u).items():
+      exact = quantization is None or step == 1
+      np.testing.assert_allclose(v, want[k], rtol=1e-6 if exact else 1e-2, atol=0,
+                                 err_msg=f"{k} at step {step}")
+      assert (np.asarray(v)[np.asarray(want[k]) == 0] == 0).all(), k
+
+
 @pytest.mark.parametrize("rounding", ["none", "all"])
 def test_state_shapes_and_dtypes_stable_across_steps_and_under_cond(rounding):
   params = _state_params()
@@ -365,6 +391,35 @@ def test_stochastic_rounding_streams_differ_by_key_step_and_leaf():
   chex.assert_trees_all_equal(n1.nu, n2.nu)
 
 
+def test_stochastic_rounding_seeds_use_all_their_bits():
+  """Seeds >= 2^32 and wide (e.g. 'rbg', four words) keys: every word changes the
+  stream (one compile: the key is state)."""
+  params = _sr_params()
+  tx = scale_by_adam_mini(B1, B2, EPS, quantization=Int8Quantization(min_size=0),
+                          stochastic_rounding="all", key=2**32 + 3)
+  state, update, g = _quiet(tx.init, params), jax.jit(tx.update), _random_like(params, 100)
+  codes = lambda s: np.asarray(update(g, s)[1].mu["a"]["kernel"].codes)
+  with_key = lambda key: codes(state._replace(key=qadam_mini_jax.random_bits.key_words(key)))
+  high = codes(state)
+  np.testing.assert_array_equal(high, with_key(2**32 + 3))
+  assert (high != with_key(3)).mean() > 0.05
+  assert (high != with_key(2**33 + 3)).mean() > 0.05
+  wide = jnp.asarray([3, 0, 0, 0], jnp.uint32)
+  assert (with_key(wide) != with_key(wide.at[3].set(1))).mean() > 0.05
+
+
+def test_bad_stochastic_rounding_arguments_are_refused():
+  with pytest.raises(ValueError, match=r"stochastic_rounding must be one of \('auto', 'all', "
+                                       r"'none'\).*got 'sometimes'"):
+    qadam_mini_jax.q_adam_mini(1e-3, stochastic_rounding="sometimes")
+  # A mask computed from traced values cannot choose the rounding at trace time.
+  params = _sr_params()
+  tx = scale_by_adam_mini(B1, B2, EPS, quantization=Int8Quantization(min_size=0),
+                          stochastic_rounding=lambda p: jax.tree.map(lambda x: x.sum() > 0, p))
+  with pytest.raises(TypeError, match="static Python bools"):
+    jax.jit(tx.update)(params, _quiet(tx.init, params))
+
+
 def _model_tree(seed, layer_keys=("layers_0", "layers_1")):
   """An embedding, an output layer and one MLP kernel per layer (unstacked)."""
   rng = np.random.default_rng(seed)
@@ -545,6 +600,7 @@ def test_bf16_params(mode, mu_dtype):
   # stochastically rounded embedding; s = group max|0.1 g|/127) carried into m_2
   # by b1 and divided by (1 - b1^2) and the denominator.
   g32 = {k: np.asarray(v, np.float32) for k, v in _flat(grads).items()}
+  grads_f64 = {k: v.astype(np.float64) for k, v in g32.items()}
   for k, v in _flat(u).items():
     block = {"embed/embedding": 1, "mlp/kernel": 0, "norm/scale": None}[k]
     den = np.sqrt(np.mean(g32[k] ** 2, axis=block, keepdims=block is not None))
@@ -559,6 +615,13 @@ def test_bf16_params(mode, mu_dtype):
     err = np.abs(np.asarray(v, np.float32) - want)
     assert (err <= bound).all(), (k, (err / bound).max())
     assert (err / bound).max() > 0.01  # not vacuous
+  # v is float32 block means of the bf16 gradients: float64's to float32 summation
+  # error (~1e-7 relative here), not to a bf16 ulp (4e-3).
+  for k, nu in _flat(state.nu).items():
+    block = {"embed/embedding": 1, "mlp/kernel": 0, "norm/scale": None}[k]
+    g64 = np.asarray(grads_f64[k])
+    want = (1 - B2**2) * np.mean(g64**2, axis=block, keepdims=block is not None)
+    np.testing.assert_allclose(nu, np.reshape(want, nu.shape), rtol=1e-5, atol=0, err_msg=k)
   if mu_dtype == jnp.bfloat16:
     for k, m in _flat(state.mu).items():
       np.testing.assert_allclose(np.asarray(m, np.float32), (1 - B1**2) * g32[k],
@@ -568,6 +631,27 @@ def test_bf16_params(mode, mu_dtype):
   s = _quiet(tx.init, params)
   u, _ = tx.update(grads, s, params)
   chex.assert_trees_all_equal_shapes_and_dtypes(optax.apply_updates(params, u), params)
+
+
+@pytest.mark.parametrize("implementation", ["xla", "pallas"])
+def test_float16_params_with_gradients_whose_squares_underflow_float16(implementation):
+  """|g| ~ 1e-4: g^2 (~1e-8) is below float16's smallest subnormal (6e-8), so v must
+  be accumulated in float32 from the start; u = g / sqrt(mean_B g^2) at step 1."""
+  rng = np.random.default_rng(8)
+  g16 = {"mlp": {"kernel": jnp.asarray(1e-4 * rng.standard_normal((64, 32)), jnp.float16)},
+         "norm": {"scale": jnp.asarray(1e-4 * rng.standard_normal((32,)), jnp.float16)}}
+  tx = scale_by_adam_mini(B1, B2, EPS, quantization=Int8Quantization(min_size=1000),
+                          implementation=implementation)
+  state = _quiet(tx.init, g16)
+  u, state = jax.jit(tx.update)(g16, state)
+  assert isinstance(state.mu["mlp"]["kernel"], QuantizedArray)  # INT8 kernel, float16 norm
+  assert state.mu["norm"]["scale"].dtype == jnp.float16
+  for k, v in _flat(u).items():
+    assert v.dtype == jnp.float16, k
+    g = np.asarray(_flat(g16)[k], np.float64)
+    den = np.sqrt(np.mean(g**2, axis=0 if k == "mlp/kernel" else None))
+    np.testing.assert_allclose(np.asarray(v, np.float64), g / (den + EPS), rtol=2e-3,
+                               atol=1e-3, err_msg=k)  # float16: 2^-11 relative
 
 
 # -----------------------------------------------------------------------------
