@@ -177,8 +177,21 @@ class BlockPartition:
                        f"got {self.kernel_layout!r}.")
     for name in ("num_heads", "num_kv_heads", "head_dim"):
       value = getattr(self, name)
-      if value is not None and (not isinstance(value, (int, np.integer)) or value < 1):
+      if value is not None and (not isinstance(value, (int, np.integer)) or isinstance(value, bool)
+                                or value < 1):
         raise ValueError(f"BlockPartition.{name} must be a positive int, got {value!r}.")
+    if not (self.rules is None or callable(self.rules) or isinstance(self.rules, Mapping)):
+      raise ValueError("BlockPartition.rules must be a mapping from path patterns to rules or a "
+                       f"callable (path, shape) -> rule, got {self.rules!r}.")
+    if self.layers is not None and not isinstance(self.layers, Mapping):
+      raise ValueError("BlockPartition.layers must be a mapping from path patterns to layer "
+                       f"axes, got {self.layers!r}.")
+    for pattern, axes in (self.layers or {}).items():
+      axes = (axes,) if isinstance(axes, (int, np.integer)) else axes
+      if not isinstance(axes, (tuple, list)) or not all(
+          isinstance(a, (int, np.integer)) and not isinstance(a, bool) for a in axes):
+        raise ValueError(f"BlockPartition.layers[{pattern!r}] must be an int or a tuple of ints "
+                         f"(layer axis positions), got {self.layers[pattern]!r}.")
 
   # -- rule lookup ------------------------------------------------------------
 
@@ -290,7 +303,12 @@ class BlockPartition:
     if self.kernel_layout == "in_out" or len(shape) < 2 or rule in (PER_ELEMENT, WHOLE, EMBEDDING):
       return self._in_out_spec(rule, path, shape)
     full = (len(shape) - 1,) + tuple(range(len(shape) - 1))  # view axis -> leaf axis
-    spec = self._in_out_spec(rule, path, tuple(shape[a] for a in full))
+    view = tuple(shape[a] for a in full)
+    try:
+      spec = self._in_out_spec(rule, path, view)
+    except PartitionError as e:  # its axes and shape are the view's: say so
+      raise PartitionError(f"{str(e).rstrip('.')} (kernel_layout='out_in': axes and shape of "
+                           f"its (in, out...) view {view}; the leaf's shape is {shape}).") from None
     heads = None if spec.heads is None else (full[spec.heads[0]], spec.heads[1])
     return BlockSpec(tuple(full[a] for a in spec.axes), heads, spec.rule)
 

@@ -295,10 +295,16 @@ def per_parameter(params: Any, param_shardings: Any, mesh: Any = None) -> list[t
     if isinstance(sharding, PartitionSpec):
       if mesh is None:
         raise ShardingError(f"{name}: param_shardings holds PartitionSpecs; pass mesh= too.")
-      sharding = NamedSharding(mesh, sharding)
+      try:
+        sharding = NamedSharding(mesh, sharding)
+      except ValueError as e:  # e.g. a mesh axis that the mesh lacks
+        raise ShardingError(f"{name}: {e}") from e
     if not isinstance(sharding, NamedSharding):
       raise ShardingError(f"{name}: expected a NamedSharding or PartitionSpec, got "
                           f"{type(sharding).__name__}.")
+    if len(sharding.spec) > len(leaf.shape):
+      raise ShardingError(f"{name}: its PartitionSpec {sharding.spec} has more entries than "
+                          f"its shape {tuple(leaf.shape)} has axes.")
     out.append((name, tuple(leaf.shape), sharding))
   return out
 

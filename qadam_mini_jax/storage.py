@@ -82,9 +82,9 @@ class Int8Quantization:
   def __post_init__(self):
     for name in ("group_size", "min_size"):
       value = getattr(self, name)
-      if not isinstance(value, (int, np.integer)) or value < (1 if name == "group_size" else 0):
-        raise ValueError(f"Int8Quantization.{name} must be a non-negative int "
-                         f"(group_size >= 1), got {value!r}.")
+      least = 1 if name == "group_size" else 0
+      if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < least:
+        raise ValueError(f"Int8Quantization.{name} must be an int >= {least}, got {value!r}.")
 
 
 def layout_for(spec: partition_lib.BlockSpec, shape: tuple[int, ...],

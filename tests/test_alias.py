@@ -293,6 +293,8 @@ def test_mask_argument_chooses_the_decayed_leaves(factory, callable_mask):
   kw = dict(mask=(lambda p: mask) if callable_mask else mask)
   if factory != "adam_mini":
     kw["quantization"] = Int8Quantization(min_size=1000)  # the kernel's m in INT8
+  if factory == "fused_q_adam_mini":
+    kw["implementation"] = "pallas"  # the decay is the kernel's (interpret mode off GPU)
   tx = getattr(qadam_mini_jax, factory)(MASK_LR, weight_decay=MASK_WD, **kw)
   p = nest({k: jnp.asarray(v) for k, v in params.items()})
   zeros = jax.tree.map(jnp.zeros_like, p)
@@ -300,17 +302,18 @@ def test_mask_argument_chooses_the_decayed_leaves(factory, callable_mask):
     warnings.simplefilter("ignore", UserWarning)  # the partition's "found no attention"
     state = tx.init(p)
     if factory == "fused_q_adam_mini":
-      new, _ = tx.step(zeros, state, p)
+      new, _ = jax.jit(tx.step)(zeros, state, p)
     else:
-      u, _ = tx.update(zeros, state, p)
+      u, _ = jax.jit(tx.update)(zeros, state, p)
       new = optax.apply_updates(p, u)
   for k, v in _flat(new).items():
     want = params[k] * (1 - MASK_LR * MASK_WD) if USER_MASK[k] else params[k]
     np.testing.assert_allclose(v, want, rtol=1e-6, err_msg=k)
 
 
+@pytest.mark.parametrize("implementation", ["xla", "pallas"])
 @pytest.mark.parametrize("mask", [None, {"mlp/kernel": False}], ids=["default", "no-decay"])
-def test_int8_weights_decay_only_where_the_mask_says(mask):
+def test_int8_weights_decay_only_where_the_mask_says(mask, implementation):
   """The fused step on an INT8 weight: decayed by ``1 - lr*wd`` (far beyond a
   quantization step) by default, and kept within rounding where the mask says no."""
   rng = np.random.default_rng(5)
@@ -322,7 +325,7 @@ def test_int8_weights_decay_only_where_the_mask_says(mask):
     qp = qadam_mini_jax.quantize_params(params, part, quant, stochastic=False)
     opt = qadam_mini_jax.fused_q_adam_mini(
         MASK_LR, weight_decay=MASK_WD, mask=mask and nest(mask), partition=part,
-        quantization=quant)
+        quantization=quant, implementation=implementation)
     new, _ = opt.step(nest({"mlp/kernel": jnp.zeros_like(params["mlp"]["kernel"])}),
                       opt.init(qp), qp)
   before = np.asarray(qadam_mini_jax.weights.dequantize(qp["mlp"]["kernel"]))

@@ -133,6 +133,39 @@ def test_user_rules_dict_and_callable_take_precedence():
      "w: axis 1 of size 4 does not split into 3 heads"),
     (q.BlockPartition(rules={"w": "per_token"}), {"w": S((4, 4), jnp.float32)},
      "w: unknown rule name 'per_token'"),
+    # A rule of the wrong type: neither a name, a BlockSpec nor a callable.
+    (q.BlockPartition(rules={"w": 3}), {"w": S((4, 4), jnp.float32)},
+     "w: a rule must be a name, a BlockSpec or a callable, got 3."),
+    (q.BlockPartition(rules={"w": (0,)}), {"w": S((4, 4), jnp.float32)},
+     "w: a rule must be a name, a BlockSpec or a callable, got (0,)."),
+    (q.BlockPartition(rules=lambda path, shape: 3), {"w": S((4, 4), jnp.float32)},
+     "w: a rule must be a name, a BlockSpec or a callable, got 3."),
+    # A callable rule returning something else than a BlockSpec.
+    (q.BlockPartition(rules={"w": lambda path, shape: (0,)}), {"w": S((4, 4), jnp.float32)},
+     "w: a rule returned (0,), not a BlockSpec."),
+    (q.BlockPartition(rules={"w": lambda path, shape: None}), {"w": S((4, 4), jnp.float32)},
+     "w: a rule returned None, not a BlockSpec."),
+    (q.BlockPartition(rules=lambda path, shape: lambda p, s: "whole"),
+     {"w": S((4, 4), jnp.float32)},
+     "w: a rule returned 'whole', not a BlockSpec."),
+    # head_dim that does not divide the axis it splits.
+    (q.BlockPartition(head_dim=5), {"attn": {"q_proj": {"kernel": S((16, 16), jnp.float32)}}},
+     "attn/q_proj/kernel: query axis 1 of size 16 is not a multiple of head_dim=5 "
+     "(shape (16, 16))"),
+    (q.BlockPartition(head_dim=3), {"attn": {"qkv": {"kernel": S((16, 32), jnp.float32)}}},
+     "attn/qkv/kernel: fused_qkv axis 1 of size 32 is not a multiple of head_dim=3"),
+    (q.BlockPartition(rules={"w": q.BlockSpec((1,), (1, 2))}), {"w": S((4, 4), jnp.float32)},
+     "w: heads axis 1 is invalid for shape (4, 4) and axes (1,)"),
+    (q.BlockPartition(num_heads=2), {"attn": {"q_proj": {"kernel": S((4, 4, 2, 2), jnp.float32)}}},
+     "attn/q_proj/kernel: the query rule expects (in, heads*head_dim) or (in, heads, head_dim), "
+     "got shape (4, 4, 2, 2)"),
+    # out_in (PyTorch) kernels are checked through their (in, out) view: the message says so
+    # and gives the leaf's own shape.
+    (q.BlockPartition(num_heads=5, kernel_layout="out_in"),
+     {"attn": {"q_proj": {"weight": S((16, 8), jnp.float32)}}},
+     "attn/q_proj/weight: query axis 1 of size 16 does not split into 5 heads (shape (8, 16)) "
+     "(kernel_layout='out_in': axes and shape of its (in, out...) view (8, 16); the leaf's "
+     "shape is (16, 8))."),
 ])
 def test_bad_rules_raise_at_init_with_path(partition, params, message):
   with pytest.raises(q.PartitionError, match=re.escape(message)):
@@ -140,9 +173,28 @@ def test_bad_rules_raise_at_init_with_path(partition, params, message):
         jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), params))
 
 
-def test_bad_partition_arguments():
-  with pytest.raises(ValueError, match="num_heads"):
-    q.BlockPartition(num_heads=0)
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(num_heads=0), "BlockPartition.num_heads must be a positive int, got 0."),
+    (dict(num_kv_heads=-1), "BlockPartition.num_kv_heads must be a positive int, got -1."),
+    (dict(head_dim=0), "BlockPartition.head_dim must be a positive int, got 0."),
+    (dict(num_heads=4.0), "BlockPartition.num_heads must be a positive int, got 4.0."),
+    (dict(num_heads=True), "BlockPartition.num_heads must be a positive int, got True."),
+    (dict(kernel_layout="torch"),
+     "BlockPartition.kernel_layout must be one of ('in_out', 'out_in'), got 'torch'."),
+    (dict(kernel_layout="OUT_IN"),
+     "BlockPartition.kernel_layout must be one of ('in_out', 'out_in'), got 'OUT_IN'."),
+    (dict(rules="whole"), "BlockPartition.rules must be a mapping from path patterns to rules "
+     "or a callable (path, shape) -> rule, got 'whole'."),
+    (dict(rules=[("w", "whole")]), "BlockPartition.rules must be a mapping"),
+    (dict(layers=["layers"]), "BlockPartition.layers must be a mapping from path patterns to "
+     "layer axes, got ['layers']."),
+    (dict(layers={"layers": "0"}), "BlockPartition.layers['layers'] must be an int or a tuple "
+     "of ints (layer axis positions), got '0'."),
+    (dict(layers={"layers": (0, 1.0)}), "BlockPartition.layers['layers'] must be an int"),
+])
+def test_bad_partition_arguments(kwargs, message):
+  with pytest.raises(ValueError, match=re.escape(message)):
+    q.BlockPartition(**kwargs)
 
 
 def test_warns_when_no_embedding_or_attention_found():
@@ -202,6 +254,9 @@ def test_maxtext_scanned_tree_keeps_the_layer_axis():
     ({"layers": 2}, "layers/mlp/up_proj/kernel", (3, 64), r"layer axes \(2,\).*do not fit"),
     (None, "layers/mlp/up_proj/kernel", (3, 64, 256), r"mlp kernel is \(in, out\).*layers="),
     (None, "layers/lm_head/kernel", (2, 64, 100), r"output kernel is \(in, out\)"),
+    ({"layers": (0, 0)}, "layers/mlp/up_proj/kernel", (3, 64, 256),
+     r"^layers/mlp/up_proj/kernel: layer axes \(0, 0\).*do not fit shape \(3, 64, 256\)"),
+    ({"layers": -1}, "layers/mlp/up_proj/kernel", (3, 64, 256), r"layer axes \(-1,\).*do not fit"),
 ])
 def test_shapes_that_contradict_the_rules_fail_loudly(layers, path, shape, match):
   part = q.BlockPartition(num_heads=4, num_kv_heads=2, layers=layers)

@@ -1,6 +1,7 @@
 """Group-wise symmetric INT8 quantization: layout, error bounds, rounding bias."""
 
 import functools
+import re
 
 import hypothesis.strategies as st
 import jax
@@ -10,6 +11,7 @@ import pytest
 from hypothesis import given, settings
 
 from qadam_mini_jax import quantize as Q
+from qadam_mini_jax.storage import Int8Quantization
 
 
 @pytest.mark.parametrize("shape, group, columns, split, scales_shape", [
@@ -171,3 +173,22 @@ def test_linear_code_columns_hand_computed():
   np.testing.assert_allclose(q.scales, [[1.0, 2.0], [0.3, 0.02]], rtol=1e-7)
   np.testing.assert_allclose(Q.dequantize(q, layout, linear=True),
                              [[1.0, -2.0], [51 / 127, 2 * 57 / 127], [0.3, -0.02]], rtol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(group_size=0), dict(group_size=-256), dict(group_size=2.5), dict(group_size="256"),
+    dict(group_size=None), dict(group_size=True), dict(min_size=-1), dict(min_size=4096.0),
+])
+def test_int8_quantization_refuses_bad_settings(kwargs):
+  """At construction, with a message naming the setting and the value given."""
+  (name, value), = kwargs.items()
+  message = rf"^Int8Quantization\.{name} must be .*, got {re.escape(repr(value))}\.$"
+  with pytest.raises(ValueError, match=message):
+    Int8Quantization(**kwargs)
+
+
+def test_int8_quantization_accepts_the_edges():
+  """group_size 1 and min_size 0 (every leaf in INT8) are valid, NumPy ints too."""
+  quantization = Int8Quantization(group_size=np.int64(1), min_size=np.int32(0))
+  assert (quantization.group_size, quantization.min_size) == (1, 0)
+  assert Int8Quantization() == Int8Quantization(256, 4096)  # the documented defaults

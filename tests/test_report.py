@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import re
 import warnings
 
 import jax
@@ -94,6 +96,76 @@ def test_int8_weights_with_the_fused_optimizer():
   assert q.weights.is_quantized(qp["mlp"]["kernel"])
   rows, _ = _rows(q.describe(qp, q.fused_q_adam_mini(1e-3)))
   assert rows["mlp/kernel"] == 16_384 + 64 * 4 + 64 * 4  # the state, not the weight codes
+
+
+# Stacked layers (axis 0, and axis 1 as in MaxText) next to unstacked leaves, INT8 m
+# in groups of 16 for leaves (of one layer) of at least 512 elements.
+STACKED_SHAPES = {"embed/embedding": (64, 16), "layers/mlp/kernel": (3, 40, 16),
+                  "layers/attn/q_proj/kernel": (3, 16, 16), "layers/norm/scale": (3, 16),
+                  "scan/mlp/kernel": (40, 3, 16), "lm_head/kernel": (16, 64)}
+STACKED_PARTITION = q.BlockPartition(num_heads=2, layers={"layers": 0, "scan": 1})
+SMALL_GROUPS = q.Int8Quantization(group_size=16, min_size=512)
+# path: (shape, rule, blocks, state bytes), by hand.
+STACKED_ROWS = {
+    # INT8 rows of 16 (one group each, scales (64, 1)): 1024 codes + 64 fp32 scales;
+    # v per token: 64 fp32.
+    "embed/embedding": ("(64, 16)", "embedding", 64, 1024 + 64 * 4 + 64 * 4),
+    # Each layer (40, 16): 640 >= 512 elements, INT8; groups down each column of 40
+    # rows: 16, 16 and a ragged 8, so 3 x 16 fp32 scales a layer; v per neuron per layer.
+    "layers/mlp/kernel": ("(3, 40, 16)", "mlp per layer (axes (0,))", 48,
+                          3 * (640 + 3 * 16 * 4 + 16 * 4)),
+    "scan/mlp/kernel": ("(40, 3, 16)", "mlp per layer (axes (1,))", 48,
+                        3 * (640 + 3 * 16 * 4 + 16 * 4)),
+    # Each layer (16, 16): 256 < 512 elements (the whole leaf's 768 are not), fp32 m;
+    # v per head (2) per layer.
+    "layers/attn/q_proj/kernel": ("(3, 16, 16)", "query per layer (axes (0,))", 6,
+                                  3 * 256 * 4 + 6 * 4),
+    "layers/norm/scale": ("(3, 16)", "whole per layer (axes (0,))", 3, 48 * 4 + 3 * 4),
+    # INT8, one group down each of the 64 columns; v per token (column).
+    "lm_head/kernel": ("(16, 64)", "output", 64, 1024 + 64 * 4 + 64 * 4),
+}
+
+
+def _columns(table):
+  """{path: (shape, rule, blocks, state bytes)} of a describe table's parameter rows."""
+  cells = [re.split(r"\s{2,}", line) for line in table.splitlines()[1:]]
+  return {c[0]: (c[1], c[2], int(c[3]), int(c[4].replace(",", ""))) for c in cells
+          if len(c) == 5 and c[3].isdigit()}
+
+
+def _stacked_params():
+  return tm.nest({p: jax.ShapeDtypeStruct(s, jnp.float32) for p, s in STACKED_SHAPES.items()})
+
+
+def test_stacked_layers_report_per_layer_rules_blocks_and_bytes():
+  """INT8 groups, min_size and blocks are those of each layer, wherever the layer axis is."""
+  tx = q.q_adam_mini(1e-3, partition=STACKED_PARTITION, quantization=SMALL_GROUPS)
+  table = q.describe(_stacked_params(), tx, partition=STACKED_PARTITION)
+  assert _columns(table) == STACKED_ROWS
+  lines = table.splitlines()
+  assert re.split(r"\s{2,}", lines[-2]) == ["(not per parameter)", "counts, keys...", "12"]
+  n = sum(math.prod(s) for s in STACKED_SHAPES.values())
+  total = sum(row[-1] for row in STACKED_ROWS.values()) + 12
+  assert total == q.tree_nbytes(jax.eval_shape(tx.init, _stacked_params()))
+  assert lines[-1].split()[:3] == ["total", f"{n:,}", "params"]
+  assert lines[-1].endswith(f"{total:,} ({total / n:.4f} B/param)")
+
+
+def test_int8_weights_report_their_values_and_the_optimizer_state_only():
+  """INT8 weights (stacked too) are reported by their float value's shape, and their
+  codes and scales, which are the weights, not optimizer state, are not counted: the
+  table is that of the same optimizer on float weights."""
+  params = jax.tree.map(lambda s: jnp.ones(s.shape, s.dtype), _stacked_params())
+  qp = jax.eval_shape(lambda: q.quantize_params(params, STACKED_PARTITION, SMALL_GROUPS))
+  int8 = {q.partition.path_str(path) for path, x in jax.tree_util.tree_flatten_with_path(
+      qp, is_leaf=q.weights.is_quantized)[0] if q.weights.is_quantized(x)}
+  # q_proj's layers are under min_size: it stays float, as its m does.
+  assert int8 == {"embed/embedding", "layers/mlp/kernel", "scan/mlp/kernel", "lm_head/kernel"}
+  opt = q.fused_q_adam_mini(1e-3, partition=STACKED_PARTITION, quantization=SMALL_GROUPS)
+  table = q.describe(qp, opt, partition=STACKED_PARTITION)
+  assert _columns(table) == STACKED_ROWS
+  chain = q.q_adam_mini(1e-3, partition=STACKED_PARTITION, quantization=SMALL_GROUPS)
+  assert table == q.describe(_stacked_params(), chain, partition=STACKED_PARTITION)
 
 
 def test_bad_arguments_are_refused():

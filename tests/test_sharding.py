@@ -6,6 +6,7 @@ devices runs ``tests/multidevice`` in a process of its own
 its single device.
 """
 
+import re
 import warnings
 
 import jax
@@ -62,6 +63,92 @@ def test_param_shardings_must_match_params():
     sharding.per_parameter(params, {"a": NamedSharding(MESH, P()), "b": P()})
   with pytest.raises(q.ShardingError, match="a pytree container"):
     q.state_shardings({}, params["a"], P(), mesh=MESH)
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  with pytest.raises(q.ShardingError, match="^a: expected a NamedSharding or PartitionSpec, got "
+                     "SingleDeviceSharding"):
+    sharding.per_parameter(params, {"a": device, "b": P()}, MESH)
+  # A spec that does not fit its parameter or the mesh names the parameter.
+  with pytest.raises(q.ShardingError, match=re.escape(
+      "b: its PartitionSpec P(None, 'fsdp') has more entries than its shape (8,) has axes.")):
+    q.state_shardings(params, params, {"a": P(), "b": P(None, "fsdp")}, mesh=MESH)
+  with pytest.raises(q.ShardingError, match=r"^a: .*tensor.*not found in mesh"):
+    q.state_shardings(params, params, {"a": P("tensor"), "b": P()}, mesh=MESH)
+
+
+def test_weight_shardings_refuse_cut_int8_weight_groups():
+  """An INT8 weight's scales follow its codes, and a sharding that cuts its groups
+  (here 64 rows in groups of 32, split 4 ways) is an error naming the weight."""
+  quantization = q.Int8Quantization(group_size=32, min_size=64)
+  part = q.BlockPartition(rules={"w": "mlp"})
+  qp = jax.eval_shape(lambda: q.quantize_params(
+      {"w": jax.numpy.ones((64, 32)), "b": jax.numpy.ones((32,))}, part, quantization))
+  assert q.weights.is_quantized(qp["w"]) and qp["w"].scales.shape == (2, 32)
+  got = q.weight_shardings(qp, {"w": P(None, "fsdp"), "b": P()}, mesh=MESH)
+  assert got["w"].codes.spec == P(None, "fsdp") and got["w"].scales.spec == P(None, "fsdp")
+  assert got["b"].spec == P(None)
+  with pytest.raises(q.ShardingError, match=re.escape(
+      "w: its sharding P('fsdp',) splits axes [0] of shape (64, 32) into shards that cut INT8 "
+      "quantization groups (scales of shape (2, 32))")):
+    q.weight_shardings(qp, {"w": P("fsdp"), "b": P()}, mesh=MESH)
+
+
+KERNEL_INT8 = q.Int8Quantization(group_size=8, min_size=64)
+
+
+def _kernel_step(shapes, spec, partition, *, implementation="pallas", int8_weights=False):
+  """Output shapes of one step with every leaf sharded ``spec`` on MESH, by
+  ``jax.eval_shape`` (the Pallas kernel is traced in interpret mode, never compiled)."""
+  params = tm.nest({p: jax.ShapeDtypeStruct(s, "float32") for p, s in shapes.items()})
+  shardings = jax.tree.map(lambda _: NamedSharding(MESH, spec), params)
+  kw = dict(partition=partition, quantization=KERNEL_INT8, implementation=implementation,
+            shardings=shardings)
+  if int8_weights:
+    weights = jax.eval_shape(lambda p: q.quantize_params(p, partition, KERNEL_INT8), params)
+    is_int8 = q.weights.is_quantized
+    assert all(map(is_int8, jax.tree.leaves(weights, is_leaf=is_int8)))
+    opt = q.fused_q_adam_mini(1e-3, **kw)
+    return jax.eval_shape(lambda g, p: opt.step(g, opt.init(p), p)[0], params, weights)
+  tx = q.q_adam_mini(1e-3, **kw)
+  return jax.eval_shape(lambda g: tx.update(g, tx.init(g), g)[0], params)
+
+
+STACKED = q.BlockPartition(rules={"w": "mlp"}, layers={"layers": 0})
+# name: (shapes, partition, INT8 weights?, the spec refused, a spec the kernel runs, message)
+KERNEL_SHARDING_ERRORS = {
+    "stacked_layers": (
+        {"layers/w": (2, 64, 32)}, STACKED, False, P(None, None, "fsdp"), P(),
+        "layers/w: the fused kernel does not run per shard on stacked layers (layer axes (0,)); "
+        "use implementation='xla' for this model."),
+    "int8_weights": (
+        {"w": (64, 32)}, q.BlockPartition(rules={"w": "mlp"}), True, P(None, "fsdp"), P(),
+        "w: the fused kernel does not update sharded INT8 weights yet; use implementation='xla'."),
+    "second_axis_of_a_side": (  # value (in, heads, head_dim): view (in) x (heads, head_dim)
+        {"w": (8, 4, 16)}, q.BlockPartition(rules={"w": "value"}), False, P(None, None, "fsdp"),
+        P(None, "fsdp"),
+        "w: the fused kernel can split only the first axis of each side of its 1+2 axis view of "
+        "shape (8, 4, 16), got P(None, None, 'fsdp'); use implementation='xla' for this sharding."),
+    "uneven_split": (  # 30 columns over 4 shards
+        {"w": (64, 30)}, q.BlockPartition(rules={"w": "mlp"}), False, P(None, "fsdp"), P("fsdp"),
+        "w: shape (64, 30) does not split evenly under P(None, 'fsdp') (mesh {'data': 2, "
+        "'fsdp': 4}), which the per-shard kernel needs."),
+}
+
+
+@pytest.mark.filterwarnings("ignore:Adam-mini partition found no")
+@pytest.mark.parametrize("case", list(KERNEL_SHARDING_ERRORS))
+def test_kernel_refuses_shardings_it_cannot_run_per_shard(case):
+  """implementation="pallas" raises a ShardingError naming the parameter while tracing
+  the step (before any compile) for shardings the per-shard kernel does not support;
+  the XLA path takes the same sharding, and the kernel a supported one of the same leaf."""
+  shapes, partition, int8_weights, bad, good, message = KERNEL_SHARDING_ERRORS[case]
+  step = lambda spec, **kw: _kernel_step(shapes, spec, partition, int8_weights=int8_weights, **kw)
+  with pytest.raises(q.ShardingError, match="^" + re.escape(message)):
+    step(bad)
+  (path, shape), = shapes.items()
+  for out in (step(bad, implementation="xla"), step(good)):
+    (got_path, leaf), = jax.tree_util.tree_flatten_with_path(out, is_leaf=q.weights.is_quantized)[0]
+    assert partition_lib.path_str(got_path) == path and leaf.shape == shape
+    assert q.weights.is_quantized(leaf) == int8_weights
 
 
 @pytest.mark.filterwarnings("ignore:Adam-mini partition found no")

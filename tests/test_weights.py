@@ -94,6 +94,31 @@ def test_value_and_grad_gives_float_gradients_of_the_dequantized_weights():
   chex.assert_trees_all_close(grads, want, rtol=1e-5, atol=1e-9)
 
 
+def test_value_and_grad_with_aux_like_jax():
+  """has_aux=True: ``((value, aux), grads)`` as jax.value_and_grad gives them for the
+  dequantized weights (zeros for the unused embedding); aux read from the weights sees
+  their values, not the zero carriers; keyword arguments reach ``fn``."""
+  qp = W.quantize_params(_params(), PARTITION, QUANT)
+  x = jnp.asarray(np.random.default_rng(1).normal(size=(5, 64)), jnp.float32)
+
+  def loss(p, x, *, temperature):
+    h = jnp.tanh(x @ W.dequantize(p["attn"]["q_proj"]["kernel"])) * p["norm"]["scale"]
+    logits = h @ W.dequantize(p["lm_head"]["kernel"]) / temperature
+    aux = {"logits": logits, "head_sum": jnp.sum(W.dequantize(p["lm_head"]["kernel"]))}
+    return jnp.mean(logits ** 2) + jnp.sum(p["small"]["kernel"] ** 2), aux
+
+  (value, aux), grads = W.value_and_grad(loss, has_aux=True)(qp, x, temperature=2.0)
+  floats = W.dequantize_params(qp)
+  (want_value, want_aux), want = jax.value_and_grad(loss, has_aux=True)(floats, x, temperature=2.0)
+  np.testing.assert_allclose(value, want_value, rtol=1e-6)
+  chex.assert_trees_all_equal_shapes_and_dtypes(aux, want_aux)
+  chex.assert_trees_all_close(aux, want_aux, rtol=1e-6)
+  assert float(aux["head_sum"]) != 0.0  # the weight's value, not its zero carrier
+  chex.assert_trees_all_equal_shapes_and_dtypes(grads, want)
+  chex.assert_trees_all_close(grads, want, rtol=1e-5, atol=1e-9)
+  assert float(jnp.abs(grads["lm_head"]["kernel"]).max()) > 0  # a real gradient, not zeros
+
+
 def _noise(key, path, shape):
   seeds = random_bits.stream_seeds(random_bits.key_words(key), jnp.int32(1),
                                    random_bits.path_stream(path), random_bits.WEIGHTS)
