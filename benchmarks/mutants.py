@@ -373,6 +373,29 @@ MUTANTS: tuple[Mutant, ...] = (
         (f"{PARTITION}::test_nnx_llama_rules_and_block_shapes",),
         ("test_nnx_llama_rules_and_block_shapes",),
         "GQA: key kernels split into num_heads blocks instead of num_kv_heads"),
+    # --- Errors a user needs (storage.py, transform.py, leaf_update.py) -----------
+    Mutant(
+        "group_size_zero_accepted", "qadam_mini_jax/storage.py",
+        'least = 1 if name == "group_size" else 0',
+        "least = 0",
+        ("tests/test_quantize.py::test_int8_quantization_refuses_bad_settings",),
+        ("test_int8_quantization_refuses_bad_settings",),
+        "Int8Quantization(group_size=0) is accepted and fails later inside a reshape"),
+    Mutant(
+        "rounding_string_unchecked", "qadam_mini_jax/transform.py",
+        "if isinstance(rounding, str) and rounding.lower() not in ROUNDING_CHOICES:",
+        "if False:",
+        (f"{TRANSFORM}::test_bad_stochastic_rounding_arguments_are_refused",),
+        ("test_bad_stochastic_rounding_arguments_are_refused",),
+        "stochastic_rounding='sometimes' is accepted and rounds every leaf to nearest"),
+    Mutant(
+        "kernel_runs_sharded_stacked_layers", "qadam_mini_jax/leaf_update.py",
+        "if plan.spec.layers and not (plan.sharding is None or plan.sharding.is_fully_replicated):",
+        "if False:",
+        ("tests/test_sharding.py::test_kernel_refuses_shardings_it_cannot_run_per_shard",),
+        ("test_kernel_refuses_shardings_it_cannot_run_per_shard",),
+        "the kernel runs on stacked layers sharded per shard, which it cannot do: an obscure "
+        "error instead of one naming the parameter"),
 )
 
 

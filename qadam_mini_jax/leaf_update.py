@@ -157,17 +157,21 @@ def update_leaf(plan: LeafPlan, s: StepScalars, g: jax.Array, mu: Any, nu: jax.A
   if not (plan.spec.layers and quantized):  # groups of the whole leaf
     out, mu = one_layer(plan, s, plan.spec, g, mu, factor, p, None)
     return out, mu, nu
-  # Quantization groups are per layer: map one layer's update over the layer axes.
+  # Quantization groups are per layer: one layer at a time, each layer's results
+  # written over the stacked arrays they replace (the direction over the gradient,
+  # new parameters over the parameters, m over m), so only one layer's float32 m
+  # and rounding temporaries are alive, not the whole stack's.
   layer_spec, _ = partition_lib.layer_slice(plan.spec, g.shape)
   ax = plan.spec.layers
   sizes = tuple(g.shape[a] for a in ax)
-  layers = jnp.arange(math.prod(sizes), dtype=jnp.uint32).reshape(sizes)
-  p_axes = None if plan.decay is None else (ax if plan.weights is None
-                                             else plan.weights.layer_axes(plan.spec))
-  out_axes = ax if plan.decay is None or plan.weights is None else p_axes
   m_axes = plan.moment.layer_axes(plan.spec)
-  out, mu = partition_lib.per_layer(
-      lambda *a: one_layer(plan, s, layer_spec, *a),
-      (ax, m_axes, ax, p_axes, tuple(range(len(ax)))), (out_axes, m_axes),
-  )(g, mu, factor, p, layers)
+  if plan.decay is None:
+    out, mu = partition_lib.layer_loop(
+        lambda layer, g, mu, factor: one_layer(plan, s, layer_spec, g, mu, factor, None, layer),
+        sizes, (g, mu), (ax, m_axes), (factor,), (ax,))
+    return out, mu, nu
+  p_axes = ax if plan.weights is None else plan.weights.layer_axes(plan.spec)
+  out, mu = partition_lib.layer_loop(
+      lambda layer, p, mu, g, factor: one_layer(plan, s, layer_spec, g, mu, factor, p, layer),
+      sizes, (p, mu), (p_axes, m_axes), (g, factor), (ax, ax))
   return out, mu, nu

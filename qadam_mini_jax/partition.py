@@ -397,6 +397,54 @@ def per_layer(fn: Callable[..., Any], in_axes: tuple[Any, ...], out_axes: tuple[
   return fn
 
 
+def layer_loop(fn: Callable[..., tuple[Any, ...]], sizes: tuple[int, ...], carry: tuple[Any, ...],
+               carry_axes: tuple[Any, ...], consts: tuple[Any, ...] = (),
+               const_axes: tuple[Any, ...] = ()) -> tuple[Any, ...]:
+  """``fn`` of one layer at a time, its results written over the stacked arrays they replace.
+
+  ``fn(layer, *carry_layer, *const_layer)`` gets layer ``layer`` (uint32, the
+  row-major index over the layer axes of sizes ``sizes``) of each pytree of
+  ``carry`` and ``consts`` (layer axes per pytree prefix in ``carry_axes`` /
+  ``const_axes``, ``None`` for a pytree shared by all layers) and returns the
+  new layer of each ``carry`` pytree, which is written back into it. Unlike
+  :func:`per_layer` (``vmap``), only one layer's temporaries are alive at a
+  time, and XLA updates each ``carry`` array in place when nothing reads it
+  afterwards (a gradient that the result replaces, a donated state).
+  """
+  is_axes = lambda a: isinstance(a, tuple) and all(isinstance(i, int) for i in a)
+
+  def starts(x, axes, index):
+    out = [jnp.zeros([], jnp.int32)] * x.ndim
+    for a, i in zip(axes, index):
+      out[a] = i
+    return out
+
+  def take(axes, x, index):
+    window = [1 if a in axes else n for a, n in enumerate(x.shape)]
+    return jax.lax.dynamic_slice(x, starts(x, axes, index), window).squeeze(axes)
+
+  def put(axes, x, value, index):
+    return jax.lax.dynamic_update_slice(x, jnp.expand_dims(value, axes), starts(x, axes, index))
+
+  def layer_of(tree, axes, index):
+    if axes is None:
+      return tree
+    return jax.tree.map(lambda a, x: take(a, x, index), axes, tree, is_leaf=is_axes)
+
+  def body(i, carry):
+    index, rest = [], i
+    for n in reversed(sizes):
+      index.insert(0, rest % n)
+      rest = rest // n
+    new = fn(i.astype(jnp.uint32), *(layer_of(t, a, index) for t, a in zip(carry, carry_axes)),
+             *(layer_of(t, a, index) for t, a in zip(consts, const_axes)))
+    return tuple(jax.tree.map(lambda a, x, v: put(a, x, v, index), axes, tree, layer,
+                              is_leaf=is_axes)
+                 for axes, tree, layer in zip(carry_axes, carry, new))
+
+  return jax.lax.fori_loop(0, math.prod(sizes), body, tuple(carry))
+
+
 def recorded_layers(params: Any, name: str = "layers") -> dict[str, tuple[int, ...]]:
   """``BlockPartition(layers=...)`` from the layer axes Flax recorded in ``params``.
 

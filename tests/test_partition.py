@@ -322,3 +322,24 @@ def test_recorded_layers_from_linen_scan_metadata():
   specs = _specs(nn.unbox(params), q.BlockPartition(layers=layers))
   assert specs["layers/up_proj/kernel"] == q.BlockSpec((0,), None, "mlp", (1,))
   assert specs["layers/up_proj/bias"].layers == (1,)
+
+
+def test_layer_loop_writes_each_layer_over_its_stacked_input():
+  """Layer axes 0 and 2 of a (2, 3, 4, 5) stack: every layer (row-major index over
+  the layer axes) is computed from its own slices and written back in place."""
+  x = jnp.arange(120, dtype=jnp.float32).reshape(2, 3, 4, 5)
+  pair = (jnp.ones((2, 3, 4, 5)), jnp.full((4, 7, 2), 2.0))  # a pytree with its own layer axes
+  c = jnp.arange(8, dtype=jnp.float32).reshape(2, 1, 4, 1)
+
+  def one(layer, x, pair, c, shared):
+    return x * c + shared + layer, (pair[0] * layer, pair[1] + x.sum())
+
+  out, (a, b) = jax.jit(lambda x, pair, c: P.layer_loop(
+      one, (2, 4), (x, pair), ((0, 2), ((0, 2), (2, 0))), (c, 10.0), ((0, 2), None)))(x, pair, c)
+  xs, cs = np.asarray(x), np.asarray(c)
+  for i in range(2):
+    for j in range(4):
+      layer = i * 4 + j
+      np.testing.assert_array_equal(out[i, :, j], xs[i, :, j] * cs[i, 0, j, 0] + 10.0 + layer)
+      np.testing.assert_array_equal(a[i, :, j], np.full((3, 5), layer))
+      np.testing.assert_array_equal(b[j, :, i], np.full(7, 2.0 + xs[i, :, j].sum()))
