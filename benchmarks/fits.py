@@ -143,6 +143,30 @@ def largest_fits(records: list[dict[str, Any]]) -> list[str]:
   return lines
 
 
+def int8_m_extra(records: list[dict[str, Any]]) -> list[str]:
+  """``q_adam_mini``'s temp minus ``adam_mini``'s, per model (scanned)."""
+  temp = {(r["model"], r["optimizer"]): r["temp"] for r in records if r["layers"] == "scanned"}
+  models = [m for m in dict.fromkeys(r["model"] for r in records)
+            if (m, "q_adam_mini") in temp and (m, "adam_mini") in temp]
+  if not models:
+    return []
+  lines = ["", "## INT8 m against float m: the update's extra temporaries", "",
+           "`adam_mini` updates its float32 `m` in place; `q_adam_mini` dequantizes `m`, updates "
+           "it and rounds it back, one stacked layer at a time (the embedding and output layer "
+           "whole), so the float32 `m` and rounding temporaries of about one layer are alive "
+           "beside the rest. The difference of the two steps' temp, beside one layer's float32 "
+           "`m` of the largest stacked leaf (the FFN kernel, 4 x dim x ffn bytes) for scale: "
+           "positive where those temporaries add to the step's peak, negative where XLA "
+           "scheduled the INT8 step's peak lower.", "",
+           "| model | q_adam_mini temp - adam_mini temp (MiB) | one FFN layer's float32 m (MiB) |",
+           "|---|---:|---:|"]
+  for model in models:
+    c = CONFIGS[model]
+    extra = temp[(model, "q_adam_mini")] - temp[(model, "adam_mini")]
+    lines.append(f"| {model} | {extra / 2**20:,.1f} | {4 * c.dim * c.ffn_dim / 2**20:,.1f} |")
+  return lines
+
+
 def report(records: list[dict[str, Any]], models: list[str]) -> str:
   device = jax.devices()[0]
   machine = (f"{getattr(device, 'device_kind', jax.default_backend())} "
@@ -177,6 +201,7 @@ def report(records: list[dict[str, Any]], models: list[str]) -> str:
   lines += ["", f"## Largest config that fits (of {', '.join(models)}; peak GiB)", "",
             "Peak <= budget. A GPU needs some headroom beyond XLA's peak (runtime, allocator; "
             "see JAX's notes on GPU memory allocation).", "", *largest_fits(records)]
+  lines += int8_m_extra(records)
   unrolled = [r for r in records if r["layers"] == "unrolled"]
   if unrolled:
     peaks = {(r["optimizer"], r["layers"]): r for r in records if r["model"] == UNROLLED_CHECK}
