@@ -17,7 +17,6 @@ specification) or in the fused Pallas kernel (:mod:`.pallas_update`).
 
 from __future__ import annotations
 
-import math
 from typing import Any, NamedTuple
 
 import jax

@@ -18,7 +18,6 @@ from __future__ import annotations
 import math
 import warnings
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
