@@ -431,18 +431,33 @@ def layer_loop(fn: Callable[..., tuple[Any, ...]], sizes: tuple[int, ...], carry
       return tree
     return jax.tree.map(lambda a, x: take(a, x, index), axes, tree, is_leaf=is_axes)
 
-  def body(i, carry):
-    index, rest = [], i
+  def unravel(i):
+    index = []
     for n in reversed(sizes):
-      index.insert(0, rest % n)
-      rest = rest // n
-    new = fn(i.astype(jnp.uint32), *(layer_of(t, a, index) for t, a in zip(carry, carry_axes)),
-             *(layer_of(t, a, index) for t, a in zip(consts, const_axes)))
-    return tuple(jax.tree.map(lambda a, x, v: put(a, x, v, index), axes, tree, layer,
-                              is_leaf=is_axes)
-                 for axes, tree, layer in zip(carry_axes, carry, new))
+      index.insert(0, i % n)
+      i = i // n
+    return index
 
-  return jax.lax.fori_loop(0, math.prod(sizes), body, tuple(carry))
+  def read(stacks, i):
+    return tuple(layer_of(t, a, unravel(i)) for t, a in zip(stacks, carry_axes))
+
+  # Each iteration gets its layer of the carried stacks as loop state of its own,
+  # read after the previous layer was written. Nothing reads a stack after it is
+  # written in place, so XLA copies none (reading the layer in the same iteration as
+  # the write, XLA fused the read into consumers that may run after the write and
+  # copied every carried stack at every layer to keep the old values).
+  def body(i, state):
+    stacks, current = state
+    index = unravel(i)
+    new = fn(i.astype(jnp.uint32), *current,
+             *(layer_of(t, a, index) for t, a in zip(consts, const_axes)))
+    stacks = tuple(jax.tree.map(lambda a, x, v: put(a, x, v, index), axes, tree, layer,
+                                is_leaf=is_axes)
+                   for axes, tree, layer in zip(carry_axes, stacks, new))
+    return stacks, read(stacks, i + 1)  # past the last layer: clamped, unused
+
+  carry = tuple(carry)
+  return jax.lax.fori_loop(0, math.prod(sizes), body, (carry, read(carry, 0)))[0]
 
 
 def recorded_layers(params: Any, name: str = "layers") -> dict[str, tuple[int, ...]]:
