@@ -153,8 +153,8 @@ def int8_m_extra(records: list[dict[str, Any]]) -> list[str]:
   lines = ["", "## INT8 m against float m: the update's extra temporaries", "",
            "`adam_mini` updates its float32 `m` in place; `q_adam_mini` dequantizes `m`, updates "
            "it and rounds it back, one stacked layer at a time (the embedding and output layer "
-           "whole), so the float32 `m` and rounding temporaries of about one layer are alive "
-           "beside the rest. The difference of the two steps' temp, beside one layer's float32 "
+           "whole), so one layer's gradient, `m` and rounding temporaries are alive beside the "
+           "rest (loop state and their float32 working copies: a few layers' float32 `m`). The difference of the two steps' temp, beside one layer's float32 "
            "`m` of the largest stacked leaf (the FFN kernel, 4 x dim x ffn bytes) for scale: "
            "positive where those temporaries add to the step's peak, negative where XLA "
            "scheduled the INT8 step's peak lower.", "",
