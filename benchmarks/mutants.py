@@ -373,6 +373,15 @@ MUTANTS: tuple[Mutant, ...] = (
         (f"{PARTITION}::test_nnx_llama_rules_and_block_shapes",),
         ("test_nnx_llama_rules_and_block_shapes",),
         "GQA: key kernels split into num_heads blocks instead of num_kv_heads"),
+    Mutant(
+        "layer_loop_reads_a_stale_layer", "qadam_mini_jax/partition.py",
+        "return stacks, read(stacks, i + 1)  # past the last layer: clamped, unused",
+        "return stacks, current",
+        ("tests/test_partition.py::test_layer_loop_writes_each_layer_over_its_stacked_input",
+         f"{TRANSFORM}::test_stacked_layers_update_like_the_unstacked_model"),
+        ("test_layer_loop_writes_each_layer", "test_stacked_layers_update_like_the_unstacked"),
+        "a scanned model's stacked INT8 leaves: every layer is updated from the first layer's "
+        "gradient and m"),
     # --- Errors a user needs (storage.py, transform.py, leaf_update.py) -----------
     Mutant(
         "group_size_zero_accepted", "qadam_mini_jax/storage.py",
