@@ -152,3 +152,29 @@ def next_token_loss(logits: jax.Array, tokens: jax.Array) -> jax.Array:
   """Mean cross-entropy of predicting ``tokens[:, 1:]``."""
   logp = jax.nn.log_softmax(logits[:, :-1])
   return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1))
+
+
+def pieces(model: Llama):
+  """``(embed, block, head)``: the scanned ``model`` (or ``nnx.eval_shape`` of
+  it) cut into pure functions over its parameter dict
+  (``nnx.to_pure_dict(nnx.state(model, nnx.Param))``), for
+  :func:`qadam_mini_jax.in_backward.train_step`; ``head`` returns the
+  next-token loss of the batch of tokens."""
+  if not model.config.scan_layers:
+    raise ValueError("pieces needs a model built with scan_layers=True (stacked blocks).")
+
+  graphdefs = {name: nnx.graphdef(getattr(model, name))
+               for name in ("embed", "layers", "norm", "lm_head")}
+  module = lambda name, params: nnx.merge(graphdefs[name], params)
+
+  def embed(rest, tokens):
+    return module("embed", rest["embed"])(tokens)
+
+  def block(layer, x):
+    return module("layers", layer)(x)
+
+  def head(rest, x, tokens):
+    logits = module("lm_head", rest["lm_head"])(module("norm", rest["norm"])(x))
+    return next_token_loss(logits.astype(jnp.float32), tokens)
+
+  return embed, block, head

@@ -8,8 +8,10 @@ workshop), the same with the first moment stored in INT8.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import re
+import weakref
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -103,10 +105,11 @@ def adam_mini(
     shardings: the parameters' ``NamedSharding``s for sharded training (the
       state follows them); see :func:`~qadam_mini_jax.sharding.state_shardings`.
   """
-  return _decay_and_scale(
-      transform.scale_by_adam_mini(b1, b2, eps, partition=partition, mu_dtype=mu_dtype,
-                                   shardings=shardings),
-      learning_rate, weight_decay, mask, partition)
+  config = transform.AdamMiniConfig(b1, b2, eps, partition=partition, mu_dtype=mu_dtype,
+                                    shardings=shardings)
+  return _registered(_decay_and_scale(transform.scale_by_adam_mini(**_arguments(config)),
+                                      learning_rate, weight_decay, mask, partition),
+                     config, learning_rate, weight_decay, mask)
 
 
 def q_adam_mini(
@@ -143,12 +146,13 @@ def q_adam_mini(
       state follows them and the kernel runs per shard (``shard_map``); see
       :mod:`qadam_mini_jax.sharding` for the shardings INT8 groups support.
   """
-  return _decay_and_scale(
-      transform.scale_by_adam_mini(
-          b1, b2, eps, partition=partition, quantization=quantization,
-          stochastic_rounding=stochastic_rounding, key=key, implementation=implementation,
-          shardings=shardings),
-      learning_rate, weight_decay, mask, partition)
+  config = transform.AdamMiniConfig(
+      b1, b2, eps, partition=partition, quantization=quantization,
+      stochastic_rounding=stochastic_rounding, key=key, implementation=implementation,
+      shardings=shardings)
+  return _registered(_decay_and_scale(transform.scale_by_adam_mini(**_arguments(config)),
+                                      learning_rate, weight_decay, mask, partition),
+                     config, learning_rate, weight_decay, mask)
 
 
 class FusedOptimizer(NamedTuple):
@@ -193,24 +197,67 @@ def fused_q_adam_mini(
   chain = q_adam_mini(learning_rate, b1, b2, eps, weight_decay, mask=mask, partition=partition,
                       quantization=quantization, stochastic_rounding=stochastic_rounding,
                       key=key, implementation="xla", shardings=shardings)
-  _, adam_step = transform.adam_mini_step(transform.AdamMiniConfig(
+  return FusedOptimizer(chain.init, _writing_step(transform.AdamMiniConfig(
       b1, b2, eps, partition=partition, quantization=quantization,
       stochastic_rounding=stochastic_rounding, key=key, implementation=implementation,
-      shardings=shardings))
-  # The chain's own decay and learning-rate transforms give the scalars and
-  # advance their schedule counts exactly as the chain does.
+      shardings=shardings), learning_rate, weight_decay, mask))
+
+
+def _arguments(config: transform.AdamMiniConfig) -> dict[str, Any]:
+  """``config`` as keyword arguments of :func:`~.transform.scale_by_adam_mini`."""
+  return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+
+
+def _writing_step(config: transform.AdamMiniConfig, learning_rate, weight_decay, mask):
+  """``step(grads, state, params, layer=None) -> (params, state)``: the chain
+  ``chain(scale_by_adam_mini(config), add_decayed_weights, scale_by_learning_rate)``
+  on its own state, writing the new parameters itself.
+
+  The chain's own decay and learning-rate transforms give the scalars and
+  advance their schedule counts exactly as the chain does. ``grads`` may
+  hold ``None`` for leaves left as they are, and ``layer``
+  (:class:`~.transform.LayerOf`) updates one layer of stacked leaves (see
+  :func:`~.transform.adam_mini_step`).
+  """
+  _, adam_step = transform.adam_mini_step(config)
   decay = optax.add_decayed_weights(weight_decay)
   scale = optax.scale_by_learning_rate(learning_rate)
   one = jnp.ones([], jnp.float32)
 
-  def step(grads, state, params):
+  def step(grads, state, params, layer=None):
     adam_state, decay_state, lr_state = state
     wd, decay_inner = decay.update(0.0 * one, decay_state.inner_state, one)
     neg_lr, lr_state = scale.update(one, lr_state)
-    decays = _mask(mask, partition)
-    decays = decays(weights.float_like(params)) if callable(decays) else decays
+    decays = _mask(mask, config.partition)
+    whole = params if layer is None else layer.params
+    decays = decays(weights.float_like(whole)) if callable(decays) else decays
     params, adam_state = adam_step(
-        grads, adam_state, transform.Epilogue(params, neg_lr, wd, decays))
+        grads, adam_state, transform.Epilogue(params, neg_lr, wd, decays), layer)
     return params, (adam_state, decay_state._replace(inner_state=decay_inner), lr_state)
 
-  return FusedOptimizer(chain.init, step)
+  return step
+
+
+#: The writing step of each ``adam_mini`` / ``q_adam_mini`` chain, by its ``init``.
+_WRITING_STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _registered(chain, config, learning_rate, weight_decay, mask):
+  _WRITING_STEPS[chain.init] = _writing_step(config, learning_rate, weight_decay, mask)
+  return chain
+
+
+def writing_step(optimizer: Any) -> Callable[..., tuple[Any, Any]] | None:
+  """The step that writes new parameters (``step(grads, state, params,
+  layer=None)``, see :func:`_writing_step`) of an optimizer this module
+  built: :func:`adam_mini`, :func:`q_adam_mini` (the same arithmetic as the
+  chain followed by ``optax.apply_updates``) or :func:`fused_q_adam_mini`;
+  ``None`` for any other.
+  """
+  if isinstance(optimizer, FusedOptimizer):
+    return optimizer.step
+  init = getattr(optimizer, "init", None)
+  try:
+    return _WRITING_STEPS.get(init)
+  except TypeError:  # not weakly referable
+    return None

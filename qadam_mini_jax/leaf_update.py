@@ -128,6 +128,30 @@ def _kernel_layer(plan: LeafPlan, s: StepScalars, spec: partition_lib.BlockSpec,
       *args, layout=layout, sharding=plan.sharding, path=plan.path, **kernel_args)
 
 
+def _second_moment(s: StepScalars, spec: partition_lib.BlockSpec, g: jax.Array, nu: jax.Array):
+  """``(v, factor)``: the new block second moment and ``1/((1-b1^t)(sqrt(v/(1-b2^t)) + eps))``."""
+  g32 = g.astype(jnp.float32)
+  nu = s.b2 * nu + (1.0 - s.b2) * partition_lib.block_mean(g32 * g32, spec)
+  # One factor per block, so the per-element work is a single multiply.
+  return nu, 1.0 / (s.bias_correction1 * (jnp.sqrt(nu) / s.sqrt_bias_correction2 + s.eps))
+
+
+def _layer_update(plan: LeafPlan):
+  """The function that updates one layer of ``plan``'s leaf (jnp or the kernel)."""
+  if plan.backend is None or not plan.moment.quantized:
+    return _jnp_layer
+  if plan.spec.layers and not (plan.sharding is None or plan.sharding.is_fully_replicated):
+    raise sharding_lib.ShardingError(
+        f"{plan.path}: the fused kernel does not run per shard on stacked layers "
+        f"(layer axes {plan.spec.layers}); use implementation='xla' for this model.")
+  if plan.weights is not None and plan.weights.like.layout != plan.moment.layout:
+    raise ValueError(
+        f"{plan.path}: the fused kernel needs the INT8 weight grouped as its m, got "
+        f"{plan.weights.like.layout} and {plan.moment.layout}; give quantize_params the "
+        "optimizer's partition and Int8Quantization.")
+  return _kernel_layer
+
+
 def update_leaf(plan: LeafPlan, s: StepScalars, g: jax.Array, mu: Any, nu: jax.Array,
                 p: Any = None) -> tuple[Any, Any, jax.Array]:
   """One leaf's step: ``(out, m, v)``.
@@ -135,24 +159,9 @@ def update_leaf(plan: LeafPlan, s: StepScalars, g: jax.Array, mu: Any, nu: jax.A
   ``out`` is the direction ``u`` in ``g``'s dtype, or, with
   :attr:`LeafPlan.decay`, the new parameter in ``p``'s storage.
   """
-  g32 = g.astype(jnp.float32)
-  nu = s.b2 * nu + (1.0 - s.b2) * partition_lib.block_mean(g32 * g32, plan.spec)
-  # One factor per block, so the per-element work is a single multiply.
-  factor = 1.0 / (s.bias_correction1 * (jnp.sqrt(nu) / s.sqrt_bias_correction2 + s.eps))
+  nu, factor = _second_moment(s, plan.spec, g, nu)
+  one_layer = _layer_update(plan)
   quantized = plan.moment.quantized or plan.weights is not None
-  if plan.backend is not None and plan.moment.quantized:
-    if plan.spec.layers and not (plan.sharding is None or plan.sharding.is_fully_replicated):
-      raise sharding_lib.ShardingError(
-          f"{plan.path}: the fused kernel does not run per shard on stacked layers "
-          f"(layer axes {plan.spec.layers}); use implementation='xla' for this model.")
-    if plan.weights is not None and plan.weights.like.layout != plan.moment.layout:
-      raise ValueError(
-          f"{plan.path}: the fused kernel needs the INT8 weight grouped as its m, got "
-          f"{plan.weights.like.layout} and {plan.moment.layout}; give quantize_params the "
-          "optimizer's partition and Int8Quantization.")
-    one_layer = _kernel_layer
-  else:
-    one_layer = _jnp_layer
   if not (plan.spec.layers and quantized):  # groups of the whole leaf
     out, mu = one_layer(plan, s, plan.spec, g, mu, factor, p, None)
     return out, mu, nu
@@ -173,4 +182,19 @@ def update_leaf(plan: LeafPlan, s: StepScalars, g: jax.Array, mu: Any, nu: jax.A
   out, mu = partition_lib.layer_loop(
       lambda layer, p, mu, g, factor: one_layer(plan, s, layer_spec, g, mu, factor, p, layer),
       sizes, (p, mu), (p_axes, m_axes), (g, factor), (ax, ax))
+  return out, mu, nu
+
+
+def update_layer(plan: LeafPlan, s: StepScalars, shape: tuple[int, ...], g: jax.Array, mu: Any,
+                 nu: jax.Array, p: Any, layer: jax.Array) -> tuple[Any, Any, jax.Array]:
+  """Layer ``layer`` (uint32, row-major over the layer axes) of a stacked leaf's step.
+
+  ``plan`` and ``shape`` are the whole leaf's; ``g``, ``mu``, ``nu`` and
+  ``p`` are that layer's slices (:func:`.partition.take_layer`), and so are
+  the results ``(out, m, v)``: the same values as :func:`update_leaf` gives
+  for that layer, with the same rounding streams.
+  """
+  layer_spec, _ = partition_lib.layer_slice(plan.spec, shape)
+  nu, factor = _second_moment(s, layer_spec, g, nu)
+  out, mu = _layer_update(plan)(plan, s, layer_spec, g, mu, factor, p, layer)
   return out, mu, nu

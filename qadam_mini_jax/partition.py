@@ -380,6 +380,11 @@ def layer_slice(spec: BlockSpec, shape: tuple[int, ...]) -> tuple[BlockSpec, tup
           tuple(shape[i] for i in kept))
 
 
+def is_axes(a: Any) -> bool:
+  """Whether ``a`` is a tuple of layer-axis positions (a leaf of an axes pytree)."""
+  return isinstance(a, tuple) and all(isinstance(i, int) for i in a)
+
+
 def per_layer(fn: Callable[..., Any], in_axes: tuple[Any, ...], out_axes: tuple[Any, ...]):
   """``fn`` of one layer's arrays, mapped over the layer axes of a stacked leaf.
 
@@ -387,59 +392,75 @@ def per_layer(fn: Callable[..., Any], in_axes: tuple[Any, ...], out_axes: tuple[
   the ascending positions of the layer axes in the stacked array, or ``None``
   for an argument shared by all layers.
   """
-  is_axes = lambda a: a is None or (isinstance(a, tuple) and all(isinstance(i, int) for i in a))
-
   def nth(axes, k):
-    return jax.tree.map(lambda a: None if a is None else a[k] - k, axes, is_leaf=is_axes)
+    return jax.tree.map(lambda a: None if a is None else a[k] - k, axes,
+                        is_leaf=lambda a: a is None or is_axes(a))
   count = len(jax.tree.leaves(out_axes, is_leaf=is_axes)[0])
   for k in reversed(range(count)):
     fn = jax.vmap(fn, in_axes=nth(in_axes, k), out_axes=nth(out_axes, k))
   return fn
 
 
+def _starts(x: jax.Array, axes: tuple[int, ...], index: list[jax.Array]) -> list[jax.Array]:
+  out = [jnp.zeros([], jnp.int32)] * x.ndim
+  for a, i in zip(axes, index):
+    out[a] = i
+  return out
+
+
+def take_layer(tree: Any, axes: Any, index: list[jax.Array]) -> Any:
+  """Layer ``index`` (one position per layer axis) of each array of ``tree``.
+
+  ``axes`` is a pytree prefix of ``tree`` holding the layer axes of each array
+  (a tuple), or ``None`` for a part that is not stacked (returned as it is).
+  """
+  def take(a, x):
+    if a is None:
+      return x
+    window = [1 if i in a else n for i, n in enumerate(x.shape)]
+    return jax.lax.dynamic_slice(x, _starts(x, a, index), window).squeeze(a)
+  return jax.tree.map(take, axes, tree, is_leaf=lambda a: a is None or is_axes(a))
+
+
+def put_layer(tree: Any, axes: Any, layer: Any, index: list[jax.Array]) -> Any:
+  """``tree`` with layer ``index`` of each stacked array replaced by ``layer``'s
+  (as :func:`take_layer`; parts with ``None`` axes are left as they are)."""
+  def put(a, x, v):
+    if a is None:
+      return x
+    return jax.lax.dynamic_update_slice(x, jnp.expand_dims(v, a), _starts(x, a, index))
+  return jax.tree.map(put, axes, tree, layer, is_leaf=lambda a: a is None or is_axes(a))
+
+
 def layer_loop(fn: Callable[..., tuple[Any, ...]], sizes: tuple[int, ...], carry: tuple[Any, ...],
                carry_axes: tuple[Any, ...], consts: tuple[Any, ...] = (),
-               const_axes: tuple[Any, ...] = ()) -> tuple[Any, ...]:
+               const_axes: tuple[Any, ...] = (), *, reverse: bool = False) -> tuple[Any, ...]:
   """``fn`` of one layer at a time, its results written over the stacked arrays they replace.
 
   ``fn(layer, *carry_layer, *const_layer)`` gets layer ``layer`` (uint32, the
   row-major index over the layer axes of sizes ``sizes``) of each pytree of
   ``carry`` and ``consts`` (layer axes per pytree prefix in ``carry_axes`` /
-  ``const_axes``, ``None`` for a pytree shared by all layers) and returns the
-  new layer of each ``carry`` pytree, which is written back into it. Unlike
-  :func:`per_layer` (``vmap``), only one layer's temporaries are alive at a
-  time, and XLA updates each ``carry`` array in place when nothing reads it
-  afterwards (a gradient that the result replaces, a donated state).
+  ``const_axes``, as :func:`take_layer`) and returns the new layer of each
+  ``carry`` pytree, which is written back into it; a ``carry`` whose axes are
+  ``None`` is handed over whole and replaced whole (a running value). Layers
+  go from the first to the last, or the reverse. Unlike :func:`per_layer`
+  (``vmap``), only one layer's temporaries are alive at a time, and XLA
+  updates each ``carry`` array in place when nothing reads it afterwards (a
+  gradient that the result replaces, a donated state).
   """
-  is_axes = lambda a: isinstance(a, tuple) and all(isinstance(i, int) for i in a)
-
-  def starts(x, axes, index):
-    out = [jnp.zeros([], jnp.int32)] * x.ndim
-    for a, i in zip(axes, index):
-      out[a] = i
-    return out
-
-  def take(axes, x, index):
-    window = [1 if a in axes else n for a, n in enumerate(x.shape)]
-    return jax.lax.dynamic_slice(x, starts(x, axes, index), window).squeeze(axes)
-
-  def put(axes, x, value, index):
-    return jax.lax.dynamic_update_slice(x, jnp.expand_dims(value, axes), starts(x, axes, index))
-
-  def layer_of(tree, axes, index):
-    if axes is None:
-      return tree
-    return jax.tree.map(lambda a, x: take(a, x, index), axes, tree, is_leaf=is_axes)
+  count = math.prod(sizes)
 
   def unravel(i):
+    layer = count - 1 - i if reverse else i
     index = []
     for n in reversed(sizes):
-      index.insert(0, i % n)
-      i = i // n
+      index.insert(0, layer % n)
+      layer = layer // n
     return index
 
-  def read(stacks, i):
-    return tuple(layer_of(t, a, unravel(i)) for t, a in zip(stacks, carry_axes))
+  def read(stacks, running, i):
+    return tuple(r if a is None else take_layer(t, a, unravel(i))
+                 for t, r, a in zip(stacks, running, carry_axes))
 
   # Each iteration gets its layer of the carried stacks as loop state of its own,
   # read after the previous layer was written. Nothing reads a stack after it is
@@ -449,15 +470,15 @@ def layer_loop(fn: Callable[..., tuple[Any, ...]], sizes: tuple[int, ...], carry
   def body(i, state):
     stacks, current = state
     index = unravel(i)
-    new = fn(i.astype(jnp.uint32), *current,
-             *(layer_of(t, a, index) for t, a in zip(consts, const_axes)))
-    stacks = tuple(jax.tree.map(lambda a, x, v: put(a, x, v, index), axes, tree, layer,
-                                is_leaf=is_axes)
-                   for axes, tree, layer in zip(carry_axes, stacks, new))
-    return stacks, read(stacks, i + 1)  # past the last layer: clamped, unused
+    layer = (count - 1 - i if reverse else i).astype(jnp.uint32)
+    new = fn(layer, *current, *(take_layer(t, a, index) for t, a in zip(consts, const_axes)))
+    stacks = tuple(t if a is None else put_layer(t, a, v, index)
+                   for t, a, v in zip(stacks, carry_axes, new))
+    return stacks, read(stacks, new, jnp.minimum(i + 1, count - 1))  # past the last: unused
 
-  carry = tuple(carry)
-  return jax.lax.fori_loop(0, math.prod(sizes), body, (carry, read(carry, 0)))[0]
+  stacks = tuple(None if a is None else c for c, a in zip(carry, carry_axes))
+  stacks, current = jax.lax.fori_loop(0, count, body, (stacks, read(stacks, carry, 0)))
+  return tuple(c if a is None else t for t, c, a in zip(stacks, current, carry_axes))
 
 
 def recorded_layers(params: Any, name: str = "layers") -> dict[str, tuple[int, ...]]:

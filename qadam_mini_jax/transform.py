@@ -200,12 +200,31 @@ class AdamMiniConfig:
     return storage_lib.FloatStorage(self.mu_dtype or dtype)  # optax: None = the param's dtype
 
 
+class LayerOf(NamedTuple):
+  """Which layer a step updates (:func:`adam_mini_step`'s ``layer``).
+
+  Attributes:
+    index: the layer (uint32, row-major over the leaves' layer axes).
+    params: the whole parameters (stacked; read for shapes, partition and
+      storage, not for values).
+  """
+
+  index: jax.Array
+  params: Any
+
+
 def adam_mini_step(config: AdamMiniConfig) -> tuple[
     Callable[[Any], ScaleByAdamMiniState], Callable[..., tuple[Any, ScaleByAdamMiniState]]]:
-  """``(init, step)`` of :func:`scale_by_adam_mini`; ``step(g, state, epilogue=None)``.
+  """``(init, step)`` of :func:`scale_by_adam_mini`; ``step(g, state, epilogue=None, layer=None)``.
 
   Both map :func:`.leaf_update.update_leaf` (and its storages' ``init``) over
-  the tree.
+  the tree. With an ``epilogue``, a leaf whose gradient is ``None`` is left as
+  it is (parameter and state). With ``layer`` (:class:`LayerOf`, and an
+  epilogue), the step updates one layer of stacked leaves
+  (:func:`.leaf_update.update_layer`): each gradient given is that layer's,
+  and so are the given leaves' ``m``, ``v`` and parameter in ``state`` and
+  ``epilogue.params`` (:func:`.partition.take_layer`; the rest of the trees is
+  not read); the results hold that layer of those leaves.
   """
   backend = resolve_implementation(config.implementation, config.quantization)
   warned = []  # the partition's "found no ..." warning: once per optimizer, not at every trace
@@ -230,20 +249,26 @@ def adam_mini_step(config: AdamMiniConfig) -> tuple[
         mu=jax.tree.unflatten(treedef, mu), nu=jax.tree.unflatten(treedef, nu)), shapes,
         sharding_lib.param_shardings(weights_lib.codes_of(params), config.shardings))
 
-  def step_fn(updates, state, epilogue: Epilogue | None = None):
+  def step_fn(updates, state, epilogue: Epilogue | None = None, layer: LayerOf | None = None):
     """On Explicit mesh axes, :func:`auto_step` under :func:`.sharding.on_auto_axes`."""
     if sharding_lib.explicit_specs(updates) is None:
-      return auto_step(config.shardings, updates, state, epilogue)
+      return auto_step(config.shardings, updates, state, epilogue, layer)
+    if layer is not None:
+      raise sharding_lib.ShardingError(
+          "Updating one layer at a time (inside the backward pass) does not support Explicit "
+          "mesh axes yet; use an Auto mesh.")
     decay = epilogue and epilogue.decay  # Python bools: not an argument of auto_axes
     return sharding_lib.on_auto_axes(
-        lambda found, g, s, ep: auto_step(found, g, s, ep and ep._replace(decay=decay)), updates,
-        (updates, state, epilogue and epilogue._replace(decay=None)),
+        lambda found, g, s, ep: auto_step(found, g, s, ep and ep._replace(decay=decay), None),
+        updates, (updates, state, epilogue and epilogue._replace(decay=None)),
         like=(epilogue.params if epilogue else updates, state))
 
-  def auto_step(shardings, updates, state, epilogue):
+  def auto_step(shardings, updates, state, epilogue, layer):
     """The step, with the parameters' shardings (or ``None``)."""
-    specs = partition_lib.block_specs(updates, config.partition)
-    paths = _check_tree_matches(updates, specs, state)
+    shapes = (weights_lib.float_like(layer.params if layer else epilogue.params) if epilogue
+              else updates)
+    specs = partition_lib.block_specs(shapes, config.partition)
+    paths = _check_tree_matches(shapes, specs, state)
     count = optax.safe_increment(state.count)
     t = count.astype(jnp.float32)
     b1, b2 = jnp.asarray(config.b1, jnp.float32), jnp.asarray(config.b2, jnp.float32)
@@ -251,28 +276,34 @@ def adam_mini_step(config: AdamMiniConfig) -> tuple[
         b1=b1, b2=b2, eps=config.eps, bias_correction1=1.0 - b1**t,
         sqrt_bias_correction2=jnp.sqrt(1.0 - b2**t), count=count, key=state.key,
         neg_lr=epilogue and epilogue.neg_lr, wd=epilogue and epilogue.wd)
-    stochastic = _rounding_mask(config.stochastic_rounding, specs, updates)
+    # A mask (callable) sees the whole tree, as without holes or layers.
+    stochastic = _rounding_mask(config.stochastic_rounding, specs, shapes if epilogue else updates)
 
-    g_leaves, treedef = jax.tree.flatten(updates)
+    shape_leaves, treedef = jax.tree.flatten(shapes)
     flat = lambda tree: treedef.flatten_up_to(tree)
+    g_leaves = flat(updates)
     params = flat(epilogue.params) if epilogue else [None] * len(g_leaves)
+    whole = flat(layer.params) if layer else params
     decays = flat(epilogue.decay) if epilogue else [None] * len(g_leaves)
-    leaf_shardings = ([s for _, _, s in sharding_lib.per_parameter(updates, shardings)]
+    leaf_shardings = ([s for _, _, s in sharding_lib.per_parameter(shapes, shardings)]
                       if shardings is not None else [None] * len(g_leaves))
     out, out_mu, out_nu, previous = [], [], [], None
-    for index, (g, spec, mu, nu, p, decay, sr, leaf_sharding) in enumerate(zip(
-        g_leaves, flat(specs), flat(state.mu), flat(state.nu), params, decays, stochastic,
-        leaf_shardings)):
-      if spec is None:  # left alone (non-float or empty)
+    for index, (g, like, spec, mu, nu, p, full, decay, sr, leaf_sharding) in enumerate(zip(
+        g_leaves, shape_leaves, flat(specs), flat(state.mu), flat(state.nu), params, whole,
+        decays, stochastic, leaf_shardings)):
+      if spec is None or (g is None and epilogue):  # left alone (non-float, empty or skipped)
         out.append(p if epilogue else
                    g if g.dtype == jax.dtypes.float0 else jnp.zeros_like(g))
         out_mu.append(mu)
         out_nu.append(nu)
         continue
-      shape = tuple(g.shape)
-      moment = config.moment_storage(spec, shape, g.dtype)
-      _check_leaf_matches(paths[index], shape, spec, mu, nu, moment.quantized)
-      weights = weights_lib.storage_of(p, paths[index], spec, shape)
+      shape = tuple(like.shape)
+      moment = config.moment_storage(spec, shape, like.dtype)
+      if layer is not None and not spec.layers:
+        raise ValueError(f"{paths[index]}: updated one layer at a time, but the partition "
+                         "declares no layer axes for it (BlockPartition(layers=...)).")
+      _check_leaf_matches(paths[index], shape, spec, mu, nu, moment.quantized, layer is not None)
+      weights = weights_lib.storage_of(full, paths[index], spec, shape)
       plan = leaf_update_lib.LeafPlan(
           path=paths[index], spec=spec, moment=moment,
           stochastic=sr and moment.quantized, weights=weights,
@@ -283,15 +314,23 @@ def adam_mini_step(config: AdamMiniConfig) -> tuple[
         # re-quantizing is then never alive beside the others' (on XLA's CPU
         # scheduler all of them were: 3.6 B/param more at the peak of a 1B step).
         (g, mu, nu, p), _ = jax.lax.optimization_barrier(((g, mu, nu, p), previous))
-      new, mu, nu = leaf_update_lib.update_leaf(plan, scalars, g, mu, nu, p)
+      if layer is None:
+        new, mu, nu = leaf_update_lib.update_leaf(plan, scalars, g, mu, nu, p)
+      else:
+        new, mu, nu = leaf_update_lib.update_layer(plan, scalars, shape, g, mu, nu, p,
+                                                   layer.index)
       previous = mu if plan.moment.quantized else previous
       out.append(new)
       out_mu.append(mu)
       out_nu.append(nu)
     unflatten = lambda leaves: jax.tree.unflatten(treedef, leaves)
-    return unflatten(out), sharding_lib.follow(ScaleByAdamMiniState(
-        count=count, key=state.key, mu=unflatten(out_mu), nu=unflatten(out_nu)), updates,
-        None if shardings is None else sharding_lib.param_shardings(updates, shardings))
+    new_state = ScaleByAdamMiniState(count=count, key=state.key, mu=unflatten(out_mu),
+                                     nu=unflatten(out_nu))
+    if layer is None:
+      new_state = sharding_lib.follow(
+          new_state, shapes, None if shardings is None else sharding_lib.param_shardings(
+              shapes, shardings))
+    return unflatten(out), new_state
 
   return init_fn, step_fn
 
@@ -370,7 +409,11 @@ def _check_tree_matches(updates: Any, specs: Any, state: ScaleByAdamMiniState) -
 
 
 def _check_leaf_matches(path: str, shape: tuple[int, ...], spec: partition_lib.BlockSpec,
-                        mu: Any, nu: Any, int8: bool) -> None:
+                        mu: Any, nu: Any, int8: bool, one_layer: bool = False) -> None:
+  """ValueError naming ``path`` when its ``m`` or ``v`` does not fit the leaf
+  (or, with ``one_layer``, one layer of it)."""
+  if one_layer:
+    spec, shape = partition_lib.layer_slice(spec, shape)
   m = getattr(mu, "codes", None) if int8 else mu
   m_shape = None if m is None or not hasattr(m, "shape") else tuple(m.shape)
   want_nu = partition_lib.block_shape(spec, shape)

@@ -127,6 +127,18 @@ def dequantize(x: Any) -> jax.Array:
   return _dequantize_with_carrier(dataclasses.replace(x, carrier=None), x.carrier)
 
 
+def _with_carriers(params: Any) -> tuple[Any, Callable[[Any], Any]]:
+  """``(slots, fill)``: ``params`` with each INT8 weight as a zero carrier of its
+  value's shape, and ``fill(slots)``, the weights again with those carriers."""
+  slots = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype) if is_quantized(x) else x,
+                       params, is_leaf=is_quantized)
+
+  def fill(slots):
+    return jax.tree.map(lambda x, s: dataclasses.replace(x, carrier=s) if is_quantized(x) else s,
+                        params, slots, is_leaf=is_quantized)
+  return slots, fill
+
+
 def value_and_grad(fn: Callable[..., Any], has_aux: bool = False) -> Callable[..., Any]:
   """``jax.value_and_grad`` of ``fn(params, *args)`` for params holding INT8 weights.
 
@@ -136,15 +148,19 @@ def value_and_grad(fn: Callable[..., Any], has_aux: bool = False) -> Callable[..
   reads, so under ``jax.jit`` no float copy of the weights is made.
   """
   def wrapped(params, *args, **kwargs):
-    slots = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype) if is_quantized(x) else x,
-                         params, is_leaf=is_quantized)
-
-    def with_carriers(slots):
-      return fn(jax.tree.map(
-          lambda x, s: dataclasses.replace(x, carrier=s) if is_quantized(x) else s,
-          params, slots, is_leaf=is_quantized), *args, **kwargs)
-    return jax.value_and_grad(with_carriers, has_aux=has_aux)(slots)
+    slots, fill = _with_carriers(params)
+    return jax.value_and_grad(lambda s: fn(fill(s), *args, **kwargs), has_aux=has_aux)(slots)
   return wrapped
+
+
+def vjp(fn: Callable[..., Any], params: Any, *args: Any) -> tuple[Any, Callable[..., Any]]:
+  """``jax.vjp`` of ``fn(params, *args)`` for params holding INT8 weights.
+
+  As :func:`value_and_grad`: the cotangent of ``params`` has a float array
+  where ``params`` has a :class:`QuantizedParam`.
+  """
+  slots, fill = _with_carriers(params)
+  return jax.vjp(lambda s, *a: fn(fill(s), *a), slots, *args)
 
 
 def float_like(params: Any) -> Any:

@@ -1,0 +1,207 @@
+"""in_backward.train_step: the same training as the ordinary step, without the gradient tree."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from llama_model import Llama, next_token_loss, pieces
+
+import qadam_mini_jax as q
+from qadam_mini_jax import in_backward
+from tiny_models import TINY
+
+CONFIG = dataclasses.replace(TINY, num_layers=3, scan_layers=True)
+PARTITION = q.BlockPartition(num_heads=CONFIG.num_heads, num_kv_heads=CONFIG.num_kv_heads,
+                             layers={"layers": 0})
+QUANT = q.Int8Quantization(group_size=8, min_size=0)  # every matrix in INT8 at this size
+STEPS = 3
+
+
+def _model():
+  return Llama(CONFIG, nnx.Rngs(0))
+
+
+def _params():
+  return nnx.to_pure_dict(nnx.state(_model(), nnx.Param))
+
+
+def _loss(embed, block, head, params, tokens):
+  """The ordinary loss: the same pieces, blocks under ``lax.scan``."""
+  x, _ = jax.lax.scan(lambda x, p: (block(p, x), None), embed(params, tokens), params["layers"])
+  return head(params, x, tokens)
+
+
+OPTIMIZERS = {
+    "adam_mini": lambda: q.adam_mini(3e-3, weight_decay=0.1, partition=PARTITION),
+    "q_adam_mini": lambda: q.q_adam_mini(3e-3, weight_decay=0.1, partition=PARTITION,
+                                         quantization=QUANT, stochastic_rounding="all"),
+    "fused_q_adam_mini+int8_weights": lambda: q.fused_q_adam_mini(
+        3e-3, weight_decay=0.1, partition=PARTITION, quantization=QUANT),
+    "optax.adamw": lambda: in_backward.per_leaf(optax.adamw(3e-3, weight_decay=0.1)),
+}
+
+
+def _ordinary_step(name, tx, loss):
+  """``jax.grad`` + ``tx.update`` + ``apply_updates``, or the fused step."""
+  if name.startswith("fused"):
+    def step(params, state, tokens):
+      value, grads = q.weights.value_and_grad(loss)(params, tokens)
+      return (value, *tx.step(grads, state, params))
+    return step
+  tx = tx.tx if isinstance(tx, in_backward.PerLeaf) else tx
+
+  def step(params, state, tokens):
+    value, grads = jax.value_and_grad(loss)(params, tokens)
+    updates, state = tx.update(grads, state, params)
+    return value, optax.apply_updates(params, updates), state
+  return step
+
+
+@functools.cache
+def _runs(name):
+  """Both steps, ``STEPS`` times from the same start, in one compilation."""
+  tx = OPTIMIZERS[name]()
+  params = _params()
+  if "int8_weights" in name:
+    params = q.quantize_params(params, PARTITION, QUANT)
+  pieces_ = pieces(_model())
+  tokens = jax.random.randint(jax.random.key(1), (2, 8), 0, CONFIG.vocab)
+  steps = (in_backward.train_step(*pieces_, tx),
+           _ordinary_step(name, tx, functools.partial(_loss, *pieces_)))
+
+  def steps_of(step, params, state):
+    def one(carry, _):
+      loss, params, state = step(*carry, tokens)
+      return (params, state), loss
+    (params, state), losses = jax.lax.scan(one, (params, state), length=STEPS)
+    return losses, params, state
+
+  run = jax.jit(lambda params, state: [steps_of(step, params, state) for step in steps])
+  return run(params, tx.init(params))
+
+
+def _int8_leaves(tree):
+  return [x for x in jax.tree.leaves(tree) if x.dtype == jnp.int8]
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_same_training_as_the_ordinary_step(name):
+  """Losses, parameters and state after 3 steps; INT8 codes agree but for the
+  few that float rounding puts on the other side of a level (the gradients of
+  the two programs differ in the last bit; with the wrong rounding stream of
+  a layer, about half of the stochastically rounded codes would differ)."""
+  (losses, params, state), (ref_losses, ref_params, ref_state) = _runs(name)
+  np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+  assert losses[-1] < losses[0]
+  floats = lambda tree: [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
+  for a, b in zip(floats((params, state)), floats((ref_params, ref_state))):
+    np.testing.assert_allclose(a, b, rtol=2e-3, atol=1e-5)
+  codes, ref_codes = _int8_leaves((params, state)), _int8_leaves((ref_params, ref_state))
+  assert len(codes) == len(ref_codes) and (len(codes) > 0) == (name != "optax.adamw"
+                                                               and name != "adam_mini")
+  for a, b in zip(codes, ref_codes):
+    differ = np.asarray(a) != np.asarray(b)
+    assert differ.mean() < 0.01, differ.mean()
+    assert np.abs(a.astype(int) - b.astype(int)).max() <= 2
+
+
+def test_same_codes_where_the_gradients_are_the_same():
+  """A model whose gradients the two programs compute bit for bit: every INT8
+  code (m and weights, stochastic rounding on every leaf) after one step is the
+  ordinary fused step's, so each layer draws the same counter-based stream."""
+  layers, dim = 3, 32
+  keys = jax.random.split(jax.random.key(0), 3)
+  params = {"embed": {"embedding": jax.random.normal(keys[0], (16, dim))},
+            "layers": {"mlp": {"kernel": 0.1 * jax.random.normal(keys[1], (layers, dim, dim))}},
+            "lm_head": {"kernel": 0.1 * jax.random.normal(keys[2], (dim, 16))}}
+  partition = q.BlockPartition(layers={"layers": 0}, rules={"mlp/kernel": "mlp"})
+  quant = q.Int8Quantization(group_size=32, min_size=0)
+  params = q.quantize_params(params, partition, quant)
+
+  def embed(rest, tokens):
+    return q.weights.dequantize(rest["embed"]["embedding"])[tokens]
+
+  def block(layer, x):
+    return x + jnp.tanh(x @ q.weights.dequantize(layer["mlp"]["kernel"]))
+
+  def head(rest, x, tokens):
+    logits = x @ q.weights.dequantize(rest["lm_head"]["kernel"])
+    return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(tokens.size), tokens])
+
+  tx = q.fused_q_adam_mini(1e-2, weight_decay=0.1, partition=partition, quantization=quant,
+                           stochastic_rounding="all")
+  tokens = jnp.array([3])  # one token: each weight gradient is a product, no sum
+  state = tx.init(params)
+
+  @jax.jit
+  def both(params, state):
+    ordinary = _ordinary_step("fused", tx, functools.partial(_loss, embed, block, head))
+    return (in_backward.train_step(embed, block, head, tx)(params, state, tokens),
+            ordinary(params, state, tokens))
+  got, want = both(params, state)
+  codes, ref_codes = _int8_leaves(got), _int8_leaves(want)
+  assert len(codes) == 6  # three weights, three m
+  for a, b in zip(codes, ref_codes):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_the_step_holds_one_layer_gradient_not_the_tree():
+  """Compiled with parameters and state donated, the in-backward step writes
+  the stacked parameters and ``m`` in place and its temporaries do not grow
+  with depth: below five layers' parameters in float32 (a layer's parameters,
+  gradient and new values, the padded float32 ``m`` of its INT8 groups) plus
+  the activations and the head's gradients. A copy of even the smallest
+  stacked leaf (16 layers of one 128x128 kernel) exceeds it; the ordinary step
+  holds all 16 layers' gradients."""
+  config = dataclasses.replace(CONFIG, dim=128, ffn_dim=384, num_heads=4, num_kv_heads=4,
+                               head_dim=None, num_layers=16, vocab=64)
+  model = Llama(config, nnx.Rngs(0))
+  params = jax.eval_shape(lambda: nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+  tx = q.q_adam_mini(1e-3, partition=q.BlockPartition(num_heads=4, layers={"layers": 0}))
+  state = jax.eval_shape(tx.init, params)
+  seq = 16
+  tokens = jax.ShapeDtypeStruct((1, seq), jnp.int32)
+
+  def temp(step):
+    compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, tokens).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+  layer = 4 * sum(x.size // config.num_layers for x in jax.tree.leaves(params["layers"]))
+  activations = 4 * seq * config.dim * (config.num_layers + 8)
+  attention = 4 * 4 * seq * seq * config.num_heads
+  head = 4 * 2 * config.vocab * config.dim
+  in_backward_temp = temp(in_backward.train_step(*pieces(model), tx))
+  assert in_backward_temp < 5 * layer + activations + attention + head, in_backward_temp
+  ordinary = _ordinary_step("q_adam_mini", tx, lambda p, t: next_token_loss(
+      nnx.merge(nnx.graphdef(model), p)(t), t))
+  assert temp(ordinary) > config.num_layers * layer > 2 * in_backward_temp
+
+
+def test_refusals_name_what_is_wrong():
+  model = _model()
+  params = _params()
+  embed, block, head = pieces(model)
+  tokens = jnp.zeros((1, 4), jnp.int32)
+  with pytest.raises(TypeError, match="inject_hyperparams"):
+    in_backward.train_step(embed, block, head, optax.inject_hyperparams(q.adam_mini)(1e-3))
+  with pytest.raises(TypeError, match="per_leaf"):
+    in_backward.train_step(embed, block, head, optax.adamw(1e-3))
+  with pytest.raises(TypeError, match="stand-in"):
+    in_backward.train_step(embed, block, head, in_backward.per_leaf(
+        optax.masked(optax.adam(1e-3), lambda p: jax.tree.map(lambda _: True, p["layers"]))))
+  step = in_backward.train_step(embed, block, head, q.adam_mini(1e-3, partition=PARTITION))
+  with pytest.raises(TypeError, match="dict with the stacked blocks under 'layers'"):
+    jax.eval_shape(step, {"blocks": params["layers"]}, None, tokens)
+  bad = {**params, "layers": {**params["layers"], "extra": jnp.zeros((2, 4))}}
+  with pytest.raises(ValueError, match="layers/extra: shape \\(2, 4\\) does not stack 3 layers"):
+    jax.eval_shape(step, bad, None, tokens)
+  undeclared = q.adam_mini(1e-3, partition=dataclasses.replace(PARTITION, layers=None))
+  step = in_backward.train_step(embed, block, head, undeclared)
+  with pytest.raises(ValueError, match="declare them with BlockPartition\\(layers="):
+    jax.eval_shape(step, params, undeclared.init(params), tokens)
