@@ -104,6 +104,9 @@ SEED_BITS = (f"{TRANSFORM}::test_stochastic_rounding_seeds_use_all_their_bits",
 PARTITION = "tests/test_partition.py"
 RANDOM_BITS = "tests/test_random_bits.py"
 WEIGHTS = "tests/test_weights.py"
+IN_BACKWARD = "tests/test_in_backward.py"
+SAME_TRAINING = f"{IN_BACKWARD}::test_same_training_as_the_ordinary_step"
+SAME_CODES = f"{IN_BACKWARD}::test_same_codes_where_the_gradients_are_the_same"
 
 
 MUTANTS: tuple[Mutant, ...] = (
@@ -154,8 +157,8 @@ MUTANTS: tuple[Mutant, ...] = (
         "same bits"),
     Mutant(
         "v_from_bf16_squares", "qadam_mini_jax/leaf_update.py",
-        "partition_lib.block_mean(g32 * g32, plan.spec)",
-        "partition_lib.block_mean(g * g, plan.spec).astype(jnp.float32)",
+        "partition_lib.block_mean(g32 * g32, spec)",
+        "partition_lib.block_mean(g * g, spec).astype(jnp.float32)",
         (f"{TRANSFORM}::test_bf16_params",
          f"{TRANSFORM}::test_float16_params_with_gradients_whose_squares_underflow_float16"),
         ("test_bf16_params", "squares_underflow"),
@@ -338,21 +341,21 @@ MUTANTS: tuple[Mutant, ...] = (
         "adam_mini/q_adam_mini(mask=...) decay by the default mask whatever the user passed"),
     Mutant(
         "fused_ignores_mask_argument", "qadam_mini_jax/alias.py",
-        "decays = _mask(mask, partition)",
-        "decays = _mask(None, partition)",
+        "decays = _mask(mask, config.partition)",
+        "decays = _mask(None, config.partition)",
         (MASK_ARGUMENT, INT8_WEIGHTS_MASK), ("mask",),
         "fused_q_adam_mini(mask=...) decays by the default mask"),
     # --- The alias forwarding its arguments (alias.py) -------------------------------
     Mutant(
         "q_adam_mini_drops_eps", "qadam_mini_jax/alias.py",
-        "transform.scale_by_adam_mini(\n          b1, b2, eps, partition=partition,",
-        "transform.scale_by_adam_mini(\n          b1, b2, partition=partition,",
+        "  config = transform.AdamMiniConfig(\n      b1, b2, eps, partition=partition,",
+        "  config = transform.AdamMiniConfig(\n      b1, b2, partition=partition,",
         (EVERY_HYPERPARAMETER,), ("every_hyperparameter",),
         "q_adam_mini(eps=...) runs with eps = 1e-8"),
     Mutant(
         "q_adam_mini_drops_b1", "qadam_mini_jax/alias.py",
-        "transform.scale_by_adam_mini(\n          b1, b2, eps, partition=partition,",
-        "transform.scale_by_adam_mini(\n          b2=b2, eps=eps, partition=partition,",
+        "  config = transform.AdamMiniConfig(\n      b1, b2, eps, partition=partition,",
+        "  config = transform.AdamMiniConfig(\n      b2=b2, eps=eps, partition=partition,",
         (EVERY_HYPERPARAMETER,), ("every_hyperparameter",),
         "q_adam_mini(b1=...) runs with b1 = 0.9"),
     # --- The block partition (partition.py) ----------------------------------------------
@@ -375,7 +378,7 @@ MUTANTS: tuple[Mutant, ...] = (
         "GQA: key kernels split into num_heads blocks instead of num_kv_heads"),
     Mutant(
         "layer_loop_reads_a_stale_layer", "qadam_mini_jax/partition.py",
-        "return stacks, read(stacks, i + 1)  # past the last layer: clamped, unused",
+        "return stacks, read(stacks, new, jnp.minimum(i + 1, count - 1))  # past the last: unused",
         "return stacks, current",
         ("tests/test_partition.py::test_layer_loop_writes_each_layer_over_its_stacked_input",
          f"{TRANSFORM}::test_stacked_layers_update_like_the_unstacked_model"),
@@ -405,6 +408,36 @@ MUTANTS: tuple[Mutant, ...] = (
         ("test_kernel_refuses_shardings_it_cannot_run_per_shard",),
         "the kernel runs on stacked layers sharded per shard, which it cannot do: an obscure "
         "error instead of one naming the parameter"),
+    # --- Updates inside the backward pass (in_backward.py) ---------------------------
+    Mutant(
+        "in_backward_layers_in_forward_order", "qadam_mini_jax/in_backward.py",
+        "(inputs,), ((0,),), reverse=True)",
+        "(inputs,), ((0,),), reverse=False)",
+        (SAME_TRAINING,), ("same_training",),
+        "the backward pass walks the layers first to last: each layer's gradient comes from "
+        "another layer's input and cotangent"),
+    Mutant(
+        "in_backward_drops_the_embedding_gradient", "qadam_mini_jax/in_backward.py",
+        "      rest_grads = jax.tree.map(jnp.add, rest_grads, embed_grads)\n    for k, s in",
+        "    for k, s in",
+        (SAME_TRAINING,), ("same_training",),
+        "the embedding is updated with the head's gradient only (zero): it never trains"),
+    Mutant(
+        "in_backward_keeps_the_old_layer_state", "qadam_mini_jax/in_backward.py",
+        "    for k, s in zip(stacked, state_stacks):\n      leaves[k] = s\n",
+        "",
+        (SAME_TRAINING,), ("same_training",),
+        "each layer's m and v are computed and then dropped: every step starts from the "
+        "initial moments"),
+    Mutant(
+        "layer_update_rounds_with_layer_0s_stream", "qadam_mini_jax/transform.py",
+        "new, mu, nu = leaf_update_lib.update_layer(plan, scalars, shape, g, mu, nu, p,\n"
+        "                                                   layer.index)",
+        "new, mu, nu = leaf_update_lib.update_layer(plan, scalars, shape, g, mu, nu, p,\n"
+        "                                                   0 * layer.index)",
+        (SAME_CODES, SAME_TRAINING), ("same_codes", "same_training"),
+        "every layer of a stacked leaf draws layer 0's rounding noise inside the backward "
+        "pass: codes differ from the ordinary step and the layers' errors correlate"),
 )
 
 

@@ -51,60 +51,77 @@ def per_leaf(tx: optax.GradientTransformation) -> PerLeaf:
   """Declare that ``tx`` updates each leaf from that leaf's gradient, state and parameter alone.
 
   ``optax.adamw``, ``optax.adam``, ``optax.lion``, ``optax.sgd`` and chains
-  of such transforms are; ``optax.clip_by_global_norm``,
+  of such transforms are, masks included; ``optax.clip_by_global_norm``,
   ``optax.apply_if_finite`` and ``optax.MultiSteps`` are not (they read the
   whole gradient), and :func:`train_step` would give them one layer at a
-  time. The state must hold trees like the parameters beside shared values
-  (as ``optax.tree_utils.tree_map_params`` assumes).
+  time. :func:`train_step` calls ``tx.update`` on trees shaped like the
+  parameters in which the part not being updated has size 0 on axis 0 and a
+  stacked leaf holds one layer (its layer axis of size 1), so masks and rules
+  that read paths, ranks or layer axes see what they see in the ordinary step.
   """
   if not hasattr(tx, "init") or not hasattr(tx, "update"):
     raise TypeError(f"per_leaf takes an optax GradientTransformation, got {type(tx).__name__}.")
   return PerLeaf(tx)
 
 
-class _ParamsSlot:
-  """Stands for the parameter tree in a state built by ``tx.init(_ParamsSlot())``."""
-
-
-jax.tree_util.register_pytree_node(_ParamsSlot, lambda _: ((), None), lambda *_: _ParamsSlot())
+def _empty(x: jax.Array, axis: int = 0) -> jax.Array:
+  return jax.lax.slice_in_dim(x, 0, 0, axis=axis)
 
 
 def _per_leaf_step(tx: optax.GradientTransformation, layers: str):
   """``step(grads, state, params, layer=None)`` of a per-leaf optax transform.
 
-  It updates the stacked blocks (``layer`` given: one layer's views) or the
-  other parameters (``layer=None``), as one call of ``tx.update`` on that part
-  of the trees (the parts of the state that are like the parameters cut the
-  same way, the rest of the state shared).
+  With ``layer`` (the views of :func:`train_step`'s loop: one layer of each
+  stacked leaf, layer axis removed) it updates that layer; else the
+  parameters outside ``params[layers]``. Either way one ``tx.update`` on the
+  whole tree, the other part emptied (size 0 on axis 0) in the parameters,
+  gradients and state.
   """
-  is_slot = lambda x: isinstance(x, _ParamsSlot)
-  try:
-    slots = tx.init(_ParamsSlot())
-  except Exception as e:  # noqa: BLE001  (any failure means the same: not per-leaf)
-    raise TypeError(
-        f"per_leaf: {type(e).__name__} from tx.init on a stand-in parameter tree ({e}); "
-        "the state of a per-leaf transformation holds trees like the parameters (e.g. "
-        "optax.adamw, optax.adam, optax.lion).") from None
-  treedef = jax.tree.structure(slots, is_leaf=is_slot)
-  is_params = [is_slot(x) for x in jax.tree.leaves(slots, is_leaf=is_slot)]
+  def view(tree, params, layer):
+    """``tree`` with the part not updated as ``params``' emptied (``tree`` has holes there)."""
+    if layer is None:
+      return {k: jax.tree.map(_empty, params[k]) if k == layers else v for k, v in tree.items()}
+    return {k: jax.tree.map(lambda x: jnp.expand_dims(x, 0), v) if k == layers
+            else jax.tree.map(_empty, params[k]) for k, v in tree.items()}
 
   def step(grads, state, params, layer=None):
+    whole = params if layer is None else layer.params
+    _check_rest_ranks(whole, layers)
+    leaves, treedef = jax.tree.flatten(state)
+    kinds = treedef.flatten_up_to(_state_axes(tx.init, whole, layers))
+    state_view = []
+    for x, (kind, axis) in zip(leaves, (k or (None, None) for k in kinds)):
+      if kind == "layer":
+        x = _empty(x, axis) if layer is None else jnp.expand_dims(x, axis)
+      elif kind == "rest" and layer is not None:
+        x = _empty(x, axis)
+      state_view.append(x)
+    p_view = view(params, params, layer)
+    updates, new_state = tx.update(view(grads, params, layer), treedef.unflatten(state_view),
+                                   p_view)
+    new_params = optax.apply_updates(p_view, updates)
+    out = []
+    for x, n, (kind, axis) in zip(leaves, treedef.flatten_up_to(new_state),
+                                  (k or (None, None) for k in kinds)):
+      if layer is None:
+        out.append(x if kind == "layer" else n)
+      else:
+        out.append(n.squeeze(axis) if kind == "layer" else x)
     if layer is None:
-      part = lambda tree: {k: v for k, v in tree.items() if k != layers}
-      merge = lambda tree, new: {**tree, **new}
-    else:
-      part = lambda tree: tree[layers]
-      merge = lambda tree, new: {**tree, layers: new}
-    entries = treedef.flatten_up_to(state)
-    sub_state = treedef.unflatten([part(e) if p else e for e, p in zip(entries, is_params)])
-    sub_params = part(params)
-    updates, sub_state = tx.update(part(grads), sub_state, sub_params)
-    new_entries = treedef.flatten_up_to(sub_state)
-    state = treedef.unflatten([merge(e, n) if p else n
-                               for e, n, p in zip(entries, new_entries, is_params)])
-    return merge(params, optax.apply_updates(sub_params, updates)), state
+      return {**new_params, layers: params[layers]}, treedef.unflatten(out)
+    return ({**params, layers: jax.tree.map(lambda x: x.squeeze(0), new_params[layers])},
+            treedef.unflatten(out))
 
   return step
+
+
+def _check_rest_ranks(params: Any, layers: str) -> None:
+  for path, x in jax.tree_util.tree_flatten_with_path(
+      {k: v for k, v in params.items() if k != layers})[0]:
+    if not jnp.ndim(x):
+      raise ValueError(f"{partition_lib.path_str(path)}: a per_leaf optimizer in train_step "
+                       "needs every parameter of rank >= 1 (it empties axis 0 of the part it "
+                       "does not update); this one is a scalar.")
 
 
 def _writing_step(optimizer: Any, layers: str) -> Callable[..., tuple[Any, Any]]:
@@ -137,34 +154,40 @@ def _layer_count(stack: Any, layers: str) -> int:
   return count
 
 
-def _state_layer_axes(init: Callable[[Any], Any], params: Any, layers: str, count: int) -> Any:
-  """Per state leaf, its layer axis (a 1-tuple) if it holds one entry per layer, else ``None``.
+def _state_axes(init: Callable[[Any], Any], params: Any, layers: str, *,
+                rest: bool = True) -> Any:
+  """Per state leaf, ``("layer", axis)`` if it holds one entry per layer of the
+  stack, ``("rest", axis)`` if it grows on ``axis`` with a parameter outside
+  ``params[layers]`` (looked for only with ``rest``), else ``None`` (a shared
+  value: step count, key).
 
-  Found by building the state's shapes for ``count`` and ``count + 1`` layers:
-  a leaf of a stacked parameter grows by one on its layer axis, a shared
-  value (step count, key) or another parameter's leaf does not change.
+  Found by building the state's shapes with every stacked array one layer
+  longer and every other array two rows longer (axis 0).
   """
-  def grown(x):
-    return jax.ShapeDtypeStruct((x.shape[0] + 1, *x.shape[1:]), x.dtype)
+  def grown(by):
+    return lambda x: (jax.ShapeDtypeStruct((x.shape[0] + by, *x.shape[1:]), x.dtype)
+                      if jnp.ndim(x) else x)
   shapes = jax.eval_shape(init, params)
-  more = jax.eval_shape(init, {**params, layers: jax.tree.map(grown, params[layers])})
+  more = jax.eval_shape(init, {k: jax.tree.map(grown(1 if k == layers else 2 if rest else 0), v)
+                               for k, v in params.items()})
 
   def axes(path, a, b):
-    changed = [i for i, (m, n) in enumerate(zip(a.shape, b.shape)) if m != n]
+    changed = [(i, n - m) for i, (m, n) in enumerate(zip(a.shape, b.shape)) if m != n]
     if not changed:
       return None
-    if len(changed) > 1 or a.shape[changed[0]] != count or b.shape[changed[0]] != count + 1:
+    if len(changed) > 1 or changed[0][1] not in (1, 2):
       raise ValueError(f"optimizer state {partition_lib.path_str(path)}: shape {a.shape} "
-                       f"does not keep one entry per layer on one axis; cannot update it one "
+                       "does not follow one parameter on one axis; cannot update it one "
                        "layer at a time.")
-    return (changed[0],)
+    return ("layer" if changed[0][1] == 1 else "rest", changed[0][0])
   return jax.tree_util.tree_map_with_path(axes, shapes, more)
 
 
 def train_step(embed: Callable[[Any, Any], jax.Array],
                block: Callable[[Any, jax.Array], jax.Array],
                head: Callable[[Any, jax.Array, Any], jax.Array],
-               optimizer: Any, *, layers: str = "layers") -> Callable[..., tuple[Any, Any, Any]]:
+               optimizer: Any, *, layers: str = "layers",
+               clip_global_norm: float | None = None) -> Callable[..., tuple[Any, Any, Any]]:
   """A training step that updates each layer inside the backward pass.
 
   The model comes as pure pieces over a parameter dict ``params`` whose
@@ -183,6 +206,11 @@ def train_step(embed: Callable[[Any, Any], jax.Array],
   transformation; its partition must declare the stacked axis
   (``BlockPartition(layers={layers: 0})``). Its state is ``optimizer.init(params)``,
   the same as for the ordinary step.
+
+  With ``clip_global_norm`` the gradients are clipped by their global norm as
+  ``optax.clip_by_global_norm`` does, exactly: a first backward pass computes
+  every layer's gradient only for its norm (one more recomputation and VJP of
+  each block, about a third more compute per step), the second updates.
 
   Returns:
     ``step(params, state, batch) -> (loss, params, state)``; jit it with
@@ -208,15 +236,39 @@ def train_step(embed: Callable[[Any, Any], jax.Array],
     loss, head_vjp = weights_lib.vjp(lambda r, h: head(r, h, batch), rest, hidden)
     rest_grads, d_hidden = head_vjp(jnp.ones_like(loss))
 
+    stack_axes = jax.tree.map(lambda _: (0,), stack)
+    layer_grads = lambda p, x, d_hidden: weights_lib.vjp(block, p, x)[1](d_hidden)
+    clip, embed_grads = lambda tree: tree, None
+    if clip_global_norm is not None:
+      # A first backward pass for the gradient's global norm only.
+      def sum_squares(tree):
+        return sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree.leaves(tree))
+
+      def norm_of_layer(layer, d_hidden, total, p, x):
+        del layer
+        grads, d_hidden = layer_grads(p, x, d_hidden)
+        return d_hidden, total + sum_squares(grads)
+      d_first, total = partition_lib.layer_loop(
+          norm_of_layer, (count,), (d_hidden, sum_squares(rest_grads)), (None, None),
+          (stack, inputs), (stack_axes, (0,)), reverse=True)
+      (embed_grads,) = embed_vjp(d_first)
+      rest_grads = jax.tree.map(jnp.add, rest_grads, embed_grads)
+      norm = jnp.sqrt(total + sum_squares(embed_grads))
+
+      def clip(tree):  # as optax.clip_by_global_norm
+        return jax.tree.map(lambda g: jnp.where(norm < clip_global_norm, g, (
+            g / norm.astype(g.dtype)) * clip_global_norm), tree)
+
     # Backward: each layer's gradient, then at once that layer's update.
     leaves, treedef = jax.tree.flatten(state)
-    axes = treedef.flatten_up_to(_state_layer_axes(init, params, layers, count))
-    stacked = [k for k, a in enumerate(axes) if a is not None]
+    axes = [a and a[0] == "layer" and (a[1],)
+            for a in treedef.flatten_up_to(_state_axes(init, params, layers, rest=False))]
+    stacked = [k for k, a in enumerate(axes) if a]
     grad_holes = holes(rest)
 
     def one_layer(layer, p, state_slices, d_hidden, x):
-      _, block_vjp = weights_lib.vjp(block, p, x)
-      grads, d_hidden = block_vjp(d_hidden)
+      grads, d_hidden = layer_grads(p, x, d_hidden)
+      grads = clip(grads)
       view = list(leaves)
       for k, s in zip(stacked, state_slices):
         view[k] = s
@@ -228,14 +280,15 @@ def train_step(embed: Callable[[Any, Any], jax.Array],
 
     stack, state_stacks, d_hidden = partition_lib.layer_loop(
         one_layer, (count,), (stack, [leaves[k] for k in stacked], d_hidden),
-        (jax.tree.map(lambda _: (0,), stack), [axes[k] for k in stacked], None),
-        (inputs,), ((0,),), reverse=True)
-    (embed_grads,) = embed_vjp(d_hidden)
+        (stack_axes, [axes[k] for k in stacked], None), (inputs,), ((0,),), reverse=True)
+    if embed_grads is None:
+      (embed_grads,) = embed_vjp(d_hidden)
+      rest_grads = jax.tree.map(jnp.add, rest_grads, embed_grads)
     for k, s in zip(stacked, state_stacks):
       leaves[k] = s
 
     # Then the embedding and head parameters, with the step's shared state.
-    grads = {**jax.tree.map(jnp.add, rest_grads, embed_grads), layers: holes(stack)}
+    grads = {**clip(rest_grads), layers: holes(stack)}
     params, state = step_fn(grads, treedef.unflatten(leaves), {**params, layers: stack})
     return loss, params, state
 
