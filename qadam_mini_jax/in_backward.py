@@ -38,6 +38,14 @@ from qadam_mini_jax import transform
 from qadam_mini_jax import weights as weights_lib
 
 
+class StepMetrics(NamedTuple):
+  """What :func:`train_step`'s step reports: the loss and the global norm of the
+  gradient (before clipping), both float32 scalars."""
+
+  loss: jax.Array
+  grad_norm: jax.Array
+
+
 class PerLeaf(NamedTuple):
   """An optax transformation declared per-leaf (:func:`per_leaf`)."""
 
@@ -183,6 +191,10 @@ def _state_axes(init: Callable[[Any], Any], params: Any, layers: str, *,
   return jax.tree_util.tree_map_with_path(axes, shapes, more)
 
 
+def _sum_squares(tree: Any) -> jax.Array:
+  return sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree.leaves(tree))
+
+
 def train_step(embed: Callable[[Any, Any], jax.Array],
                block: Callable[[Any, jax.Array], jax.Array],
                head: Callable[[Any, jax.Array, Any], jax.Array],
@@ -213,7 +225,7 @@ def train_step(embed: Callable[[Any, Any], jax.Array],
   each block, about a third more compute per step), the second updates.
 
   Returns:
-    ``step(params, state, batch) -> (loss, params, state)``; jit it with
+    ``step(params, state, batch) -> (StepMetrics(loss, grad_norm), params, state)``; jit it with
     ``params`` and ``state`` donated so that the layers are written in place.
   """
   step_fn = _writing_step(optimizer, layers)
@@ -238,22 +250,19 @@ def train_step(embed: Callable[[Any, Any], jax.Array],
 
     stack_axes = jax.tree.map(lambda _: (0,), stack)
     layer_grads = lambda p, x, d_hidden: weights_lib.vjp(block, p, x)[1](d_hidden)
-    clip, embed_grads = lambda tree: tree, None
+    clip, embed_grads, norm = lambda tree: tree, None, None
     if clip_global_norm is not None:
       # A first backward pass for the gradient's global norm only.
-      def sum_squares(tree):
-        return sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree.leaves(tree))
-
       def norm_of_layer(layer, d_hidden, total, p, x):
         del layer
         grads, d_hidden = layer_grads(p, x, d_hidden)
-        return d_hidden, total + sum_squares(grads)
+        return d_hidden, total + _sum_squares(grads)
       d_first, total = partition_lib.layer_loop(
-          norm_of_layer, (count,), (d_hidden, sum_squares(rest_grads)), (None, None),
+          norm_of_layer, (count,), (d_hidden, jnp.zeros([])), (None, None),
           (stack, inputs), (stack_axes, (0,)), reverse=True)
       (embed_grads,) = embed_vjp(d_first)
       rest_grads = jax.tree.map(jnp.add, rest_grads, embed_grads)
-      norm = jnp.sqrt(total + sum_squares(embed_grads))
+      norm = jnp.sqrt(total + _sum_squares(rest_grads))
 
       def clip(tree):  # as optax.clip_by_global_norm
         return jax.tree.map(lambda g: jnp.where(norm < clip_global_norm, g, (
@@ -266,8 +275,9 @@ def train_step(embed: Callable[[Any, Any], jax.Array],
     stacked = [k for k, a in enumerate(axes) if a]
     grad_holes = holes(rest)
 
-    def one_layer(layer, p, state_slices, d_hidden, x):
+    def one_layer(layer, p, state_slices, d_hidden, total, x):
       grads, d_hidden = layer_grads(p, x, d_hidden)
+      total = total if norm is not None else total + _sum_squares(grads)
       grads = clip(grads)
       view = list(leaves)
       for k, s in zip(stacked, state_slices):
@@ -276,20 +286,22 @@ def train_step(embed: Callable[[Any, Any], jax.Array],
           {**grad_holes, layers: grads}, treedef.unflatten(view), {**params, layers: p},
           transform.LayerOf(layer, params))
       new_leaves = treedef.flatten_up_to(new_state)
-      return new_params[layers], [new_leaves[k] for k in stacked], d_hidden
+      return new_params[layers], [new_leaves[k] for k in stacked], d_hidden, total
 
-    stack, state_stacks, d_hidden = partition_lib.layer_loop(
-        one_layer, (count,), (stack, [leaves[k] for k in stacked], d_hidden),
-        (stack_axes, [axes[k] for k in stacked], None), (inputs,), ((0,),), reverse=True)
+    stack, state_stacks, d_hidden, total = partition_lib.layer_loop(
+        one_layer, (count,), (stack, [leaves[k] for k in stacked], d_hidden, jnp.zeros([])),
+        (stack_axes, [axes[k] for k in stacked], None, None), (inputs,), ((0,),),
+        reverse=True)
     if embed_grads is None:
       (embed_grads,) = embed_vjp(d_hidden)
       rest_grads = jax.tree.map(jnp.add, rest_grads, embed_grads)
+      norm = jnp.sqrt(total + _sum_squares(rest_grads))
     for k, s in zip(stacked, state_stacks):
       leaves[k] = s
 
     # Then the embedding and head parameters, with the step's shared state.
     grads = {**clip(rest_grads), layers: holes(stack)}
     params, state = step_fn(grads, treedef.unflatten(leaves), {**params, layers: stack})
-    return loss, params, state
+    return StepMetrics(loss, norm), params, state
 
   return step

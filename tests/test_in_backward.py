@@ -63,22 +63,26 @@ def _ordinary_step(name, tx, loss):
 
     def step(params, state, tokens):
       value, grads = loss_and_grad(params, tokens)
-      grads, _ = clip.update(grads, clip.init(params))
-      updates, state = tx.update(grads, state, params)
-      return value, optax.apply_updates(params, updates), state
+      clipped, _ = clip.update(grads, clip.init(params))
+      updates, state = tx.update(clipped, state, params)
+      return _metrics(value, grads), optax.apply_updates(params, updates), state
     return step
   if name.startswith("fused"):
     def step(params, state, tokens):
       value, grads = q.weights.value_and_grad(loss)(params, tokens)
-      return (value, *tx.step(grads, state, params))
+      return (_metrics(value, grads), *tx.step(grads, state, params))
     return step
   tx = tx.tx if isinstance(tx, in_backward.PerLeaf) else tx
 
   def step(params, state, tokens):
     value, grads = jax.value_and_grad(loss)(params, tokens)
     updates, state = tx.update(grads, state, params)
-    return value, optax.apply_updates(params, updates), state
+    return _metrics(value, grads), optax.apply_updates(params, updates), state
   return step
+
+
+def _metrics(loss, grads):
+  return in_backward.StepMetrics(loss, optax.tree.norm(grads))
 
 
 @functools.cache
@@ -96,10 +100,10 @@ def _runs(name):
 
   def steps_of(step, params, state):
     def one(carry, _):
-      loss, params, state = step(*carry, tokens)
-      return (params, state), loss
-    (params, state), losses = jax.lax.scan(one, (params, state), length=STEPS)
-    return losses, params, state
+      metrics, params, state = step(*carry, tokens)
+      return (params, state), metrics
+    (params, state), metrics = jax.lax.scan(one, (params, state), length=STEPS)
+    return metrics, params, state
 
   run = jax.jit(lambda params, state: [steps_of(step, params, state) for step in steps])
   return run(params, tx.init(params))
@@ -115,9 +119,12 @@ def test_same_training_as_the_ordinary_step(name):
   few that float rounding puts on the other side of a level (the gradients of
   the two programs differ in the last bit; with the wrong rounding stream of
   a layer, about half of the stochastically rounded codes would differ)."""
-  (losses, params, state), (ref_losses, ref_params, ref_state) = _runs(name)
-  np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
-  assert losses[-1] < losses[0]
+  (metrics, params, state), (ref_metrics, ref_params, ref_state) = _runs(name)
+  np.testing.assert_allclose(metrics.loss, ref_metrics.loss, rtol=1e-5)
+  np.testing.assert_allclose(metrics.grad_norm, ref_metrics.grad_norm, rtol=1e-5)
+  assert metrics.loss[-1] < metrics.loss[0]
+  if name.endswith("+clip"):
+    assert (metrics.grad_norm > CLIP).all()
   floats = lambda tree: [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
   for a, b in zip(floats((params, state)), floats((ref_params, ref_state))):
     np.testing.assert_allclose(a, b, rtol=2e-3, atol=1e-5)
