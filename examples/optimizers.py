@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import optax
 
 import qadam_mini_jax
+from qadam_mini_jax import in_backward
 from llama_model import LlamaConfig
 
 OPTIMIZERS = ("adamw", "adam_mini", "q_adam_mini", "adafactor", "lion")
@@ -209,6 +210,24 @@ def fused_step(c: OptimizerConfig, model: LlamaConfig):
     params, state = fused.step(grads, state, params)
     return params, (clip_state, state)
   return step
+
+
+#: What ``--update-in-backward`` takes: updates that need no more than a leaf's own gradient.
+IN_BACKWARD_OPTIMIZERS = ("adamw", "adam_mini", "q_adam_mini", "lion")
+
+
+def in_backward_optimizer(c: OptimizerConfig, model: LlamaConfig):
+  """The optimizer of :func:`make` (its state is :func:`core_state`'s) as
+  ``qadam_mini_jax.in_backward.train_step`` takes it; the clipping goes to
+  ``train_step(clip_global_norm=c.clip_norm)``."""
+  if c.name not in IN_BACKWARD_OPTIMIZERS or c.grad_accum > 1 or c.skip_nonfinite:
+    raise ValueError(f"{c.name} with grad_accum={c.grad_accum}, skip_nonfinite="
+                     f"{c.skip_nonfinite} cannot update each layer inside the backward pass.")
+  if c.weight_quant:
+    return qadam_mini_jax.fused_q_adam_mini(**q_adam_mini_args(c, model))
+  if c.name in ("adam_mini", "q_adam_mini"):
+    return core(c, model)
+  return in_backward.per_leaf(core(c, model))
 
 
 def make(c: OptimizerConfig, model: LlamaConfig,

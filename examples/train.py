@@ -51,6 +51,14 @@ With ``--scan-layers`` the blocks are stacked on a leading layer axis and run by
 printout gives the compile time), from the same initial weights, and trains to
 the same losses up to float summation order. Its checkpoints resume only with
 ``--scan-layers``.
+
+With ``--update-in-backward`` (and ``--scan-layers``) each layer is updated
+inside the backward pass as soon as its gradient exists
+(``qadam_mini_jax.in_backward``): the whole gradient is never held, the
+losses are those of the ordinary step up to float rounding, and checkpoints
+are interchangeable with it. Clipping by global norm stays exact at the cost
+of one more backward pass; ``--grad-accum``, ``--skip-nonfinite`` and
+Adafactor are refused.
 """
 
 from __future__ import annotations
@@ -87,7 +95,7 @@ import optimizers  # noqa: E402
 import run_lock  # noqa: E402
 import sharding_rules  # noqa: E402
 import stop_signals  # noqa: E402
-from llama_model import CONFIGS, Llama, LlamaConfig, next_token_loss  # noqa: E402
+from llama_model import CONFIGS, Llama, LlamaConfig, next_token_loss, pieces  # noqa: E402
 
 DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
 #: ``--mesh`` axes, in the mesh's order: the batch splits over data and fsdp,
@@ -121,6 +129,7 @@ class TrainConfig:
   progress: bool = True  # a tqdm progress bar
   verbose: bool = True  # print the setup and final numbers
   mesh: str | None = None  # --mesh, e.g. "data=2,fsdp=4"; None: one device, unsharded
+  update_in_backward: bool = False  # each layer updated inside the backward pass
 
 
 @dataclasses.dataclass
@@ -252,17 +261,27 @@ def init_fn(model_cfg: LlamaConfig, tx: optax.GradientTransformation, seed: int,
 
 
 def make_step_fns(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
-                  layout: MeshLayout | None = None, fused_step: Callable[..., Any] | None = None):
+                  layout: MeshLayout | None = None, fused_step: Callable[..., Any] | None = None,
+                  in_backward_step: Callable[..., Any] | None = None):
   """Jitted ``train_step(state, tokens) -> (state, metrics)`` and ``eval_loss(params, tokens)``.
 
   With ``fused_step`` (INT8 weights, ``optimizers.fused_step``) the gradients
   come from ``qadam_mini_jax.weights.value_and_grad`` and ``fused_step``
-  writes the new parameters; else ``tx.update`` and ``optax.apply_updates``.
+  writes the new parameters; with ``in_backward_step``
+  (``qadam_mini_jax.in_backward.train_step``) each layer is updated inside the
+  backward pass; else ``tx.update`` and ``optax.apply_updates``.
   """
   def loss_fn(params, tokens):
     return next_token_loss(nnx.merge(graphdef, params)(tokens), tokens)
 
   def train_step(state, tokens):
+    if in_backward_step is not None:  # the state of make(): (clipping's, the optimizer's)
+      clip_state, opt_state = state["opt_state"]
+      (loss, grad_norm), params, opt_state = in_backward_step(state["params"], opt_state, tokens)
+      embedding = qadam_mini_jax.weights.dequantize(params["embed"]["embedding"])
+      return {"params": params, "opt_state": (clip_state, opt_state)}, {
+          "loss": loss, "grad_norm": grad_norm,
+          "embed_norm": jnp.linalg.norm(embedding.astype(jnp.float32))}
     if fused_step is None:
       loss, grads = jax.value_and_grad(loss_fn)(state["params"], tokens)
       updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
@@ -480,9 +499,15 @@ def train(model_cfg: LlamaConfig, opt_cfg: optimizers.OptimizerConfig,
     last_step = min(opt_cfg.total_steps, cfg.stop_at or opt_cfg.total_steps)
     state, start_step = initial_state(ckpts, init, meta, cfg, last_step, say)
 
+    in_backward_step = None
+    if cfg.update_in_backward:
+      in_backward_step = qadam_mini_jax.in_backward.train_step(
+          *pieces(nnx.eval_shape(model_factory(model_cfg, cfg.seed, cfg.dtype))),
+          optimizers.in_backward_optimizer(opt_cfg, model_cfg), clip_global_norm=opt_cfg.clip_norm)
     train_step, eval_loss = make_step_fns(
         graphdef, tx, layout,
-        optimizers.fused_step(opt_cfg, model_cfg) if opt_cfg.weight_quant else None)
+        optimizers.fused_step(opt_cfg, model_cfg) if opt_cfg.weight_quant else None,
+        in_backward_step)
     accum = opt_cfg.grad_accum
     put = (lambda shape, rows: rows(slice(None))) if layout is None else layout.put
     micro_batch = lambda index: put((cfg.batch_size, cfg.seq_len), functools.partial(
@@ -496,6 +521,9 @@ def train(model_cfg: LlamaConfig, opt_cfg: optimizers.OptimizerConfig,
     state_bytes = optimizers.state_nbytes(opt_cfg, model_cfg, state["params"])
     weight_bytes = qadam_mini_jax.tree_nbytes(state["params"])
     grad_bytes = sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(float_params))
+    if cfg.update_in_backward:  # the gradient of one layer and of the embedding and head
+      grad_bytes -= (1 - 1 / model_cfg.num_layers) * sum(
+          x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(float_params["layers"]))
     tokens_per_step = accum * cfg.batch_size * cfg.seq_len
     say(f"data: {corpus.name}: {len(corpus.train):,} training and {len(corpus.val):,} "
         f"validation bytes (byte-level tokens, vocabulary {data_lib.VOCAB_SIZE})")
@@ -518,7 +546,8 @@ def train(model_cfg: LlamaConfig, opt_cfg: optimizers.OptimizerConfig,
           f"{per_device['params_bytes_per_device']:,} bytes")
     sizes = ", ".join(f"{k} {_fmt_bytes(v)}" for k, v in memory.items() if k != "generated_code")
     say(f"compiled train step in {compile_seconds:.1f} s "
-        f"({'--scan-layers' if model_cfg.scan_layers else 'layers unrolled'})"
+        f"({'--scan-layers' if model_cfg.scan_layers else 'layers unrolled'}"
+        f"{', --update-in-backward' if cfg.update_in_backward else ''})"
         + (f"; {'per device: ' if layout else ''}{sizes}" if memory else ""))
 
     def diverged(step: int, problem: str) -> Diverged:
@@ -725,6 +754,10 @@ def build_parser() -> argparse.ArgumentParser:
   g.add_argument("--mu-dtype", choices=optimizers.MU_DTYPES,
                  help=f"{', '.join(optimizers.MU_DTYPE_OPTIMIZERS)}: the first moment's dtype "
                       "(default: the parameters', float32)")
+  g.add_argument("--update-in-backward", action="store_true",
+                 help="with --scan-layers: update each layer inside the backward pass, as "
+                      "soon as its gradient exists, so the whole gradient is never held; "
+                      "global-norm clipping stays exact at one more backward pass")
   g.add_argument("--skip-nonfinite", action="store_true",
                  help="skip updates whose gradients hold NaN or infinity (optax.apply_if_finite, "
                       f"up to {optimizers.MAX_SKIPPED_IN_A_ROW} in a row) instead of stopping")
@@ -799,7 +832,8 @@ def configs_from_args(args: argparse.Namespace):
       eval_every=args.eval_every, eval_batches=args.eval_batches,
       out_dir=args.out_dir or f"runs/{args.optimizer}", checkpoint_every=args.checkpoint_every,
       keep_checkpoints=args.keep_checkpoints, resume=args.resume, resume_step=args.resume_step,
-      stop_at=args.stop_at, progress=args.progress, mesh=args.mesh)
+      stop_at=args.stop_at, progress=args.progress, mesh=args.mesh,
+      update_in_backward=args.update_in_backward)
   make_mesh(train_cfg)  # a bad --mesh fails here, before anything is loaded
   if jax.process_count() > 1 and not args.mesh:
     raise ValueError(
@@ -809,6 +843,18 @@ def configs_from_args(args: argparse.Namespace):
   if args.weight_quant and args.mesh:
     raise ValueError(f"--weight-quant does not combine with --mesh {args.mesh!r} yet: "
                      "sharding_rules.py has no rules for INT8 weights.")
+  if args.update_in_backward:
+    refused = [flag for flag, given in (
+        ("--scan-layers is needed", not args.scan_layers),
+        (f"--optimizer {args.optimizer}", args.optimizer not in optimizers.IN_BACKWARD_OPTIMIZERS),
+        ("--grad-accum", args.grad_accum > 1), ("--skip-nonfinite", args.skip_nonfinite))
+        if given]
+    if refused:
+      raise ValueError(
+          f"--update-in-backward updates each layer of the stacked blocks as soon as its "
+          f"gradient exists: {refused[0]} (it takes --scan-layers and --optimizer "
+          f"{', '.join(optimizers.IN_BACKWARD_OPTIMIZERS)}; accumulating gradients or skipping "
+          "non-finite ones needs the whole gradient first).")
   if args.scan_layers and args.mesh:
     raise ValueError(f"--scan-layers does not combine with --mesh {args.mesh!r} yet: "
                      "sharding_rules.py shards unstacked 2-D weights only.")

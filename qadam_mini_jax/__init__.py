@@ -14,6 +14,7 @@ from qadam_mini_jax.quantize import QuantizedArray
 from qadam_mini_jax.report import describe, tree_nbytes, tree_nbytes_per_device
 from qadam_mini_jax.sharding import ShardingError, state_shardings, weight_shardings
 from qadam_mini_jax.transform import Int8Quantization, ScaleByAdamMiniState, scale_by_adam_mini
+from qadam_mini_jax import in_backward
 from qadam_mini_jax import weights
 from qadam_mini_jax.weights import QuantizedParam, quantize_params
 
@@ -21,7 +22,7 @@ __all__ = [
     "BlockPartition", "BlockSpec", "FusedOptimizer", "fused_q_adam_mini", "Int8Quantization", "PartitionError", "QuantizedArray", "QuantizedParam", "ShardingError",
     "ScaleByAdamMiniState", "adam_mini", "block_specs", "default_decay_mask", "describe",
     "q_adam_mini", "quantize_params", "recorded_layers", "scale_by_adam_mini", "state_shardings", "tree_nbytes", "weight_shardings",
-    "tree_nbytes_per_device", "weights",
+    "tree_nbytes_per_device", "in_backward", "weights",
 ]
 
 __version__ = "0.1.0"
