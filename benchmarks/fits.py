@@ -2,6 +2,8 @@
 
     python benchmarks/fits.py                    # 60M, 1B, 7B, 13B
     python benchmarks/fits.py --model 60M 1B
+    XLA_FLAGS=--xla_cpu_enable_concurrency_optimized_scheduler=false \
+        python benchmarks/fits.py --name fits_cpu_memory_scheduler
 
 Each row builds the example LLaMA's full train step (forward, backward with
 every block under ``nnx.remat``, optimizer update; state donated as in
@@ -38,7 +40,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "examples")
 import compile_time  # noqa: E402  (benchmarks/, beside this script)
 import results_file  # noqa: E402
 import train  # noqa: E402  (examples/, added above)
-from llama_model import CONFIGS, Llama, LlamaConfig  # noqa: E402
+from llama_model import CONFIGS, Llama, LlamaConfig, pieces  # noqa: E402
 
 MODELS = ("60M", "1B", "7B", "13B")
 UNROLLED_CHECK = "60M"  # also compiled with unrolled blocks: the scan's figures hold?
@@ -81,6 +83,33 @@ def optax_row(make_tx: Callable[[LlamaConfig], Any], param_dtype=jnp.float32,
   return build
 
 
+def in_backward_row(make_tx: Callable[[LlamaConfig], Any], int8_weights: bool = False) -> Row:
+  """As :func:`optax_row`, with each layer updated inside the backward pass
+  (``examples/train.py --update-in-backward``, ``qadam_mini_jax.in_backward``):
+  ``make_tx`` gives an optimizer ``in_backward.train_step`` takes. No clipping,
+  as in the other rows. Stacked blocks only."""
+  def build(config, batch):
+    if not config.scan_layers:
+      raise ValueError("updates inside the backward pass need stacked (scanned) blocks.")
+    tx = make_tx(config)
+    create = lambda: Llama(config, nnx.Rngs(0), dtype=COMPUTE_DTYPE)
+    model = nnx.eval_shape(create)
+    graphdef, _ = nnx.split(model, nnx.Param)
+
+    def init():
+      params = nnx.to_pure_dict(nnx.state(create(), nnx.Param))
+      if int8_weights:
+        params = qadam_mini_jax.quantize_params(params, partition(config))
+      return {"params": params, "opt_state": (optax.EmptyState(), tx.init(params))}
+
+    step = qadam_mini_jax.in_backward.train_step(*pieces(model), tx)
+    train_step, _ = train.make_step_fns(graphdef, None, in_backward_step=step)
+    return jax.eval_shape(init), train_step, jax.ShapeDtypeStruct(batch, jnp.int32)
+  return build
+
+
+IN_BACKWARD = ", in backward"  # the suffix of the rows of in_backward_row
+
 #: The table's rows, name -> :data:`Row`: adding a row is adding an entry here.
 #: An optimizer in the example's train step is ``optax_row(make_tx)``; a row
 #: with its own parameter storage and train step is any function of the config
@@ -94,6 +123,15 @@ ROWS: dict[str, Row] = {
     "q_adam_mini": optax_row(
         lambda c: qadam_mini_jax.q_adam_mini(LEARNING_RATE, partition=partition(c))),
     "q_adam_mini + INT8 weights": optax_row(
+        lambda c: qadam_mini_jax.fused_q_adam_mini(LEARNING_RATE, partition=partition(c)),
+        int8_weights=True),
+    "optax.adamw" + IN_BACKWARD: in_backward_row(
+        lambda c: qadam_mini_jax.in_backward.per_leaf(optax.adamw(LEARNING_RATE))),
+    "adam_mini" + IN_BACKWARD: in_backward_row(
+        lambda c: qadam_mini_jax.adam_mini(LEARNING_RATE, partition=partition(c))),
+    "q_adam_mini" + IN_BACKWARD: in_backward_row(
+        lambda c: qadam_mini_jax.q_adam_mini(LEARNING_RATE, partition=partition(c))),
+    "q_adam_mini + INT8 weights" + IN_BACKWARD: in_backward_row(
         lambda c: qadam_mini_jax.fused_q_adam_mini(LEARNING_RATE, partition=partition(c)),
         int8_weights=True),
 }
@@ -222,12 +260,16 @@ def report(records: list[dict[str, Any]], models: list[str]) -> str:
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--model", nargs="+", default=list(MODELS), choices=CONFIGS)
+  parser.add_argument("--name", default=f"fits_{jax.default_backend()}",
+                      help="results file name, without .md/.json (default fits_<backend>)")
   args = parser.parse_args()
-  name = f"fits_{jax.default_backend()}"
+  name = args.name
   records = []
   for model in args.model:
     for layers, config in configs(model).items():
       for optimizer, row in ROWS.items():
+        if layers == "unrolled" and optimizer.endswith(IN_BACKWARD):
+          continue
         records.append({"model": model, "optimizer": optimizer, "layers": layers,
                         **measure(row, config)})
         r = records[-1]

@@ -191,6 +191,17 @@ def _state_axes(init: Callable[[Any], Any], params: Any, layers: str, *,
   return jax.tree_util.tree_map_with_path(axes, shapes, more)
 
 
+def _saved(x: jax.Array) -> jax.Array:
+  """A block input as the forward pass keeps it: 2-byte floats as their bits
+  (XLA:CPU read a saved bf16 stack through a float32 copy of all of it: 1 GiB
+  at 7B, batch 1 x 2048)."""
+  return jax.lax.bitcast_convert_type(x, jnp.uint16) if x.dtype.itemsize == 2 else x
+
+
+def _restored(x: jax.Array, dtype: Any) -> jax.Array:
+  return jax.lax.bitcast_convert_type(x, dtype) if x.dtype != dtype else x
+
+
 def _sum_squares(tree: Any) -> jax.Array:
   return sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree.leaves(tree))
 
@@ -244,7 +255,7 @@ def train_step(embed: Callable[[Any, Any], jax.Array],
 
     # Forward: embedding, then each block, keeping each block's input.
     hidden, embed_vjp = weights_lib.vjp(lambda r: embed(r, batch), rest)
-    hidden, inputs = jax.lax.scan(lambda h, p: (block(p, h), h), hidden, stack)
+    hidden, inputs = jax.lax.scan(lambda h, p: (block(p, h), _saved(h)), hidden, stack)
     loss, head_vjp = weights_lib.vjp(lambda r, h: head(r, h, batch), rest, hidden)
     rest_grads, d_hidden = head_vjp(jnp.ones_like(loss))
 
@@ -255,7 +266,7 @@ def train_step(embed: Callable[[Any, Any], jax.Array],
       # A first backward pass for the gradient's global norm only.
       def norm_of_layer(layer, d_hidden, total, p, x):
         del layer
-        grads, d_hidden = layer_grads(p, x, d_hidden)
+        grads, d_hidden = layer_grads(p, _restored(x, hidden.dtype), d_hidden)
         return d_hidden, total + _sum_squares(grads)
       d_first, total = partition_lib.layer_loop(
           norm_of_layer, (count,), (d_hidden, jnp.zeros([])), (None, None),
@@ -276,7 +287,7 @@ def train_step(embed: Callable[[Any, Any], jax.Array],
     grad_holes = holes(rest)
 
     def one_layer(layer, p, state_slices, d_hidden, total, x):
-      grads, d_hidden = layer_grads(p, x, d_hidden)
+      grads, d_hidden = layer_grads(p, _restored(x, hidden.dtype), d_hidden)
       total = total if norm is not None else total + _sum_squares(grads)
       grads = clip(grads)
       view = list(leaves)

@@ -107,5 +107,8 @@ def bits_to_uniform(bits: jax.Array) -> jax.Array:
 
 def uniform(shape: tuple[int, ...], s0: jax.Array, s1: jax.Array) -> jax.Array:
   """float32 uniforms in [0, 1) for a leaf of ``shape`` (row-major indices)."""
-  index = jax.lax.iota(jnp.uint32, int(np.prod(shape, dtype=np.int64))).reshape(shape)
-  return bits_to_uniform(element_bits(index, s0, s1))
+  # Mixed with the seeds before taking the leaf's shape: a shaped index depends on
+  # nothing else, and XLA hoisted it out of loops over layers, keeping a uint32
+  # array of each layer's shape alive through the whole loop.
+  index = jax.lax.iota(jnp.uint32, int(np.prod(shape, dtype=np.int64)))
+  return bits_to_uniform(element_bits(index, s0, s1)).reshape(shape)
