@@ -49,9 +49,9 @@ COMPUTE_DTYPE = jnp.bfloat16  # activations and matmuls; parameters keep their o
 BUDGETS_GIB = (16, 24, 40, 80)
 LEARNING_RATE = 1e-3
 
-#: ``row(config, batch) -> (state, train_step, tokens)``: ``state`` and ``tokens``
-#: abstract (``jax.ShapeDtypeStruct`` pytrees, any structure), ``train_step(state,
-#: tokens) -> (state, metrics)`` jitted and donating ``state``.
+#: ``row(config, batch) -> (init, train_step, tokens)``: ``init() -> state`` (any
+#: structure; ``jax.eval_shape`` of it allocates nothing), ``tokens`` abstract,
+#: ``train_step(state, tokens) -> (state, metrics)`` jitted and donating ``state``.
 Row = Callable[[LlamaConfig, tuple[int, int]], tuple[Any, Any, jax.ShapeDtypeStruct]]
 
 
@@ -79,7 +79,7 @@ def optax_row(make_tx: Callable[[LlamaConfig], Any], param_dtype=jnp.float32,
       return {"params": params, "opt_state": tx.init(params)}
 
     train_step, _ = train.make_step_fns(graphdef, tx, fused_step=tx.step if int8_weights else None)
-    return jax.eval_shape(init), train_step, jax.ShapeDtypeStruct(batch, jnp.int32)
+    return init, train_step, jax.ShapeDtypeStruct(batch, jnp.int32)
   return build
 
 
@@ -104,7 +104,7 @@ def in_backward_row(make_tx: Callable[[LlamaConfig], Any], int8_weights: bool = 
 
     step = qadam_mini_jax.in_backward.train_step(*pieces(model), tx)
     train_step, _ = train.make_step_fns(graphdef, None, in_backward_step=step)
-    return jax.eval_shape(init), train_step, jax.ShapeDtypeStruct(batch, jnp.int32)
+    return init, train_step, jax.ShapeDtypeStruct(batch, jnp.int32)
   return build
 
 
@@ -144,8 +144,8 @@ def num_params(config: LlamaConfig) -> int:
 
 def measure(row: Row, config: LlamaConfig, batch: tuple[int, int] = BATCH) -> dict[str, Any]:
   """Parameters, XLA's memory figures (bytes), peak and compile seconds of one row."""
-  state, train_step, tokens = row(config, batch)
-  compiled, seconds = train.compile_step(train_step, state, tokens)
+  init, train_step, tokens = row(config, batch)
+  compiled, seconds = train.compile_step(train_step, jax.eval_shape(init), tokens)
   mem = train.memory_report(compiled)
   n = num_params(config)
   peak = mem["argument"] + mem["output"] - mem["alias"] + mem["temp"]

@@ -232,3 +232,116 @@ def test_refusals_name_what_is_wrong():
   step = in_backward.train_step(embed, block, head, undeclared)
   with pytest.raises(ValueError, match="declare them with BlockPartition\\(layers="):
     jax.eval_shape(step, params, undeclared.init(params), tokens)
+
+
+def _same_as_ordinary(embed, block, head, params, partition, tokens, **kw):
+  """Two steps of q_adam_mini (stochastic rounding everywhere) in backward and
+  the ordinary way: losses to float rounding, m codes all but a few."""
+  tx = q.q_adam_mini(1e-2, partition=partition, stochastic_rounding="all",
+                     quantization=q.Int8Quantization(group_size=16, min_size=0), **kw)
+  steps = (in_backward.train_step(embed, block, head, tx),
+           _ordinary_step("q_adam_mini", tx, functools.partial(_loss, embed, block, head)))
+
+  @jax.jit
+  def run(params, state):
+    out = []
+    for step in steps:
+      p, s, losses = params, state, []
+      for _ in range(2):
+        metrics, p, s = step(p, s, tokens)
+        losses.append(metrics.loss)
+      out.append((jnp.stack(losses), s))
+    return out
+  (losses, state), (ref_losses, ref_state) = run(params, tx.init(params))
+  np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+  for a, b in zip(_int8_leaves(state), _int8_leaves(ref_state)):
+    assert (np.asarray(a) != np.asarray(b)).mean() < 0.01
+  return len(_int8_leaves(state))
+
+
+def test_a_linen_nn_scan_model_cut_into_pieces():
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  dim, ffn, vocab, layers = 32, 64, 48, 3
+
+  class Block(nn.Module):
+    @nn.compact
+    def __call__(self, x, _):
+      h = nn.RMSNorm(name="mlp_norm")(x)
+      up = nn.Dense(ffn, use_bias=False, name="up_proj")(h)
+      return x + nn.Dense(dim, use_bias=False, name="down_proj")(nn.silu(up)), None
+
+  class Lm(nn.Module):
+    def setup(self):
+      self.embed = nn.Embed(vocab, dim)
+      self.layers = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True},
+                            length=layers)()
+      self.norm = nn.RMSNorm()
+      self.lm_head = nn.Dense(vocab, use_bias=False)
+
+    def __call__(self, tokens):
+      x, _ = self.layers(self.embed(tokens), None)
+      return self.lm_head(self.norm(x))
+
+  tokens = jax.random.randint(jax.random.key(1), (2, 8), 0, vocab)
+  params = Lm().init(jax.random.key(0), tokens)["params"]
+  assert params["layers"]["up_proj"]["kernel"].shape == (layers, dim, ffn)
+
+  # The pieces: each submodule applied to its own parameters.
+  def embed(rest, tokens):
+    return nn.Embed(vocab, dim).apply({"params": rest["embed"]}, tokens)
+
+  def block(layer, x):
+    return Block().apply({"params": layer}, x, None)[0]
+
+  def head(rest, x, tokens):
+    x = nn.RMSNorm().apply({"params": rest["norm"]}, x)
+    logits = nn.Dense(vocab, use_bias=False).apply({"params": rest["lm_head"]}, x)
+    return next_token_loss(logits, tokens)
+
+  np.testing.assert_allclose(_loss(embed, block, head, params, tokens),
+                             next_token_loss(Lm().apply({"params": params}, tokens), tokens),
+                             rtol=1e-6)
+  partition = q.BlockPartition(layers={"layers": 0})
+  # INT8 m: embedding, both kernels, the stacked norm, the final norm, head.
+  assert _same_as_ordinary(embed, block, head, params, partition, tokens) == 6
+
+
+def test_an_equinox_stacked_block_cut_into_pieces():
+  eqx = pytest.importorskip("equinox")
+  dim, ffn, vocab, layers = 32, 64, 48, 3
+
+  class Block(eqx.Module):
+    norm: jax.Array
+    up_proj: eqx.nn.Linear
+    down_proj: eqx.nn.Linear
+
+    def __init__(self, key):
+      up, down = jax.random.split(key)
+      self.norm = jnp.ones(dim)
+      self.up_proj = eqx.nn.Linear(dim, ffn, use_bias=False, key=up)
+      self.down_proj = eqx.nn.Linear(ffn, dim, use_bias=False, key=down)
+
+    def __call__(self, x):  # (batch, seq, dim)
+      h = x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + 1e-6) * self.norm
+      return x + jnp.einsum("...f,df->...d", jax.nn.silu(h @ self.up_proj.weight.T),
+                            self.down_proj.weight)
+
+  keys = jax.random.split(jax.random.key(0), layers + 2)
+  params = {"embed": {"embedding": jax.random.normal(keys[0], (vocab, dim))},
+            "layers": eqx.filter_vmap(Block)(keys[2:]),  # every array stacked on axis 0
+            "lm_head": eqx.nn.Linear(dim, vocab, use_bias=False, key=keys[1])}
+  assert params["layers"].up_proj.weight.shape == (layers, ffn, dim)
+
+  def embed(rest, tokens):
+    return rest["embed"]["embedding"][tokens]
+
+  def block(layer, x):
+    return layer(x)
+
+  def head(rest, x, tokens):
+    return next_token_loss(x @ rest["lm_head"].weight.T, tokens)
+
+  tokens = jax.random.randint(jax.random.key(1), (2, 8), 0, vocab)
+  partition = q.BlockPartition(layers={"layers": 0}, kernel_layout="out_in")
+  # INT8 m: embedding, both weights, the stacked norm, head.
+  assert _same_as_ordinary(embed, block, head, params, partition, tokens) == 5
