@@ -195,13 +195,45 @@ def int8_m_extra(records: list[dict[str, Any]]) -> list[str]:
            "rest (loop state and their float32 working copies: a few layers' float32 `m`). The difference of the two steps' temp, beside one layer's float32 "
            "`m` of the largest stacked leaf (the FFN kernel, 4 x dim x ffn bytes) for scale: "
            "positive where those temporaries add to the step's peak, negative where XLA "
-           "scheduled the INT8 step's peak lower.", "",
+           "scheduled the INT8 step's peak lower. Where positive, "
+           "`benchmarks/results/peak_breakdown_cpu.md` lists what is alive at each step's peak: "
+           "at 1B (default scheduler) the same activations and gradients in both, and beside "
+           "them in `q_adam_mini` XLA's copies of the INT8 `m` codes of the embedding and "
+           "output layer (62 MiB each, made at the step's start because fusions that read the "
+           "old codes may run after the new ones are written) and 51 MiB of smaller buffers: "
+           "176 MiB of live bytes; the rest of the difference is the packing of the temp "
+           "allocation. The copies are ours to remove (not done yet).", "",
            "| model | q_adam_mini temp - adam_mini temp (MiB) | one FFN layer's float32 m (MiB) |",
            "|---|---:|---:|"]
   for model in models:
     c = CONFIGS[model]
     extra = temp[(model, "q_adam_mini")] - temp[(model, "adam_mini")]
     lines.append(f"| {model} | {extra / 2**20:,.1f} | {4 * c.dim * c.ffn_dim / 2**20:,.1f} |")
+  return lines
+
+
+def in_backward_notes(records: list[dict[str, Any]]) -> list[str]:
+  """The rows updated inside the backward pass against their ordinary twins."""
+  peak = {(r["model"], r["optimizer"]): r["peak"] for r in records if r["layers"] == "scanned"}
+  pairs = [(m, o) for (m, o) in peak if o.endswith(IN_BACKWARD)]
+  if not pairs:
+    return []
+  lines = ["", "## Updates inside the backward pass", "",
+           "Rows `, in backward`: `qadam_mini_jax.in_backward.train_step` (`examples/train.py "
+           "--update-in-backward`): each layer recomputed, differentiated and updated in place "
+           "in the backward pass, so one layer's gradient is alive instead of the whole tree; "
+           "same arguments as the ordinary row. What is alive at such a step's peak, buffer by "
+           "buffer (XLA's live ranges): `benchmarks/results/peak_breakdown_cpu.md` "
+           "(`benchmarks/peak_breakdown.py`). On XLA:CPU the temp allocation exceeds the live "
+           "bytes at the peak by the packing of its buffers (at 7B with INT8 weights: 1.2 GiB "
+           "under the memory scheduler), which is the backend's.", "",
+           "| model | optimizer | ordinary peak GiB | in backward peak GiB | saved GiB |",
+           "|---|---|---:|---:|---:|"]
+  for model, optimizer in pairs:
+    base = optimizer[:-len(IN_BACKWARD)]
+    if (model, base) in peak:
+      a, b = peak[(model, base)], peak[(model, optimizer)]
+      lines.append(f"| {model} | `{base}` | {gib(a)} | {gib(b)} | {gib(a - b)} |")
   return lines
 
 
@@ -240,6 +272,7 @@ def report(records: list[dict[str, Any]], models: list[str]) -> str:
             "Peak <= budget. A GPU needs some headroom beyond XLA's peak (runtime, allocator; "
             "see JAX's notes on GPU memory allocation).", "", *largest_fits(records)]
   lines += int8_m_extra(records)
+  lines += in_backward_notes(records)
   unrolled = [r for r in records if r["layers"] == "unrolled"]
   if unrolled:
     peaks = {(r["optimizer"], r["layers"]): r for r in records if r["model"] == UNROLLED_CHECK}
@@ -262,8 +295,16 @@ def main() -> None:
   parser.add_argument("--model", nargs="+", default=list(MODELS), choices=CONFIGS)
   parser.add_argument("--name", default=f"fits_{jax.default_backend()}",
                       help="results file name, without .md/.json (default fits_<backend>)")
+  parser.add_argument("--render", action="store_true",
+                      help="rewrite <name>.md from <name>.json (a run's records), compiling nothing")
   args = parser.parse_args()
   name = args.name
+  if args.render:  # the same records, the current report's text (its first line kept)
+    records = json.loads((results_file.RESULTS / f"{name}.json").read_text())
+    first = (results_file.RESULTS / f"{name}.md").read_text().splitlines()[0]
+    text = report(records, list(dict.fromkeys(r["model"] for r in records)))
+    results_file.write(f"{name}.md", "\n".join([first, *text.splitlines()[1:]]) + "\n")
+    return
   records = []
   for model in args.model:
     for layers, config in configs(model).items():

@@ -411,15 +411,18 @@ MUTANTS: tuple[Mutant, ...] = (
     # --- Updates inside the backward pass (in_backward.py) ---------------------------
     Mutant(
         "in_backward_layers_in_forward_order", "qadam_mini_jax/in_backward.py",
-        "(inputs,), ((0,),), reverse=True)",
-        "(inputs,), ((0,),), reverse=False)",
+        "(stack_axes, [axes[k] for k in stacked], None, None), (inputs,), ((0,),),\n"
+        "        reverse=True)",
+        "(stack_axes, [axes[k] for k in stacked], None, None), (inputs,), ((0,),),\n"
+        "        reverse=False)",
         (SAME_TRAINING,), ("same_training",),
         "the backward pass walks the layers first to last: each layer's gradient comes from "
         "another layer's input and cotangent"),
     Mutant(
         "in_backward_drops_the_embedding_gradient", "qadam_mini_jax/in_backward.py",
-        "      rest_grads = jax.tree.map(jnp.add, rest_grads, embed_grads)\n    for k, s in",
-        "    for k, s in",
+        "      (embed_grads,) = embed_vjp(d_hidden)\n"
+        "      rest_grads = jax.tree.map(jnp.add, rest_grads, embed_grads)\n",
+        "      (embed_grads,) = embed_vjp(d_hidden)\n",
         (SAME_TRAINING,), ("same_training",),
         "the embedding is updated with the head's gradient only (zero): it never trains"),
     Mutant(
