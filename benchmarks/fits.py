@@ -225,7 +225,7 @@ def in_backward_notes(records: list[dict[str, Any]]) -> list[str]:
            "same arguments as the ordinary row. What is alive at such a step's peak, buffer by "
            "buffer (XLA's live ranges): `benchmarks/results/peak_breakdown_cpu.md` "
            "(`benchmarks/peak_breakdown.py`). On XLA:CPU the temp allocation exceeds the live "
-           "bytes at the peak by the packing of its buffers (at 7B with INT8 weights: 1.2 GiB "
+           "bytes at the peak by the packing of its buffers (at 7B with INT8 weights: 1.4 GiB "
            "under the memory scheduler), which is the backend's.", "",
            "| model | optimizer | ordinary peak GiB | in backward peak GiB | saved GiB |",
            "|---|---|---:|---:|---:|"]
