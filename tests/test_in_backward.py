@@ -137,10 +137,10 @@ def test_same_training_as_the_ordinary_step(name):
     assert np.abs(a.astype(int) - b.astype(int)).max() <= 2
 
 
-def test_same_codes_where_the_gradients_are_the_same():
-  """A model whose gradients the two programs compute bit for bit: every INT8
-  code (m and weights, stochastic rounding on every leaf) after one step is the
-  ordinary fused step's, so each layer draws the same counter-based stream."""
+def _toy():
+  """A model whose gradients the two programs compute bit for bit (one token: each
+  weight gradient is a product, no sum), with INT8 weights: its pieces, params,
+  partition, quantization and tokens."""
   layers, dim = 3, 32
   keys = jax.random.split(jax.random.key(0), 3)
   params = {"embed": {"embedding": jax.random.normal(keys[0], (16, dim))},
@@ -148,7 +148,6 @@ def test_same_codes_where_the_gradients_are_the_same():
             "lm_head": {"kernel": 0.1 * jax.random.normal(keys[2], (dim, 16))}}
   partition = q.BlockPartition(layers={"layers": 0}, rules={"mlp/kernel": "mlp"})
   quant = q.Int8Quantization(group_size=32, min_size=0)
-  params = q.quantize_params(params, partition, quant)
 
   def embed(rest, tokens):
     return q.weights.dequantize(rest["embed"]["embedding"])[tokens]
@@ -160,21 +159,47 @@ def test_same_codes_where_the_gradients_are_the_same():
     logits = x @ q.weights.dequantize(rest["lm_head"]["kernel"])
     return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(tokens.size), tokens])
 
+  return ((embed, block, head), q.quantize_params(params, partition, quant), partition, quant,
+          jnp.array([3]))
+
+
+def test_same_codes_where_the_gradients_are_the_same():
+  """Where the two programs' gradients agree bit for bit, every INT8 code (m and
+  weights, stochastic rounding on every leaf) after one step is the ordinary
+  fused step's, so each layer draws the same counter-based stream."""
+  pieces_, params, partition, quant, tokens = _toy()
   tx = q.fused_q_adam_mini(1e-2, weight_decay=0.1, partition=partition, quantization=quant,
                            stochastic_rounding="all")
-  tokens = jnp.array([3])  # one token: each weight gradient is a product, no sum
   state = tx.init(params)
 
   @jax.jit
   def both(params, state):
-    ordinary = _ordinary_step("fused", tx, functools.partial(_loss, embed, block, head))
-    return (in_backward.train_step(embed, block, head, tx)(params, state, tokens),
+    ordinary = _ordinary_step("fused", tx, functools.partial(_loss, *pieces_))
+    return (in_backward.train_step(*pieces_, tx)(params, state, tokens),
             ordinary(params, state, tokens))
   got, want = both(params, state)
   codes, ref_codes = _int8_leaves(got), _int8_leaves(want)
   assert len(codes) == 6  # three weights, three m
   for a, b in zip(codes, ref_codes):
     np.testing.assert_array_equal(a, b)
+
+
+def test_the_fused_kernel_updates_each_layer_in_backward():
+  """``implementation="pallas"`` (interpret mode here) inside the backward pass:
+  the jnp path's codes but for float32 rounding, two steps."""
+  pieces_, params, partition, quant, tokens = _toy()
+  runs = []
+  for implementation in ("xla", "pallas"):
+    tx = q.fused_q_adam_mini(1e-2, weight_decay=0.1, partition=partition, quantization=quant,
+                             stochastic_rounding="all", implementation=implementation)
+    step, p, s = jax.jit(in_backward.train_step(*pieces_, tx)), params, tx.init(params)
+    for _ in range(2):
+      _, p, s = step(p, s, tokens)
+    runs.append(_int8_leaves((p, s)))
+  assert len(runs[0]) == 6
+  for a, b in zip(*runs):
+    diff = np.abs(np.asarray(a, np.int32) - np.asarray(b, np.int32))
+    assert diff.max() <= 1 and diff.mean() < 1e-2
 
 
 def test_the_step_holds_one_layer_gradient_not_the_tree():
