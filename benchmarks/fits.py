@@ -61,35 +61,19 @@ def partition(c: LlamaConfig) -> qadam_mini_jax.BlockPartition:
 
 
 def optax_row(make_tx: Callable[[LlamaConfig], Any], param_dtype=jnp.float32,
-              int8_weights: bool = False) -> Row:
+              int8_weights: bool = False, in_backward: bool = False,
+              clip_global_norm: float | None = None) -> Row:
   """The row of ``examples/train.py``'s train step with ``make_tx(config)``,
   parameters stored in ``param_dtype``; with ``int8_weights`` the weight
   matrices are INT8 (``quantize_params``) and ``make_tx`` gives a
-  ``fused_q_adam_mini``, whose step writes them (``--weight-quant``)."""
+  ``fused_q_adam_mini``, whose step writes them (``--weight-quant``). With
+  ``in_backward`` each layer is updated inside the backward pass
+  (``--update-in-backward``, ``qadam_mini_jax.in_backward``; stacked blocks only,
+  clipped by ``clip_global_norm`` if given): ``make_tx`` gives an optimizer
+  ``in_backward.train_step`` takes, whose state sits where the example's
+  clipping chain keeps it."""
   def build(config, batch):
-    tx = make_tx(config)
-    create = lambda: Llama(config, nnx.Rngs(0), dtype=COMPUTE_DTYPE)
-    graphdef, _ = nnx.split(nnx.eval_shape(create), nnx.Param)
-
-    def init():
-      params = nnx.to_pure_dict(nnx.state(create(), nnx.Param))
-      params = jax.tree.map(lambda p: p.astype(param_dtype), params)
-      if int8_weights:
-        params = qadam_mini_jax.quantize_params(params, partition(config))
-      return {"params": params, "opt_state": tx.init(params)}
-
-    train_step, _ = train.make_step_fns(graphdef, tx, fused_step=tx.step if int8_weights else None)
-    return init, train_step, jax.ShapeDtypeStruct(batch, jnp.int32)
-  return build
-
-
-def in_backward_row(make_tx: Callable[[LlamaConfig], Any], int8_weights: bool = False) -> Row:
-  """As :func:`optax_row`, with each layer updated inside the backward pass
-  (``examples/train.py --update-in-backward``, ``qadam_mini_jax.in_backward``):
-  ``make_tx`` gives an optimizer ``in_backward.train_step`` takes. No clipping,
-  as in the other rows. Stacked blocks only."""
-  def build(config, batch):
-    if not config.scan_layers:
+    if in_backward and not config.scan_layers:
       raise ValueError("updates inside the backward pass need stacked (scanned) blocks.")
     tx = make_tx(config)
     create = lambda: Llama(config, nnx.Rngs(0), dtype=COMPUTE_DTYPE)
@@ -98,14 +82,27 @@ def in_backward_row(make_tx: Callable[[LlamaConfig], Any], int8_weights: bool = 
 
     def init():
       params = nnx.to_pure_dict(nnx.state(create(), nnx.Param))
+      params = jax.tree.map(lambda p: p.astype(param_dtype), params)
       if int8_weights:
         params = qadam_mini_jax.quantize_params(params, partition(config))
-      return {"params": params, "opt_state": (optax.EmptyState(), tx.init(params))}
+      state = tx.init(params)
+      return {"params": params, "opt_state": (optax.EmptyState(), state) if in_backward else state}
 
-    step = qadam_mini_jax.in_backward.train_step(*pieces(model), tx)
-    train_step, _ = train.make_step_fns(graphdef, None, in_backward_step=step)
+    if in_backward:
+      step = qadam_mini_jax.in_backward.train_step(*pieces(model), tx,
+                                                   clip_global_norm=clip_global_norm)
+      train_step, _ = train.make_step_fns(graphdef, None, in_backward_step=step)
+    else:
+      train_step, _ = train.make_step_fns(graphdef, tx,
+                                          fused_step=tx.step if int8_weights else None)
     return init, train_step, jax.ShapeDtypeStruct(batch, jnp.int32)
   return build
+
+
+def in_backward_row(make_tx: Callable[[LlamaConfig], Any], int8_weights: bool = False) -> Row:
+  """:func:`optax_row` with each layer updated inside the backward pass, unclipped
+  as the other rows."""
+  return optax_row(make_tx, int8_weights=int8_weights, in_backward=True)
 
 
 IN_BACKWARD = ", in backward"  # the suffix of the rows of in_backward_row

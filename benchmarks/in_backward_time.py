@@ -29,15 +29,13 @@ import time
 
 import jax
 import optax
-from flax import nnx
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import compile_time  # noqa: E402
 import fits  # noqa: E402
 import results_file  # noqa: E402
 import qadam_mini_jax  # noqa: E402
-import train  # noqa: E402  (examples/, on the path via fits)
-from llama_model import CONFIGS, Llama, pieces  # noqa: E402
+from llama_model import CONFIGS  # noqa: E402  (examples/, on the path via fits)
 
 OPTIMIZERS = ("q_adam_mini", "optax.adamw")
 CLIP = 1.0
@@ -45,22 +43,12 @@ CLIP = 1.0
 
 def clipped_rows() -> dict[str, fits.Row]:
   """``q_adam_mini`` after ``optax.clip_by_global_norm``, ordinary and in backward."""
-  def ordinary(c):
-    return optax.chain(optax.clip_by_global_norm(CLIP),
-                       qadam_mini_jax.q_adam_mini(fits.LEARNING_RATE, partition=fits.partition(c)))
-
-  def in_backward(config, batch):  # the chain's state, clipping inside the step
-    init, _, tokens = fits.ROWS["q_adam_mini" + fits.IN_BACKWARD](config, batch)
-    model = nnx.eval_shape(lambda: Llama(config, nnx.Rngs(0), dtype=fits.COMPUTE_DTYPE))
-    graphdef, _ = nnx.split(model, nnx.Param)
-    step = qadam_mini_jax.in_backward.train_step(
-        *pieces(model), qadam_mini_jax.q_adam_mini(fits.LEARNING_RATE,
-                                                   partition=fits.partition(config)),
-        clip_global_norm=CLIP)
-    train_step, _ = train.make_step_fns(graphdef, None, in_backward_step=step)
-    return init, train_step, tokens
-  return {"q_adam_mini + clip": fits.optax_row(ordinary),
-          "q_adam_mini + clip" + fits.IN_BACKWARD: in_backward}
+  q_adam_mini = lambda c: qadam_mini_jax.q_adam_mini(fits.LEARNING_RATE,
+                                                     partition=fits.partition(c))
+  return {"q_adam_mini + clip": fits.optax_row(
+              lambda c: optax.chain(optax.clip_by_global_norm(CLIP), q_adam_mini(c))),
+          "q_adam_mini + clip" + fits.IN_BACKWARD: fits.optax_row(
+              q_adam_mini, in_backward=True, clip_global_norm=CLIP)}
 
 
 def timed_pair(rows, config, batch, iters: int) -> tuple[list[float], list[float]]:

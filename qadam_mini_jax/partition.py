@@ -385,6 +385,11 @@ def is_axes(a: Any) -> bool:
   return isinstance(a, tuple) and all(isinstance(i, int) for i in a)
 
 
+def _axes_or_none(a: Any) -> bool:
+  """A leaf of an axes pytree that may also say ``None`` (not stacked)."""
+  return a is None or is_axes(a)
+
+
 def per_layer(fn: Callable[..., Any], in_axes: tuple[Any, ...], out_axes: tuple[Any, ...]):
   """``fn`` of one layer's arrays, mapped over the layer axes of a stacked leaf.
 
@@ -394,7 +399,7 @@ def per_layer(fn: Callable[..., Any], in_axes: tuple[Any, ...], out_axes: tuple[
   """
   def nth(axes, k):
     return jax.tree.map(lambda a: None if a is None else a[k] - k, axes,
-                        is_leaf=lambda a: a is None or is_axes(a))
+                        is_leaf=_axes_or_none)
   count = len(jax.tree.leaves(out_axes, is_leaf=is_axes)[0])
   for k in reversed(range(count)):
     fn = jax.vmap(fn, in_axes=nth(in_axes, k), out_axes=nth(out_axes, k))
@@ -419,7 +424,7 @@ def take_layer(tree: Any, axes: Any, index: list[jax.Array]) -> Any:
       return x
     window = [1 if i in a else n for i, n in enumerate(x.shape)]
     return jax.lax.dynamic_slice(x, _starts(x, a, index), window).squeeze(a)
-  return jax.tree.map(take, axes, tree, is_leaf=lambda a: a is None or is_axes(a))
+  return jax.tree.map(take, axes, tree, is_leaf=_axes_or_none)
 
 
 def put_layer(tree: Any, axes: Any, layer: Any, index: list[jax.Array]) -> Any:
@@ -429,7 +434,7 @@ def put_layer(tree: Any, axes: Any, layer: Any, index: list[jax.Array]) -> Any:
     if a is None:
       return x
     return jax.lax.dynamic_update_slice(x, jnp.expand_dims(v, a), _starts(x, a, index))
-  return jax.tree.map(put, axes, tree, layer, is_leaf=lambda a: a is None or is_axes(a))
+  return jax.tree.map(put, axes, tree, layer, is_leaf=_axes_or_none)
 
 
 def layer_loop(fn: Callable[..., tuple[Any, ...]], sizes: tuple[int, ...], carry: tuple[Any, ...],
