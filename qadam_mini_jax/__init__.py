@@ -4,10 +4,15 @@ References:
   Zhang et al., "Adam-mini: Use Fewer Learning Rates To Gain More",
   arXiv:2406.16793, 2024.
   Han, Yang, Chen, Wang, Sun, "Q-Adam-mini", ICML 2025 ES-FoMo workshop.
-  Zhang et al., "Q-GaLore" (INT8 weights with stochastic rounding), arXiv:2407.08296, 2024.
+  Zhang et al., "Q-GaLore" (INT8 weights with stochastic rounding; lazy
+  layer-adaptive projections), arXiv:2407.08296, 2024.
+  Zhao et al., "GaLore: Memory-Efficient LLM Training by Gradient Low-Rank
+  Projection", arXiv:2403.03507, 2024.
 """
 
-from qadam_mini_jax.alias import FusedOptimizer, adam_mini, default_decay_mask, fused_q_adam_mini, q_adam_mini
+from qadam_mini_jax.alias import (FusedOptimizer, adam_mini, default_decay_mask, fused_q_adam_mini,
+                                  galore, q_adam_mini)
+from qadam_mini_jax.galore import ScaleByGaLoreState, scale_by_galore
 from qadam_mini_jax.partition import (BlockPartition, BlockSpec, PartitionError, block_specs,
                                       recorded_layers)
 from qadam_mini_jax.quantize import QuantizedArray
@@ -22,7 +27,8 @@ __all__ = [
     "BlockPartition", "BlockSpec", "FusedOptimizer", "fused_q_adam_mini", "Int8Quantization", "PartitionError", "QuantizedArray", "QuantizedParam", "ShardingError",
     "ScaleByAdamMiniState", "adam_mini", "block_specs", "default_decay_mask", "describe",
     "q_adam_mini", "quantize_params", "recorded_layers", "scale_by_adam_mini", "state_shardings", "tree_nbytes", "weight_shardings",
-    "tree_nbytes_per_device", "in_backward", "weights",
+    "tree_nbytes_per_device", "in_backward", "weights", "galore", "scale_by_galore",
+    "ScaleByGaLoreState",
 ]
 
 __version__ = "0.1.0"

@@ -1,9 +1,10 @@
-"""``adam_mini`` and ``q_adam_mini``: ``optax.chain``s shaped like ``optax.adamw``.
+"""``adam_mini``, ``q_adam_mini`` and ``galore``: ``optax.chain``s shaped like ``optax.adamw``.
 
-Each is ``chain(scale_by_adam_mini, add_decayed_weights, scale_by_learning_rate)``:
+Each is ``chain(preconditioner, add_decayed_weights, scale_by_learning_rate)``:
 Adam-mini (Zhang et al. 2024, arXiv:2406.16793) with decoupled weight decay
-(Loshchilov & Hutter 2019), and Q-Adam-mini (Han et al., ICML 2025 ES-FoMo
-workshop), the same with the first moment stored in INT8.
+(Loshchilov & Hutter 2019), Q-Adam-mini (Han et al., ICML 2025 ES-FoMo
+workshop), the same with the first moment stored in INT8, and GaLore (Zhao
+et al. 2024, arXiv:2403.03507) with Q-GaLore's lazy refresh as an option.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from qadam_mini_jax import galore as galore_lib
 from qadam_mini_jax import partition as partition_lib
 from qadam_mini_jax import transform
 from qadam_mini_jax import weights
@@ -153,6 +155,41 @@ def q_adam_mini(
   return _registered(_decay_and_scale(transform.scale_by_adam_mini(**_arguments(config)),
                                       learning_rate, weight_decay, mask, partition),
                      config, learning_rate, weight_decay, mask)
+
+
+def galore(
+    learning_rate: optax.ScalarOrSchedule,
+    rank: int = 128,
+    update_proj_gap: chex.Numeric = 200,
+    scale: chex.Numeric = 0.25,
+    b1: chex.Numeric = 0.9,
+    b2: chex.Numeric = 0.999,
+    eps: chex.Numeric = 1e-8,
+    weight_decay: chex.Numeric = 0.0,
+    *,
+    mask: Any = None,
+    partition: partition_lib.BlockPartition | None = None,
+    projected: Callable[[str, tuple[int, ...]], bool] | None = None,
+    cos_threshold: chex.Numeric | None = None,
+    gap_growth: chex.Numeric = 2,
+) -> optax.GradientTransformationExtraArgs:
+  """GaLore: Adam on rank-``rank`` projections of the attention and MLP gradients.
+
+  ``chain(scale_by_galore(inner=scale_by_adam), add_decayed_weights,
+  scale_by_learning_rate)``: the other leaves (embedding, output layer, norms)
+  get plain Adam; weight decay is decoupled and applies in the full space.
+  ``cos_threshold`` (Q-GaLore: 0.4) turns on Q-GaLore's lazy, per-layer
+  refresh. Arguments as :func:`~.galore.scale_by_galore` and :func:`adam_mini`;
+  the projector state is in :class:`~.galore.ScaleByGaLoreState`, so a restored
+  checkpoint resumes exactly.
+  """
+  transform.check_hyperparameters(b1=b1, b2=b2, eps=eps)
+  return _decay_and_scale(
+      galore_lib.scale_by_galore(
+          rank, update_proj_gap, scale, inner=optax.scale_by_adam(b1, b2, eps),
+          partition=partition, projected=projected, cos_threshold=cos_threshold,
+          gap_growth=gap_growth),
+      learning_rate, weight_decay, mask, partition)
 
 
 class FusedOptimizer(NamedTuple):

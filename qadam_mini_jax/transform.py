@@ -93,6 +93,10 @@ HYPERPARAMETER_RANGES = {
     "eps": ("finite and >= 0", lambda v: 0 <= v < math.inf),
     "learning_rate": ("finite and >= 0", lambda v: 0 <= v < math.inf),
     "weight_decay": ("finite and >= 0", lambda v: 0 <= v < math.inf),
+    "update_proj_gap": ("an integer >= 1", lambda v: v >= 1 and v == int(v)),
+    "gap_growth": ("an integer >= 1", lambda v: v >= 1 and v == int(v)),
+    "scale": ("finite and >= 0", lambda v: 0 <= v < math.inf),
+    "cos_threshold": ("finite", lambda v: -math.inf < v < math.inf),
 }
 
 

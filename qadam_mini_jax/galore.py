@@ -1,0 +1,127 @@
+"""``scale_by_galore``: an inner optimizer run on low-rank projections of the gradients.
+
+GaLore (Zhao et al. 2024, arXiv:2403.03507, Algorithm 2) with Q-GaLore's
+lazy, layer-adaptive refresh of the projectors (Zhang et al. 2024,
+arXiv:2407.08296, Sec. 3.2): see :mod:`.projection`. The chosen matrices
+(attention and MLP by default) give their inner optimizer ``R``, the others
+their full gradient; each projected result comes back as ``scale * P N``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+
+from qadam_mini_jax import partition as partition_lib
+from qadam_mini_jax import projection
+from qadam_mini_jax import transform
+
+
+class ScaleByGaLoreState(NamedTuple):
+  """State of :func:`scale_by_galore`.
+
+  Attributes:
+    count: steps taken (int32).
+    projectors: per leaf, its :class:`~.projection.ProjectorState`, or
+      ``optax.MaskedNode()`` for a leaf not projected.
+    inner: the inner transformation's state, over the projected gradients
+      (``R`` where a leaf is projected, its gradient elsewhere).
+  """
+
+  count: jax.Array
+  projectors: Any
+  inner: Any
+
+
+def scale_by_galore(
+    rank: int = 128,
+    update_proj_gap: chex.Numeric = 200,
+    scale: chex.Numeric = 0.25,
+    *,
+    inner: optax.GradientTransformation | None = None,
+    partition: partition_lib.BlockPartition | None = None,
+    projected: Callable[[str, tuple[int, ...]], bool] | None = None,
+    cos_threshold: chex.Numeric | None = None,
+    gap_growth: chex.Numeric = 2,
+    queue: int = 5,
+) -> optax.GradientTransformationExtraArgs:
+  """Run ``inner`` on rank-``rank`` projections of the chosen matrices' gradients.
+
+  Args:
+    rank: ``r``, the rank of the projections (static). A matrix whose smaller
+      side is at most ``rank`` is not projected.
+    update_proj_gap: steps between projector refreshes (each layer's gap at
+      the start; an int >= 1).
+    scale: ``alpha``, the factor on the back-projected result (0.25 in the
+      GaLore and Q-GaLore LLaMA runs).
+    inner: a transformation that reads only its updates (``optax.scale_by_adam()``
+      by default); it sees ``R`` for projected leaves and keeps its state for
+      them in the rank-``r`` shapes, untouched when the projector changes.
+    partition: parameter rules (:class:`~.partition.BlockPartition`): their
+      ``layers`` make each layer of a stacked leaf a matrix of its own, their
+      ``kernel_layout`` says which side is the input, and their rule names
+      choose the projected leaves (:data:`.projection.PROJECTED_RULES`).
+    projected: instead, ``projected(path, layer_shape) -> bool`` chooses them.
+    cos_threshold: Q-GaLore's lazy refresh: a layer's gap grows by
+      ``gap_growth`` once the mean of the last ``queue`` cosines between
+      successive first singular vectors is at least this (Q-GaLore: 0.4);
+      ``None`` keeps every gap (GaLore).
+    gap_growth: an int >= 1 (Q-GaLore: 2).
+    queue: a static int (Q-GaLore: 5).
+  """
+  if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+    raise ValueError(f"rank must be a positive int, got {rank!r}.")
+  if not isinstance(queue, int) or isinstance(queue, bool) or queue < 1:
+    raise ValueError(f"queue must be a positive int, got {queue!r}.")
+  transform.check_hyperparameters(update_proj_gap=update_proj_gap, scale=scale,
+                                  gap_growth=gap_growth)
+  if cos_threshold is not None:
+    transform.check_hyperparameters(cos_threshold=cos_threshold)
+  inner = optax.scale_by_adam() if inner is None else inner
+  partition = partition_lib.BlockPartition() if partition is None else partition
+
+  def plans(tree):
+    return [None if not partition_lib.is_trainable(x) else projection.plan_for(
+        partition_lib.path_str(path), tuple(x.shape), partition, rank, projected)
+            for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+  def init_fn(params):
+    leaves, treedef = jax.tree.flatten(params)
+    shapes = [x if plan is None else
+              jnp.zeros(projection.projected_shape(plan, x.shape), jnp.float32)
+              for x, plan in zip(leaves, plans(params))]
+    projectors = [optax.MaskedNode() if plan is None else
+                  projection.init(plan, x.shape, update_proj_gap, queue)
+                  for x, plan in zip(leaves, plans(params))]
+    return ScaleByGaLoreState(count=jnp.zeros([], jnp.int32),
+                              projectors=treedef.unflatten(projectors),
+                              inner=inner.init(treedef.unflatten(shapes)))
+
+  def update_fn(updates, state, params=None):
+    del params
+    leaves, treedef = jax.tree.flatten(updates)
+    leaf_plans = plans(updates)
+    projectors = treedef.flatten_up_to(state.projectors)
+    low = []
+    for k, (g, plan) in enumerate(zip(leaves, leaf_plans)):
+      if plan is None:
+        low.append(g)
+        continue
+      projectors[k] = projection.refresh(plan, projectors[k], g, state.count, cos_threshold,
+                                         gap_growth)
+      low.append(projection.project(plan, projectors[k].matrix, g))
+    directions, inner_state = inner.update(treedef.unflatten(low), state.inner)
+    out = [n if plan is None else
+           (scale * projection.back(plan, p.matrix, n, g.shape)).astype(g.dtype)
+           for g, n, plan, p in zip(leaves, treedef.flatten_up_to(directions), leaf_plans,
+                                    projectors)]
+    return treedef.unflatten(out), ScaleByGaLoreState(
+        count=optax.safe_increment(state.count), projectors=treedef.unflatten(projectors),
+        inner=inner_state)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -1,0 +1,208 @@
+"""galore / scale_by_galore against a NumPy GaLore written from the paper's equations."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from qadam_mini_jax import alias, galore, partition as partition_lib
+
+PARTITION = partition_lib.BlockPartition(layers={"layers": 0, "blocks": 1})
+LR, B1, B2, EPS, WD, SCALE = 1e-2, 0.9, 0.99, 1e-8, 0.1, 0.25
+
+
+def _params():
+  """Projected: a stacked MLP kernel (layer axis 0; 8 x 12: rows projected), one
+  stacked at axis 1 (12 x 6: columns projected), an attention output kernel
+  (heads, head_dim, out) = 8 x 8 (square: the input side, rows). Not projected:
+  embedding and norm."""
+  shapes = {"layers": {"mlp": {"kernel": (2, 8, 12)}},
+            "blocks": {"mlp": {"kernel": (12, 3, 6)}},
+            "attn": {"o_proj": {"kernel": (4, 2, 8)}},
+            "embed": {"embedding": (16, 8)}, "norm": {"scale": (8,)}}
+  keys = iter(jax.random.split(jax.random.key(0), 16))
+  return jax.tree.map(lambda s: jax.random.normal(next(keys), s), shapes,
+                      is_leaf=lambda s: isinstance(s, tuple))
+
+
+def _gradients(params, steps):
+  keys = jax.random.split(jax.random.key(1), steps)
+  return [jax.tree.map(lambda p, k=k: jax.random.normal(k, p.shape) * (1 + jnp.abs(p)), params)
+          for k in keys]
+
+
+# -- the NumPy reference ---------------------------------------------------------
+
+def _np_vectors(g, rank, rows):
+  """First ``rank`` singular vectors on the projected side, largest entry positive."""
+  u, _, vt = np.linalg.svd(g.astype(np.float64), full_matrices=False)
+  vec = u[:, :rank] if rows else vt[:rank].T
+  pivot = vec[np.argmax(np.abs(vec), axis=0), np.arange(rank)]
+  return vec * np.where(pivot < 0, -1.0, 1.0)
+
+
+class _NpMatrix:
+  """GaLore (arXiv:2403.03507, Alg. 2) on one matrix, Adam inside, fixed gap."""
+
+  def __init__(self, rank, gap):
+    self.rank, self.gap, self.p, self.m, self.v = rank, gap, None, 0.0, 0.0
+
+  def direction(self, g, t):
+    rows = g.shape[0] < g.shape[1] or g.shape[0] == g.shape[1]  # Flax (in, out): input rows
+    if t % self.gap == 0:
+      self.p = _np_vectors(g, self.rank, rows)
+    r = self.p.T @ g if rows else g @ self.p
+    self.m = B1 * self.m + (1 - B1) * r
+    self.v = B2 * self.v + (1 - B2) * r * r
+    n = (self.m / (1 - B1 ** (t + 1))) / (np.sqrt(self.v / (1 - B2 ** (t + 1))) + EPS)
+    return SCALE * (self.p @ n if rows else n @ self.p.T)
+
+
+class _NpAdam:
+  def __init__(self):
+    self.m, self.v = 0.0, 0.0
+
+  def direction(self, g, t):
+    self.m = B1 * self.m + (1 - B1) * g
+    self.v = B2 * self.v + (1 - B2) * g * g
+    return (self.m / (1 - B1 ** (t + 1))) / (np.sqrt(self.v / (1 - B2 ** (t + 1))) + EPS)
+
+
+def _np_galore(params, grads, rank, gap):
+  """Updates of every step, per leaf, from per-layer matrices."""
+  p = {k: np.asarray(v, np.float64) for k, v in _flat(params).items()}
+  views = {  # leaf -> (to matrices, from matrices)
+      "layers/mlp/kernel": (lambda x: [x[i] for i in range(2)], lambda ms: np.stack(ms, 0)),
+      "blocks/mlp/kernel": (lambda x: [x[:, i] for i in range(3)], lambda ms: np.stack(ms, 1)),
+      "attn/o_proj/kernel": (lambda x: [x.reshape(8, 8)], lambda ms: ms[0].reshape(4, 2, 8)),
+  }
+  opt = {k: ([_NpMatrix(rank, gap) for _ in views[k][0](p[k])] if k in views else _NpAdam())
+         for k in p}
+  decays = {"layers/mlp/kernel", "blocks/mlp/kernel", "attn/o_proj/kernel", "embed/embedding"}
+  out = []
+  for t, g in enumerate(grads):
+    g = {k: np.asarray(v, np.float64) for k, v in _flat(g).items()}
+    step = {}
+    for k in p:
+      if k in views:
+        to, back = views[k]
+        d = back([o.direction(m, t) for o, m in zip(opt[k], to(g[k]))])
+      else:
+        d = opt[k].direction(g[k], t)
+      step[k] = -LR * (d + (WD * p[k] if k in decays else 0.0))
+      p[k] = p[k] + step[k]
+    out.append(step)
+  return out
+
+
+def _flat(tree):
+  return {partition_lib.path_str(path): x
+          for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _run(tx, params, grads):
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  out = []
+  for g in grads:
+    u, state = update(g, state, params)
+    params = optax.apply_updates(params, u)
+    out.append(u)
+  return out, state
+
+
+def test_galore_equals_a_numpy_galore_from_the_equations():
+  params = _params()
+  grads = _gradients(params, 5)
+  ours, state = _run(alias.galore(LR, rank=3, update_proj_gap=2, b1=B1, b2=B2, eps=EPS,
+                                  weight_decay=WD, partition=PARTITION), params, grads)
+  reference = _np_galore(params, grads, rank=3, gap=2)
+  for t, (u, ref) in enumerate(zip(ours, reference)):
+    for path, x in _flat(u).items():
+      np.testing.assert_allclose(x, ref[path], rtol=2e-4, atol=1e-6,
+                                 err_msg=f"step {t}, {path}")
+  projectors = state[0].projectors
+  chex.assert_shape(projectors["layers"]["mlp"]["kernel"].matrix, (2, 8, 3))
+  chex.assert_shape(projectors["blocks"]["mlp"]["kernel"].matrix, (3, 6, 3))
+  chex.assert_shape(projectors["attn"]["o_proj"]["kernel"].matrix, (8, 3))
+  assert isinstance(projectors["embed"]["embedding"], optax.MaskedNode)
+  # The inner Adam's state has the rank-3 shapes: r x 12, 12 x r, r x 8.
+  inner_mu = state[0].inner.mu
+  chex.assert_shape([inner_mu["layers"]["mlp"]["kernel"], inner_mu["blocks"]["mlp"]["kernel"],
+                     inner_mu["attn"]["o_proj"]["kernel"]], [(2, 3, 12), (3, 12, 3), (3, 8)])
+
+
+def test_rank_at_least_the_smaller_side_is_adamw():
+  params = _params()
+  grads = _gradients(params, 3)
+  ours, _ = _run(alias.galore(LR, rank=8, b1=B1, b2=B2, eps=EPS, weight_decay=WD,
+                              partition=PARTITION), params, grads)
+  mask = alias.default_decay_mask(params, PARTITION)
+  adamw, _ = _run(optax.adamw(LR, B1, B2, EPS, weight_decay=WD, mask=mask), params, grads)
+  chex.assert_trees_all_equal(ours, adamw)
+
+
+def test_agrees_with_optax_contrib_galore_where_conventions_coincide():
+  """Square matrices (both project the left side) within one refresh period
+  (the singular vectors' signs cancel)."""
+  params = {"mlp": {"kernel": jax.random.normal(jax.random.key(2), (8, 8))},
+            "bias": jnp.zeros(8)}
+  grads = _gradients(params, 3)
+  ours, _ = _run(alias.galore(LR, rank=2, update_proj_gap=10, scale=0.5, weight_decay=0.0),
+                 params, grads)
+  theirs, _ = _run(optax.contrib.galore(LR, rank=2, update_proj_gap=10, scale=0.5), params, grads)
+  chex.assert_trees_all_close(ours, theirs, rtol=1e-4, atol=1e-7)
+
+
+def _lazy(cos_threshold):
+  """A gradient of one fixed direction (cosine 1 at every refresh), gap 1."""
+  params = {"mlp": {"kernel": jnp.zeros((6, 10))}}
+  g = {"mlp": {"kernel": jnp.outer(jnp.arange(1.0, 7.0), jnp.ones(10))
+               + 0.01 * jax.random.normal(jax.random.key(3), (6, 10))}}
+  tx = galore.scale_by_galore(rank=2, update_proj_gap=1, cos_threshold=cos_threshold)
+  state, update = tx.init(params), jax.jit(tx.update)
+  gaps = []
+  for _ in range(20):
+    _, state = update(g, state)
+    gaps.append(int(state.projectors["mlp"]["kernel"].gap))
+  return gaps
+
+
+def test_lazy_refresh_doubles_the_gap_of_a_stable_subspace():
+  # Refreshes at 0..5 (gap 1); the 5th cosine (step 5) fills the queue: gap 2,
+  # refresh at 6 -> 4, at 8 -> 8, at 16 -> 16.
+  assert _lazy(0.4) == [1] * 5 + [2] + [4] * 2 + [8] * 8 + [16] * 4
+  assert _lazy(None) == [1] * 20
+
+
+def test_a_refresh_that_is_not_finite_keeps_the_layers_projector():
+  params = _params()
+  tx = alias.galore(LR, rank=3, update_proj_gap=1, partition=PARTITION)
+  g = _gradients(params, 1)[0]
+  _, state = tx.update(g, tx.init(params), params)
+  bad = {**g, "layers": {"mlp": {"kernel": g["layers"]["mlp"]["kernel"].at[0, 0, 0].set(jnp.nan)}}}
+  _, after = tx.update(bad, state, params)
+  before, now = (s[0].projectors["layers"]["mlp"]["kernel"] for s in (state, after))
+  chex.assert_trees_all_equal(jax.tree.map(lambda x: x[0], now), jax.tree.map(lambda x: x[0], before))
+  # The other layer refreshed from the same gradient: cosine 1 joined its queue.
+  np.testing.assert_array_equal(now.filled, [0, 1])
+  np.testing.assert_allclose(now.cosines[1, -1], 1.0, rtol=1e-5)
+
+
+def test_hyperparameters_are_traced_and_checked():
+  params = _params()
+  tx = optax.inject_hyperparams(alias.galore, static_args=("rank",))(
+      learning_rate=LR, rank=3, weight_decay=WD, partition=PARTITION)
+  grads = _gradients(params, 1)
+  ours, _ = _run(tx, params, grads)
+  reference = _run(alias.galore(LR, rank=3, weight_decay=WD, partition=PARTITION), params,
+                   grads)[0]
+  chex.assert_trees_all_close(ours, reference, rtol=1e-3, atol=1e-7)  # two programs: the SVD
+  with pytest.raises(ValueError, match="rank must be a positive int"):
+    alias.galore(LR, rank=0)
+  with pytest.raises(ValueError, match="update_proj_gap must be an integer >= 1"):
+    alias.galore(LR, update_proj_gap=0)
+  with pytest.raises(partition_lib.PartitionError, match="norm/scale: .* not a matrix"):
+    alias.galore(LR, projected=lambda path, shape: True).init({"norm": {"scale": jnp.ones(4)}})
