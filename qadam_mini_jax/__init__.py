@@ -12,7 +12,7 @@ References:
 
 from qadam_mini_jax.alias import (FusedOptimizer, adam_mini, default_decay_mask, fused_q_adam_mini,
                                   galore, q_adam_mini)
-from qadam_mini_jax.galore import ScaleByGaLoreState, scale_by_galore
+from qadam_mini_jax.low_rank import ScaleByGaLoreState, scale_by_galore
 from qadam_mini_jax.partition import (BlockPartition, BlockSpec, PartitionError, block_specs,
                                       recorded_layers)
 from qadam_mini_jax.quantize import QuantizedArray

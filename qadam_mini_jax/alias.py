@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from qadam_mini_jax import galore as galore_lib
+from qadam_mini_jax import low_rank
 from qadam_mini_jax import partition as partition_lib
 from qadam_mini_jax import transform
 from qadam_mini_jax import weights
@@ -179,13 +179,13 @@ def galore(
   scale_by_learning_rate)``: the other leaves (embedding, output layer, norms)
   get plain Adam; weight decay is decoupled and applies in the full space.
   ``cos_threshold`` (Q-GaLore: 0.4) turns on Q-GaLore's lazy, per-layer
-  refresh. Arguments as :func:`~.galore.scale_by_galore` and :func:`adam_mini`;
-  the projector state is in :class:`~.galore.ScaleByGaLoreState`, so a restored
+  refresh. Arguments as :func:`~.low_rank.scale_by_galore` and :func:`adam_mini`;
+  the projector state is in :class:`~.low_rank.ScaleByGaLoreState`, so a restored
   checkpoint resumes exactly.
   """
   transform.check_hyperparameters(b1=b1, b2=b2, eps=eps)
   return _decay_and_scale(
-      galore_lib.scale_by_galore(
+      low_rank.scale_by_galore(
           rank, update_proj_gap, scale, inner=optax.scale_by_adam(b1, b2, eps),
           partition=partition, projected=projected, cos_threshold=cos_threshold,
           gap_growth=gap_growth),

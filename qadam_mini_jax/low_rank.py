@@ -1,4 +1,4 @@
-"""``scale_by_galore``: an inner optimizer run on low-rank projections of the gradients.
+"""``scale_by_galore``: an inner optimizer run on low-rank projections of the gradients (GaLore).
 
 GaLore (Zhao et al. 2024, arXiv:2403.03507, Algorithm 2) with Q-GaLore's
 lazy, layer-adaptive refresh of the projectors (Zhang et al. 2024,

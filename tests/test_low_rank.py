@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from qadam_mini_jax import alias, galore, partition as partition_lib
+from qadam_mini_jax import alias, low_rank, partition as partition_lib
 
 PARTITION = partition_lib.BlockPartition(layers={"layers": 0, "blocks": 1})
 LR, B1, B2, EPS, WD, SCALE = 1e-2, 0.9, 0.99, 1e-8, 0.1, 0.25
@@ -161,7 +161,7 @@ def _lazy(cos_threshold):
   params = {"mlp": {"kernel": jnp.zeros((6, 10))}}
   g = {"mlp": {"kernel": jnp.outer(jnp.arange(1.0, 7.0), jnp.ones(10))
                + 0.01 * jax.random.normal(jax.random.key(3), (6, 10))}}
-  tx = galore.scale_by_galore(rank=2, update_proj_gap=1, cos_threshold=cos_threshold)
+  tx = low_rank.scale_by_galore(rank=2, update_proj_gap=1, cos_threshold=cos_threshold)
   state, update = tx.init(params), jax.jit(tx.update)
   gaps = []
   for _ in range(20):
