@@ -172,6 +172,7 @@ def galore(
     projected: Callable[[str, tuple[int, ...]], bool] | None = None,
     cos_threshold: chex.Numeric | None = None,
     gap_growth: chex.Numeric = 2,
+    int4_group_size: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """GaLore: Adam on rank-``rank`` projections of the attention and MLP gradients.
 
@@ -179,7 +180,7 @@ def galore(
   scale_by_learning_rate)``: the other leaves (embedding, output layer, norms)
   get plain Adam; weight decay is decoupled and applies in the full space.
   ``cos_threshold`` (Q-GaLore: 0.4) turns on Q-GaLore's lazy, per-layer
-  refresh. Arguments as :func:`~.low_rank.scale_by_galore` and :func:`adam_mini`;
+  refresh and ``int4_group_size=256`` its INT4 projectors. Arguments as :func:`~.low_rank.scale_by_galore` and :func:`adam_mini`;
   the projector state is in :class:`~.low_rank.ScaleByGaLoreState`, so a restored
   checkpoint resumes exactly.
   """
@@ -188,7 +189,7 @@ def galore(
       low_rank.scale_by_galore(
           rank, update_proj_gap, scale, inner=optax.scale_by_adam(b1, b2, eps),
           partition=partition, projected=projected, cos_threshold=cos_threshold,
-          gap_growth=gap_growth),
+          gap_growth=gap_growth, int4_group_size=int4_group_size),
       learning_rate, weight_decay, mask, partition)
 
 

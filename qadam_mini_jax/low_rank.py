@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from qadam_mini_jax import int4
 from qadam_mini_jax import partition as partition_lib
 from qadam_mini_jax import projection
 from qadam_mini_jax import transform
@@ -49,6 +50,7 @@ def scale_by_galore(
     cos_threshold: chex.Numeric | None = None,
     gap_growth: chex.Numeric = 2,
     queue: int = 5,
+    int4_group_size: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Run ``inner`` on rank-``rank`` projections of the chosen matrices' gradients.
 
@@ -73,6 +75,8 @@ def scale_by_galore(
       ``None`` keeps every gap (GaLore).
     gap_growth: an int >= 1 (Q-GaLore: 2).
     queue: a static int (Q-GaLore: 5).
+    int4_group_size: store the projectors in INT4, in groups of this many
+      elements (Q-GaLore: 256; :mod:`.int4`); ``None`` keeps them in float32.
   """
   if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
     raise ValueError(f"rank must be a positive int, got {rank!r}.")
@@ -82,12 +86,17 @@ def scale_by_galore(
                                   gap_growth=gap_growth)
   if cos_threshold is not None:
     transform.check_hyperparameters(cos_threshold=cos_threshold)
+  if int4_group_size is not None and (not isinstance(int4_group_size, int) or isinstance(
+      int4_group_size, bool) or int4_group_size < 2 or int4_group_size % 2):
+    raise ValueError(f"int4_group_size must be an even int >= 2, got {int4_group_size!r}.")
+  storage = (projection.Float32Storage() if int4_group_size is None
+             else int4.Int4Storage(int4_group_size))
   inner = optax.scale_by_adam() if inner is None else inner
   partition = partition_lib.BlockPartition() if partition is None else partition
 
   def plans(tree):
     return [None if not partition_lib.is_trainable(x) else projection.plan_for(
-        partition_lib.path_str(path), tuple(x.shape), partition, rank, projected)
+        partition_lib.path_str(path), tuple(x.shape), partition, rank, projected, storage)
             for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
   def init_fn(params):
@@ -114,10 +123,10 @@ def scale_by_galore(
         continue
       projectors[k] = projection.refresh(plan, projectors[k], g, state.count, cos_threshold,
                                          gap_growth)
-      low.append(projection.project(plan, projectors[k].matrix, g))
+      low.append(projection.project(plan, projectors[k], g))
     directions, inner_state = inner.update(treedef.unflatten(low), state.inner)
     out = [n if plan is None else
-           (scale * projection.back(plan, p.matrix, n, g.shape)).astype(g.dtype)
+           (scale * projection.back(plan, p, n, g.shape)).astype(g.dtype)
            for g, n, plan, p in zip(leaves, treedef.flatten_up_to(directions), leaf_plans,
                                     projectors)]
     return treedef.unflatten(out), ScaleByGaLoreState(

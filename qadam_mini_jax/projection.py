@@ -31,7 +31,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from qadam_mini_jax import int4
 from qadam_mini_jax import partition as partition_lib
+from qadam_mini_jax import storage as storage_lib
 
 #: Rules (:class:`~.partition.BlockPartition`) whose matrices are projected by
 #: default: attention and MLP. Embedding, output layer, norms and biases are not.
@@ -40,6 +42,20 @@ PROJECTED_RULES = (partition_lib.QUERY, partition_lib.KEY, partition_lib.VALUE,
 
 #: No gap grows beyond this (int32 steps).
 _MAX_GAP = 1 << 29
+
+
+class Float32Storage(NamedTuple):
+  """Projectors kept in float32 (GaLore); :class:`.int4.Int4Storage` is Q-GaLore's."""
+
+  def init(self, shape: tuple[int, ...]) -> jax.Array:
+    return jnp.zeros(shape, jnp.float32)
+
+  def store(self, x: jax.Array) -> jax.Array:
+    return x.astype(jnp.float32)
+
+  def load(self, a: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    del shape
+    return a
 
 
 class ProjectionPlan(NamedTuple):
@@ -51,19 +67,21 @@ class ProjectionPlan(NamedTuple):
     rows: project the rows (``R = P^T G``, ``P`` from ``U``), else the columns
       (``R = G P``, ``P`` from ``V``).
     rank: ``r``.
+    storage: how ``P`` is stored (:class:`Float32Storage`, :class:`.int4.Int4Storage`).
   """
 
   layers: tuple[int, ...]
   split: int
   rows: bool
   rank: int
+  storage: Float32Storage | int4.Int4Storage = Float32Storage()
 
 
 class ProjectorState(NamedTuple):
   """One leaf's projector state; leading axes: the leaf's layer axes, in order.
 
   Attributes:
-    matrix: ``P`` (float32, ``(..., d, r)``; ``d`` the projected side).
+    matrix: ``P`` (``(..., d, r)``; ``d`` the projected side) in the plan's storage.
     first: the first singular vector of the last refresh (zeros before any).
     gap: steps between refreshes (int32).
     cosines: the last ``queue`` cosines between successive first singular
@@ -79,7 +97,8 @@ class ProjectorState(NamedTuple):
 
 
 def plan_for(path: str, shape: tuple[int, ...], partition: partition_lib.BlockPartition,
-             rank: int, projected: Callable[[str, tuple[int, ...]], bool] | None = None
+             rank: int, projected: Callable[[str, tuple[int, ...]], bool] | None = None,
+             storage: Float32Storage | int4.Int4Storage = Float32Storage()
              ) -> ProjectionPlan | None:
   """The plan of the parameter at ``path``, or ``None`` if it is not projected.
 
@@ -108,7 +127,7 @@ def plan_for(path: str, shape: tuple[int, ...], partition: partition_lib.BlockPa
   m, n = math.prod(inner[:split]), math.prod(inner[split:])
   if rank >= min(m, n):
     return None
-  return ProjectionPlan(layers, split, m < n or (m == n and in_rows), rank)
+  return ProjectionPlan(layers, split, m < n or (m == n and in_rows), rank, storage)
 
 
 def _matrix_dims(plan: ProjectionPlan, shape: tuple[int, ...]):
@@ -132,10 +151,18 @@ def from_matrices(plan: ProjectionPlan, y: jax.Array, shape: tuple[int, ...]) ->
   return jnp.moveaxis(y, tuple(range(len(lead))), plan.layers)
 
 
+def _r_layers(plan: ProjectionPlan) -> tuple[int, ...]:
+  """Where ``R`` (rank 2 per layer) holds the layer axes: the leaf's positions, or last."""
+  return storage_lib.stacked_axes(partition_lib.BlockSpec((), layers=plan.layers), 2)
+
+
 def projected_shape(plan: ProjectionPlan, shape: tuple[int, ...]) -> tuple[int, ...]:
-  """Shape of ``R``: ``(*layer sizes, r, n)`` (rows) or ``(*layer sizes, m, r)``."""
-  lead, _, m, n = _matrix_dims(plan, shape)
-  return lead + ((plan.rank, n) if plan.rows else (m, plan.rank))
+  """Shape of ``R``: ``(r, n)`` (rows) or ``(m, r)`` per layer, with the
+  leaf's layer axes where the leaf has them (so rules that find layer axes by
+  path find them in ``R`` too)."""
+  _, _, m, n = _matrix_dims(plan, shape)
+  return storage_lib.stacked_shape(partition_lib.BlockSpec((), layers=plan.layers), shape,
+                                   (plan.rank, n) if plan.rows else (m, plan.rank))
 
 
 def init(plan: ProjectionPlan, shape: tuple[int, ...], gap: jax.Array,
@@ -144,7 +171,7 @@ def init(plan: ProjectionPlan, shape: tuple[int, ...], gap: jax.Array,
   lead, _, m, n = _matrix_dims(plan, shape)
   d = m if plan.rows else n
   return ProjectorState(
-      matrix=jnp.zeros(lead + (d, plan.rank), jnp.float32),
+      matrix=plan.storage.init(lead + (d, plan.rank)),
       first=jnp.zeros(lead + (d,), jnp.float32),
       gap=jnp.full(lead, gap, jnp.int32),
       cosines=jnp.zeros(lead + (queue,), jnp.float32),
@@ -161,8 +188,8 @@ def singular_vectors(plan: ProjectionPlan, g: jax.Array) -> jax.Array:
   return vectors * jnp.where(pivot < 0, -1.0, 1.0)
 
 
-def adapted(state: ProjectorState, vectors: jax.Array, cos_threshold: jax.Array | None,
-            gap_growth: int) -> ProjectorState:
+def adapted(plan: ProjectionPlan, state: ProjectorState, vectors: jax.Array,
+            cos_threshold: jax.Array | None, gap_growth: int) -> ProjectorState:
   """One layer's state after a refresh that found ``vectors`` (Q-GaLore's lazy gap).
 
   From the second refresh on, ``|cos|`` of the old and new first singular
@@ -180,7 +207,7 @@ def adapted(state: ProjectorState, vectors: jax.Array, cos_threshold: jax.Array 
     grow = ((filled == state.cosines.shape[-1]) & (jnp.mean(cosines) >= cos_threshold)
             & (gap <= _MAX_GAP // gap_growth))
     gap = jnp.where(grow, gap * gap_growth, gap)
-  new = ProjectorState(vectors, first, gap, cosines, filled)
+  new = ProjectorState(plan.storage.store(vectors), first, gap, cosines, filled)
   finite = jnp.all(jnp.isfinite(vectors))
   return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state)
 
@@ -198,25 +225,32 @@ def refresh(plan: ProjectionPlan, state: ProjectorState, g: jax.Array, count: ja
     g, layer = args
     return jax.lax.cond(
         count % layer.gap == 0,
-        lambda: adapted(layer, singular_vectors(plan, g), cos_threshold, gap_growth),
+        lambda: adapted(plan, layer, singular_vectors(plan, g), cos_threshold, gap_growth),
         lambda: layer)
   new = jax.lax.map(one, (flat(mats), jax.tree.map(flat, state)))
   return jax.tree.map(lambda x, like: x.reshape(like.shape), new, state)
 
 
-def project(plan: ProjectionPlan, matrix: jax.Array, g: jax.Array) -> jax.Array:
+def _projector(plan: ProjectionPlan, state: ProjectorState, shape: tuple[int, ...]) -> jax.Array:
+  """``P`` in float32: ``(*layer sizes, d, r)``."""
+  lead, _, m, n = _matrix_dims(plan, shape)
+  return plan.storage.load(state.matrix, lead + (m if plan.rows else n, plan.rank))
+
+
+def project(plan: ProjectionPlan, state: ProjectorState, g: jax.Array) -> jax.Array:
   """``R`` (float32, :func:`projected_shape`) of the gradient ``g``."""
+  p = _projector(plan, state, g.shape)
   g = as_matrices(plan, g).astype(jnp.float32)
-  if plan.rows:
-    return jnp.einsum("...dr,...dn->...rn", matrix, g)
-  return jnp.einsum("...md,...dr->...mr", g, matrix)
+  r = (jnp.einsum("...dr,...dn->...rn", p, g) if plan.rows
+       else jnp.einsum("...md,...dr->...mr", g, p))
+  return jnp.moveaxis(r, tuple(range(len(plan.layers))), _r_layers(plan))
 
 
-def back(plan: ProjectionPlan, matrix: jax.Array, n: jax.Array,
+def back(plan: ProjectionPlan, state: ProjectorState, n: jax.Array,
          shape: tuple[int, ...]) -> jax.Array:
   """``P N`` or ``N P^T`` as an array of the leaf's ``shape`` (float32)."""
-  if plan.rows:
-    full = jnp.einsum("...dr,...rn->...dn", matrix, n)
-  else:
-    full = jnp.einsum("...mr,...dr->...md", n, matrix)
+  p = _projector(plan, state, shape)
+  n = jnp.moveaxis(n, _r_layers(plan), tuple(range(len(plan.layers))))
+  full = (jnp.einsum("...dr,...rn->...dn", p, n) if plan.rows
+          else jnp.einsum("...mr,...dr->...md", n, p))
   return from_matrices(plan, full, shape)

@@ -8,6 +8,7 @@ import optax
 import pytest
 
 from qadam_mini_jax import alias, low_rank, partition as partition_lib
+from test_int4 import np_int4
 
 PARTITION = partition_lib.BlockPartition(layers={"layers": 0, "blocks": 1})
 LR, B1, B2, EPS, WD, SCALE = 1e-2, 0.9, 0.99, 1e-8, 0.1, 0.25
@@ -46,13 +47,13 @@ def _np_vectors(g, rank, rows):
 class _NpMatrix:
   """GaLore (arXiv:2403.03507, Alg. 2) on one matrix, Adam inside, fixed gap."""
 
-  def __init__(self, rank, gap):
-    self.rank, self.gap, self.p, self.m, self.v = rank, gap, None, 0.0, 0.0
+  def __init__(self, rank, gap, stored):
+    self.rank, self.gap, self.stored, self.p, self.m, self.v = rank, gap, stored, None, 0.0, 0.0
 
   def direction(self, g, t):
     rows = g.shape[0] < g.shape[1] or g.shape[0] == g.shape[1]  # Flax (in, out): input rows
     if t % self.gap == 0:
-      self.p = _np_vectors(g, self.rank, rows)
+      self.p = self.stored(_np_vectors(g, self.rank, rows))
     r = self.p.T @ g if rows else g @ self.p
     self.m = B1 * self.m + (1 - B1) * r
     self.v = B2 * self.v + (1 - B2) * r * r
@@ -70,7 +71,7 @@ class _NpAdam:
     return (self.m / (1 - B1 ** (t + 1))) / (np.sqrt(self.v / (1 - B2 ** (t + 1))) + EPS)
 
 
-def _np_galore(params, grads, rank, gap):
+def _np_galore(params, grads, rank, gap, stored=lambda p: p):
   """Updates of every step, per leaf, from per-layer matrices."""
   p = {k: np.asarray(v, np.float64) for k, v in _flat(params).items()}
   views = {  # leaf -> (to matrices, from matrices)
@@ -78,7 +79,8 @@ def _np_galore(params, grads, rank, gap):
       "blocks/mlp/kernel": (lambda x: [x[:, i] for i in range(3)], lambda ms: np.stack(ms, 1)),
       "attn/o_proj/kernel": (lambda x: [x.reshape(8, 8)], lambda ms: ms[0].reshape(4, 2, 8)),
   }
-  opt = {k: ([_NpMatrix(rank, gap) for _ in views[k][0](p[k])] if k in views else _NpAdam())
+  opt = {k: ([_NpMatrix(rank, gap, stored) for _ in views[k][0](p[k])] if k in views
+             else _NpAdam())
          for k in p}
   decays = {"layers/mlp/kernel", "blocks/mlp/kernel", "attn/o_proj/kernel", "embed/embedding"}
   out = []
@@ -113,16 +115,19 @@ def _run(tx, params, grads):
   return out, state
 
 
+def _assert_equal_to(reference, ours):
+  for t, (u, ref) in enumerate(zip(ours, reference)):
+    for path, x in _flat(u).items():
+      np.testing.assert_allclose(x, ref[path], rtol=2e-4, atol=1e-6,
+                                 err_msg=f"step {t}, {path}")
+
+
 def test_galore_equals_a_numpy_galore_from_the_equations():
   params = _params()
   grads = _gradients(params, 5)
   ours, state = _run(alias.galore(LR, rank=3, update_proj_gap=2, b1=B1, b2=B2, eps=EPS,
                                   weight_decay=WD, partition=PARTITION), params, grads)
-  reference = _np_galore(params, grads, rank=3, gap=2)
-  for t, (u, ref) in enumerate(zip(ours, reference)):
-    for path, x in _flat(u).items():
-      np.testing.assert_allclose(x, ref[path], rtol=2e-4, atol=1e-6,
-                                 err_msg=f"step {t}, {path}")
+  _assert_equal_to(_np_galore(params, grads, rank=3, gap=2), ours)
   projectors = state[0].projectors
   chex.assert_shape(projectors["layers"]["mlp"]["kernel"].matrix, (2, 8, 3))
   chex.assert_shape(projectors["blocks"]["mlp"]["kernel"].matrix, (3, 6, 3))
@@ -131,7 +136,20 @@ def test_galore_equals_a_numpy_galore_from_the_equations():
   # The inner Adam's state has the rank-3 shapes: r x 12, 12 x r, r x 8.
   inner_mu = state[0].inner.mu
   chex.assert_shape([inner_mu["layers"]["mlp"]["kernel"], inner_mu["blocks"]["mlp"]["kernel"],
-                     inner_mu["attn"]["o_proj"]["kernel"]], [(2, 3, 12), (3, 12, 3), (3, 8)])
+                     inner_mu["attn"]["o_proj"]["kernel"]], [(2, 3, 12), (12, 3, 3), (3, 8)])
+
+
+def test_int4_projectors_are_the_rounded_singular_vectors():
+  """The reference with each P replaced by its INT4 round trip (groups of 4 of a d x 3 P)."""
+  params = _params()
+  grads = _gradients(params, 3)
+  ours, state = _run(alias.galore(LR, rank=3, update_proj_gap=2, b1=B1, b2=B2, eps=EPS,
+                                  weight_decay=WD, partition=PARTITION, int4_group_size=4),
+                     params, grads)
+  _assert_equal_to(_np_galore(params, grads, rank=3, gap=2,
+                              stored=lambda p: np_int4(p[None], 4)[0][0]), ours)
+  stored = state[0].projectors["layers"]["mlp"]["kernel"].matrix
+  chex.assert_shape([stored.packed, stored.scale], [(2, 12), (2, 6)])  # 8 x 3 per layer
 
 
 def test_rank_at_least_the_smaller_side_is_adamw():

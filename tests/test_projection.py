@@ -54,10 +54,10 @@ def test_the_cosine_ignores_the_sign_and_the_queue_slides():
   plan = projection.ProjectionPlan((), 1, True, 1)
   state = projection.init(plan, (4, 8), gap=3, queue=3)
   e0, e1 = jnp.eye(4)[:, :1], jnp.eye(4)[:, 1:2]
-  state = projection.adapted(state, e0, 0.5, 2)  # the first refresh: nothing to compare
+  state = projection.adapted(plan, state, e0, 0.5, 2)  # the first refresh: nothing to compare
   assert int(state.filled) == 0
   for vectors, gap in ((-e0, 3), (e0, 3), (e0, 6), (e1, 12), (e0, 12)):
-    state = projection.adapted(state, vectors, 0.5, 2)
+    state = projection.adapted(plan, state, vectors, 0.5, 2)
     assert int(state.gap) == gap
   # Cosines 1 (a flipped sign), 1, 1, 0, 0: the queue of three is full from the
   # third, with means 1, 2/3 (both grow the gap), then 1/3.

@@ -1,0 +1,50 @@
+"""INT4 projector storage: the round-trip bound, same-sign groups, packing."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from qadam_mini_jax import int4
+
+
+def np_int4(x, group_size):
+  """Round trip of the code in ``int4``'s docstring, in NumPy, per group of the flattened matrix."""
+  flat = np.asarray(x, np.float64).reshape(x.shape[:-2] + (-1,))
+  n = flat.shape[-1]
+  groups = -(-n // group_size)
+  g = np.pad(flat, [(0, 0)] * (flat.ndim - 1) + [(0, groups * group_size - n)])
+  g = g.reshape(flat.shape[:-1] + (groups, group_size))
+  lo, hi = np.minimum(g.min(-1), 0), np.maximum(g.max(-1), 0)
+  s = (hi - lo) / 15
+  inv = np.where(s > 0, 1 / np.where(s > 0, s, 1), 0)
+  z = np.clip(np.round(-lo * inv), 0, 15)
+  q = np.clip(np.round(g * inv[..., None]) + z[..., None], 0, 15)
+  out = ((q - z[..., None]) * s[..., None]).reshape(flat.shape[:-1] + (-1,))[..., :n]
+  return out.reshape(x.shape), np.repeat(s, group_size, -1).reshape(flat.shape[:-1] + (-1,))[..., :n]
+
+
+@pytest.mark.parametrize("shape, group_size", [((3, 40, 7), 32), ((16, 16), 256), ((5, 3), 4)])
+def test_round_trip_within_half_a_step(shape, group_size):
+  x = jax.random.normal(jax.random.key(0), shape)
+  # Groups of one sign (the reference clipped them) and an all-zero group.
+  x = x.at[..., 0, :].set(jnp.abs(x[..., 0, :]) + 1.0).at[..., 1, :].set(-jnp.abs(x[..., 1, :]))
+  x = x.at[..., -1, :].set(0.0)
+  storage = int4.Int4Storage(group_size)
+  a = storage.store(x)
+  back = storage.load(a, shape)
+  expected, step = np_int4(np.asarray(x), group_size)
+  np.testing.assert_allclose(back, expected, rtol=1e-6, atol=1e-6)
+  err = np.abs(np.asarray(back) - np.asarray(x)).reshape(step.shape)
+  assert np.all(err <= step / 2 * (1 + 1e-5) + 1e-7)
+  np.testing.assert_array_equal(np.asarray(back)[..., -1, :], 0.0)
+  # Two codes per byte.
+  assert a.packed.dtype == jnp.uint8
+  assert a.packed.shape[-1] == storage.groups(shape[-2:]) * group_size // 2
+
+
+def test_packing_order():
+  storage = int4.Int4Storage(4)
+  a = storage.store(jnp.asarray([[0.0, 1.0], [2.0, 3.0]]))  # range [0, 3]: codes 0, 5, 10, 15
+  np.testing.assert_array_equal(a.packed, [0 | 5 << 4, 10 | 15 << 4])
+  np.testing.assert_array_equal(a.zero, [0])
