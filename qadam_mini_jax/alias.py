@@ -193,6 +193,49 @@ def galore(
       learning_rate, weight_decay, mask, partition)
 
 
+def q_galore(
+    learning_rate: optax.ScalarOrSchedule,
+    rank: int = 128,
+    update_proj_gap: chex.Numeric = 200,
+    scale: chex.Numeric = 0.25,
+    b1: chex.Numeric = 0.9,
+    b2: chex.Numeric = 0.999,
+    eps: chex.Numeric = 1e-8,
+    weight_decay: chex.Numeric = 0.0,
+    *,
+    mask: Any = None,
+    partition: partition_lib.BlockPartition | None = None,
+    projected: Callable[[str, tuple[int, ...]], bool] | None = None,
+    cos_threshold: chex.Numeric | None = 0.4,
+    gap_growth: chex.Numeric = 2,
+    int4_group_size: int | None = 256,
+    quantization: transform.Int8Quantization | None = transform.Int8Quantization(),
+    stochastic_rounding: transform.StochasticRounding = "auto",
+    key: Any = 0,
+) -> optax.GradientTransformationExtraArgs:
+  """Q-GaLore (Zhang et al. 2024, arXiv:2407.08296): :func:`galore` with its
+  INT4 projectors, its lazy per-layer refresh and Adam's ``m`` in INT8.
+
+  The inner Adam is :func:`~.transform.scale_by_adam_mini` with one block per
+  element (:func:`~.low_rank.inner_partition`), so ``m`` is stored as
+  :func:`q_adam_mini` stores it (group-wise INT8, ``quantization``; rounding
+  ``stochastic_rounding`` on streams of ``key`` named by the parameter's
+  path), on ``R`` for projected matrices and on the gradient elsewhere; ``v``
+  stays float32. Q-GaLore's code uses bitsandbytes' 8-bit Adam (``m`` and
+  ``v`` in 8 bits). Defaults are Q-GaLore's: ``cos_threshold=0.4``,
+  ``int4_group_size=256``, ``scale=0.25``. Other arguments as :func:`galore`.
+  """
+  transform.check_hyperparameters(b1=b1, b2=b2, eps=eps)
+  inner = transform.scale_by_adam_mini(
+      b1, b2, eps, partition=low_rank.inner_partition(partition), quantization=quantization,
+      stochastic_rounding=stochastic_rounding, key=key)
+  return _decay_and_scale(
+      low_rank.scale_by_galore(
+          rank, update_proj_gap, scale, inner=inner, partition=partition, projected=projected,
+          cos_threshold=cos_threshold, gap_growth=gap_growth, int4_group_size=int4_group_size),
+      learning_rate, weight_decay, mask, partition)
+
+
 class FusedOptimizer(NamedTuple):
   """``init(params) -> state`` and ``step(grads, state, params) -> (params, state)``."""
 

@@ -134,3 +134,17 @@ def scale_by_galore(
         inner=inner_state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def inner_partition(partition: partition_lib.BlockPartition | None) -> partition_lib.BlockPartition:
+  """Rules that make :func:`~.transform.scale_by_adam_mini` Adam (one block
+  per element) on :func:`scale_by_galore`'s inner tree: ``partition``'s layer
+  axes (``R`` keeps them), each spec named by ``partition``'s rule for its
+  path (so ``stochastic_rounding="auto"`` still finds the embedding and
+  output layer)."""
+  partition = partition_lib.BlockPartition() if partition is None else partition
+
+  def per_element(path, shape):
+    rule = partition.rule_for(path, shape)
+    return partition_lib.BlockSpec((), rule=rule if isinstance(rule, str) else "custom")
+  return partition_lib.BlockPartition(layers=partition.layers, rules=per_element)

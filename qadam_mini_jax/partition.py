@@ -527,7 +527,8 @@ def block_specs(params: Any, partition: BlockPartition, *, warn: bool = False,
   """A pytree of :class:`BlockSpec` (``None`` for leaves left alone) like ``params``.
 
   With ``warn=True`` it warns when no embedding, output, query or key
-  parameter was found: usually a sign that the names need ``rules=``. Rules
+  parameter was found and some leaf fell back to one block for the whole
+  tensor: usually a sign that the names need ``rules=``. Rules
   in ``present`` (held by parts of the model outside ``params``) count as found.
   """
   leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
@@ -538,7 +539,8 @@ def block_specs(params: Any, partition: BlockPartition, *, warn: bool = False,
       continue
     shape = tuple(leaf.shape)
     specs.append(normalize_spec(partition.spec(path_str(path), shape), len(shape)))
-  if warn:
+  # Only leaves that fell back to one block for the whole tensor can be misnamed.
+  if warn and any(s is not None and s.rule == WHOLE and s.axes for s in specs):
     found = {s.rule for s in specs if s is not None} | set(present)
     missing = [r for r in (EMBEDDING, OUTPUT, QUERY, KEY)
                if r not in found and not (r in (QUERY, KEY) and QKV in found)]

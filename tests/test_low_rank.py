@@ -7,6 +7,7 @@ import numpy as np
 import optax
 import pytest
 
+import qadam_mini_jax
 from qadam_mini_jax import alias, low_rank, partition as partition_lib
 from test_int4 import np_int4
 
@@ -224,3 +225,34 @@ def test_hyperparameters_are_traced_and_checked():
     alias.galore(LR, update_proj_gap=0)
   with pytest.raises(partition_lib.PartitionError, match="norm/scale: .* not a matrix"):
     alias.galore(LR, projected=lambda path, shape: True).init({"norm": {"scale": jnp.ones(4)}})
+
+
+def test_q_galore_without_its_quantization_is_galore():
+  params = _params()
+  grads = _gradients(params, 5)
+  kwargs = dict(rank=3, update_proj_gap=2, b1=B1, b2=B2, eps=EPS, weight_decay=WD,
+                partition=PARTITION)
+  plain, _ = _run(alias.q_galore(LR, quantization=None, int4_group_size=None, cos_threshold=None,
+                                 **kwargs), params, grads)
+  chex.assert_trees_all_close(plain, _run(alias.galore(LR, **kwargs), params, grads)[0],
+                              rtol=1e-4, atol=1e-7)
+
+
+def test_q_galore_keeps_adams_m_in_int8_on_r():
+  """INT8 m (groups of 8, every leaf) on R and on the unprojected leaves; the
+  updates stay within INT8 rounding of galore's with the same INT4 projectors."""
+  params = _params()
+  grads = _gradients(params, 4)
+  kwargs = dict(rank=3, update_proj_gap=2, b1=B1, b2=B2, eps=EPS, weight_decay=WD,
+                partition=PARTITION, int4_group_size=4, cos_threshold=None)
+  ours, state = _run(alias.q_galore(LR, quantization=qadam_mini_jax.Int8Quantization(8, 0),
+                                    **kwargs), params, grads)
+  reference, _ = _run(alias.galore(LR, **kwargs), params, grads)
+  mu = state[0].inner.mu
+  assert isinstance(mu["blocks"]["mlp"]["kernel"], qadam_mini_jax.QuantizedArray)
+  chex.assert_shape(mu["blocks"]["mlp"]["kernel"].codes, (12, 3, 3))  # R: m x r, layer axis 1
+  chex.assert_shape(mu["embed"]["embedding"].codes, (16, 8))
+  for path, x in _flat(ours[-1]).items():
+    y = np.asarray(_flat(reference[-1])[path]).ravel()
+    cos = np.dot(np.asarray(x).ravel(), y) / np.linalg.norm(x) / np.linalg.norm(y)
+    assert cos > 0.99, (path, cos)
