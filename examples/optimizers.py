@@ -23,6 +23,10 @@ update clipping are then per layer, as in the unscanned model.
 * ``mu_dtype`` (``adamw``, ``adam_mini``, ``lion``): the first moment's dtype,
   e.g. ``"bfloat16"`` (2 bytes per parameter instead of 4); ``None``: the
   parameters' (float32).
+* ``galore``, ``q_galore``: this library's GaLore and Q-GaLore (INT4
+  projectors, lazy per-layer refresh, INT8 ``m``), rank ``rank`` (default a
+  quarter of the model's width) refreshed every ``update_proj_gap`` steps;
+  the learning rate applies to every parameter, projected or not.
 * ``lion``: ``optax.lion``; its learning rate is ``LION_LR_SCALE`` times the
   one given and its weight decay ``1 / LION_LR_SCALE`` times (the Lion paper's
   advice: a sign update needs a 3-10x smaller step), keeping ``lr * wd``.
@@ -42,7 +46,7 @@ import qadam_mini_jax
 from qadam_mini_jax import in_backward
 from llama_model import LlamaConfig
 
-OPTIMIZERS = ("adamw", "adam_mini", "q_adam_mini", "adafactor", "lion")
+OPTIMIZERS = ("adamw", "adam_mini", "q_adam_mini", "adafactor", "lion", "galore", "q_galore")
 LION_LR_SCALE = 0.1
 
 #: Adam-mini block partitions (``--partition``):
@@ -69,7 +73,7 @@ DEFAULT_PARTITION = "qk_per_neuron"
 #: Settings that change the optimizer state's structure or meaning: a
 #: checkpoint resumes only under the same values.
 STRUCTURAL_FIELDS = ("name", "partition", "grad_accum", "stochastic_rounding", "skip_nonfinite",
-                     "weight_quant", "mu_dtype")
+                     "weight_quant", "mu_dtype", "rank")
 #: ``skip_nonfinite``: ``optax.apply_if_finite`` skips at most this many
 #: non-finite (micro-batch) gradients in a row, then applies them.
 MAX_SKIPPED_IN_A_ROW = 10
@@ -95,6 +99,8 @@ class OptimizerConfig:
   skip_nonfinite: bool = False  # optax.apply_if_finite around the whole optimizer
   weight_quant: bool = False  # INT8 weights, no float master copy (q_adam_mini only)
   mu_dtype: str | None = None  # first moment's dtype (MU_DTYPE_OPTIMIZERS); None: the params'
+  rank: int | None = None  # galore, q_galore: the projections' rank; None: the model's dim / 4
+  update_proj_gap: int = 200  # galore, q_galore: steps between projector refreshes
 
   def __post_init__(self):
     if self.name not in OPTIMIZERS:
@@ -109,6 +115,8 @@ class OptimizerConfig:
     if self.mu_dtype is not None and self.name not in MU_DTYPE_OPTIMIZERS:
       raise ValueError(f"--mu-dtype needs --optimizer {', '.join(MU_DTYPE_OPTIMIZERS)}: "
                        f"{self.name} has no float first moment to set.")
+    if (self.rank is not None and self.rank < 1) or self.update_proj_gap < 1:
+      raise ValueError(f"rank={self.rank} and update_proj_gap={self.update_proj_gap} must be >= 1.")
     if self.lr <= 0 or self.total_steps < 1 or self.grad_accum < 1:
       raise ValueError("lr must be > 0, total_steps and grad_accum >= 1.")
     if self.weight_quant and (self.name != "q_adam_mini" or self.grad_accum > 1
@@ -167,6 +175,13 @@ def core(c: OptimizerConfig, model: LlamaConfig,
                                     shardings=shardings)
   if c.name == "q_adam_mini":
     return qadam_mini_jax.q_adam_mini(**q_adam_mini_args(c, model), shardings=shardings)
+  if c.name in ("galore", "q_galore"):
+    low_rank = dict(rank=c.rank or model.dim // 4, update_proj_gap=c.update_proj_gap, b1=c.b1,
+                    b2=c.b2, weight_decay=c.weight_decay, mask=mask, partition=partition)
+    if c.name == "galore":
+      return qadam_mini_jax.galore(lr, **low_rank)
+    return qadam_mini_jax.q_galore(lr, **low_rank, key=c.seed,
+                                   stochastic_rounding=c.stochastic_rounding)
   if c.name == "adafactor":  # optax.adafactor's chain, clipping per layer
     return optax.chain(
         optax.scale_by_factored_rms(), clip_by_layer_rms(1.0, partition),

@@ -754,6 +754,12 @@ def build_parser() -> argparse.ArgumentParser:
   g.add_argument("--mu-dtype", choices=optimizers.MU_DTYPES,
                  help=f"{', '.join(optimizers.MU_DTYPE_OPTIMIZERS)}: the first moment's dtype "
                       "(default: the parameters', float32)")
+  g.add_argument("--rank", type=POSITIVE_INT,
+                 help="galore, q_galore: rank of the gradient projections (default: the "
+                      "model's dim / 4)")
+  g.add_argument("--update-proj-gap", type=POSITIVE_INT, default=200,
+                 help="galore, q_galore: steps between projector refreshes (q_galore doubles "
+                      "a layer's gap while its subspace stays put; default 200)")
   g.add_argument("--update-in-backward", action="store_true",
                  help="with --scan-layers: update each layer inside the backward pass, as "
                       "soon as its gradient exists, so the whole gradient is never held; "
@@ -825,7 +831,7 @@ def configs_from_args(args: argparse.Namespace):
       clip_norm=args.clip_norm, grad_accum=args.grad_accum, partition=args.partition,
       stochastic_rounding=args.stochastic_rounding, seed=args.seed,
       skip_nonfinite=args.skip_nonfinite, weight_quant=args.weight_quant,
-      mu_dtype=args.mu_dtype)
+      mu_dtype=args.mu_dtype, rank=args.rank, update_proj_gap=args.update_proj_gap)
   train_cfg = TrainConfig(
       data=tuple(args.data), val_fraction=args.val_fraction, seq_len=args.seq_len,
       batch_size=args.batch_size, dtype=args.dtype, seed=args.seed, log_every=args.log_every,

@@ -106,7 +106,10 @@ def test_adafactor_is_optax_adafactor_when_layers_are_not_stacked():
 #: A layer axis left undeclared makes adam_mini and q_adam_mini refuse the stacked
 #: kernels (PartitionError) and gives Adafactor one update clip over all layers:
 #: 1e-3 from step 6 on (0.23 after 50 steps).
-SCAN_RTOL = {"q_adam_mini": 1e-2}
+#: GaLore's SVD at step 0 turns those last bits of each layer's gradient into
+#: other projectors where singular values lie close (a rank-32 cut of a
+#: 128 x 128 gradient at initialization): 1e-3 after 20 steps.
+SCAN_RTOL = {"q_adam_mini": 1e-2, "galore": 5e-3, "q_galore": 1e-2}
 #: q_adam_mini rounds m to nearest here: stochastic rounding would draw other noise
 #: for the output layer, its stream being named by its position among the leaves.
 SCAN_FLAGS = {"q_adam_mini": ["--stochastic-rounding", "none"]}
