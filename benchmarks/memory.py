@@ -43,6 +43,15 @@ def _partition(c: llama_shapes.LlamaConfig) -> qadam_mini_jax.BlockPartition:
   return qadam_mini_jax.BlockPartition(num_heads=c.num_heads, num_kv_heads=c.num_kv_heads)
 
 
+#: Q-GaLore's ranks (its pretraining scripts; the paper's table gives 512 at 1B),
+#: by model width.
+GALORE_RANKS = {512: 128, 768: 256, 2048: 1024, 4096: 1024}
+
+
+def _galore(alias: Callable[..., optax.GradientTransformation]) -> OptimizerFactory:
+  return lambda c: alias(LEARNING_RATE, rank=GALORE_RANKS[c.dim], partition=_partition(c))
+
+
 #: Table row name -> optimizer for one model config.
 OPTIMIZERS: dict[str, OptimizerFactory] = {
     "optax.adamw": lambda c: optax.adamw(LEARNING_RATE),
@@ -52,6 +61,8 @@ OPTIMIZERS: dict[str, OptimizerFactory] = {
     "adam_mini": lambda c: qadam_mini_jax.adam_mini(LEARNING_RATE, partition=_partition(c)),
     TARGET_OPTIMIZER: lambda c: qadam_mini_jax.q_adam_mini(
         LEARNING_RATE, partition=_partition(c)),
+    "galore (Q-GaLore's ranks)": _galore(qadam_mini_jax.galore),
+    "q_galore (Q-GaLore's ranks)": _galore(qadam_mini_jax.q_galore),
 }
 
 
@@ -102,6 +113,13 @@ def report(counts: dict[str, int], nbytes: dict[str, dict[str, int]]) -> str:
       f"Parameters: {params_row}.",
       "",
       markdown_table(header, rows),
+      "",
+      "GaLore rows: rank " + ", ".join(f"{GALORE_RANKS[llama_shapes.CONFIGS[m].dim]} at {m}"
+                                      for m in MODELS)
+      + " (Q-GaLore's scripts). Attention and MLP matrices keep Adam's moments on the "
+      "rank-r projection R (r x the larger side) and their projector (float32 in `galore`, "
+      "INT4 in `q_galore`); embedding, output layer and norms keep full Adam moments. "
+      "`q_galore` stores m in INT8 and v in float32.",
       "",
       "## Q-Adam-mini memory target",
       "",
