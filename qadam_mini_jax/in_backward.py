@@ -25,6 +25,7 @@ is not offered.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -33,6 +34,7 @@ import jax.numpy as jnp
 import optax
 
 from qadam_mini_jax import alias
+from qadam_mini_jax import leaf_update
 from qadam_mini_jax import partition as partition_lib
 from qadam_mini_jax import transform
 from qadam_mini_jax import weights as weights_lib
@@ -105,8 +107,10 @@ def _per_leaf_step(tx: optax.GradientTransformation, layers: str):
         x = _empty(x, axis)
       state_view.append(x)
     p_view = view(params, params, layer)
-    updates, new_state = tx.update(view(grads, params, layer), treedef.unflatten(state_view),
-                                   p_view)
+    # The layer is a stack of one: its rounding streams are the model's layer's.
+    with (contextlib.nullcontext() if layer is None else leaf_update.first_layer(layer.index)):
+      updates, new_state = tx.update(view(grads, params, layer), treedef.unflatten(state_view),
+                                     p_view)
     new_params = optax.apply_updates(p_view, updates)
     out = []
     for x, n, (kind, axis) in zip(leaves, treedef.flatten_up_to(new_state),
@@ -162,6 +166,11 @@ def _layer_count(stack: Any, layers: str) -> int:
   return count
 
 
+#: Rows added to the parameters outside the stack to find the state that follows
+#: them: more than any INT8 group, so that group-wise scales grow too.
+_MORE_ROWS = 1 << 16
+
+
 def _state_axes(init: Callable[[Any], Any], params: Any, layers: str, *,
                 rest: bool = True) -> Any:
   """Per state leaf, ``("layer", axis)`` if it holds one entry per layer of the
@@ -169,26 +178,28 @@ def _state_axes(init: Callable[[Any], Any], params: Any, layers: str, *,
   ``params[layers]`` (looked for only with ``rest``), else ``None`` (a shared
   value: step count, key).
 
-  Found by building the state's shapes with every stacked array one layer
-  longer and every other array two rows longer (axis 0).
+  Found by building the state's shapes once with every stacked array one layer
+  longer, once with every other array :data:`_MORE_ROWS` rows longer (axis 0).
   """
-  def grown(by):
-    return lambda x: (jax.ShapeDtypeStruct((x.shape[0] + by, *x.shape[1:]), x.dtype)
+  def grown(part, by):
+    more = lambda x: (jax.ShapeDtypeStruct((x.shape[0] + by, *x.shape[1:]), x.dtype)
                       if jnp.ndim(x) else x)
+    return jax.eval_shape(init, {k: jax.tree.map(more, v) if (k == layers) == (part == "layer")
+                                 else v for k, v in params.items()})
   shapes = jax.eval_shape(init, params)
-  more = jax.eval_shape(init, {k: jax.tree.map(grown(1 if k == layers else 2 if rest else 0), v)
-                               for k, v in params.items()})
+  parts = {"layer": grown("layer", 1), **({"rest": grown("rest", _MORE_ROWS)} if rest else {})}
 
-  def axes(path, a, b):
-    changed = [(i, n - m) for i, (m, n) in enumerate(zip(a.shape, b.shape)) if m != n]
+  def axes(path, a, *grown_shapes):
+    changed = [(kind, i) for kind, b in zip(parts, grown_shapes)
+               for i, (m, n) in enumerate(zip(a.shape, b.shape)) if m != n]
     if not changed:
       return None
-    if len(changed) > 1 or changed[0][1] not in (1, 2):
+    if len(changed) > 1:
       raise ValueError(f"optimizer state {partition_lib.path_str(path)}: shape {a.shape} "
                        "does not follow one parameter on one axis; cannot update it one "
                        "layer at a time.")
-    return ("layer" if changed[0][1] == 1 else "rest", changed[0][0])
-  return jax.tree_util.tree_map_with_path(axes, shapes, more)
+    return changed[0]
+  return jax.tree_util.tree_map_with_path(axes, shapes, *parts.values())
 
 
 def _saved(x: jax.Array) -> jax.Array:

@@ -66,14 +66,14 @@ class Int4Storage(NamedTuple):
     inv = jnp.where(scale > 0, 1.0 / jnp.where(scale > 0, scale, 1.0), 0.0)
     zero = jnp.clip(jnp.round(-lo * inv), 0, _LEVELS)
     codes = jnp.clip(jnp.round(g * inv[..., None]) + zero[..., None], 0, _LEVELS)
-    codes = codes.astype(jnp.uint8).reshape(lead + (-1, 2))
+    codes = codes.astype(jnp.uint8).reshape(lead + (groups * self.group_size // 2, 2))
     packed = codes[..., 0] | (codes[..., 1] << 4)
     return Int4Array(packed, scale, zero.astype(jnp.uint8))
 
   def load(self, a: Int4Array, shape: tuple[int, ...]) -> jax.Array:
     """The float32 values of ``a``, an array of ``shape``."""
-    lead, n = shape[:-2], math.prod(shape[-2:])
+    lead, n, groups = shape[:-2], math.prod(shape[-2:]), self.groups(shape[-2:])
     codes = jnp.stack([a.packed & 15, a.packed >> 4], axis=-1).astype(jnp.float32)
-    codes = codes.reshape(lead + (-1, self.group_size))
+    codes = codes.reshape(lead + (groups, self.group_size))
     values = (codes - a.zero[..., None].astype(jnp.float32)) * a.scale[..., None]
-    return values.reshape(lead + (-1,))[..., :n].reshape(shape)
+    return values.reshape(lead + (groups * self.group_size,))[..., :n].reshape(shape)

@@ -17,6 +17,8 @@ specification) or in the fused Pallas kernel (:mod:`.pallas_update`).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from typing import Any, NamedTuple
 
 import jax
@@ -71,10 +73,29 @@ class StepScalars(NamedTuple):
   wd: jax.Array | None = None
 
 
+#: The index of the first layer of the stacks being updated (see :func:`first_layer`).
+_FIRST_LAYER: contextvars.ContextVar = contextvars.ContextVar("first_layer", default=None)
+
+
+@contextlib.contextmanager
+def first_layer(index: jax.Array):
+  """Stacked leaves updated inside this block hold layers ``index, index + 1, ...``
+  of their model (``in_backward.per_leaf`` hands a transform one layer as a stack
+  of one), so each layer rounds on its own stream."""
+  token = _FIRST_LAYER.set(index)
+  try:
+    yield
+  finally:
+    _FIRST_LAYER.reset(token)
+
+
 def _stream(plan: LeafPlan, s: StepScalars, purpose: int, layer: jax.Array | None):
   """The rounding stream of one quantized store of this leaf (and layer)."""
   seeds = random_bits.stream_seeds(s.key, s.count, random_bits.path_stream(plan.path), purpose)
-  return seeds if layer is None else random_bits.layer_seeds(*seeds, layer)
+  if layer is None:
+    return seeds
+  first = _FIRST_LAYER.get()
+  return random_bits.layer_seeds(*seeds, layer if first is None else first + layer)
 
 
 def _jnp_layer(plan: LeafPlan, s: StepScalars, spec: partition_lib.BlockSpec,

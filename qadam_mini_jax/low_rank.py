@@ -99,6 +99,15 @@ def scale_by_galore(
         partition_lib.path_str(path), tuple(x.shape), partition, rank, projected, storage)
             for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
+  def _plan_of_projected(path, shape):
+    plan = projection.plan_for(path, shape, partition, rank, projected, storage)
+    if plan is None:
+      raise ValueError(
+          f"{path}: the state holds a projector for it, but a gradient of shape {shape} is not "
+          "projected (in_backward.per_leaf empties axis 0 of unstacked parameters: GaLore "
+          "inside the backward pass projects stacked matrices only).")
+    return plan
+
   def init_fn(params):
     leaves, treedef = jax.tree.flatten(params)
     shapes = [x if plan is None else
@@ -114,8 +123,12 @@ def scale_by_galore(
   def update_fn(updates, state, params=None):
     del params
     leaves, treedef = jax.tree.flatten(updates)
-    leaf_plans = plans(updates)
     projectors = treedef.flatten_up_to(state.projectors)
+    # A leaf with a projector is projected, even with no element (the part of a
+    # stacked leaf that in_backward.per_leaf leaves out has zero layers).
+    leaf_plans = [None if isinstance(p, optax.MaskedNode) else _plan_of_projected(
+        partition_lib.path_str(path), tuple(g.shape)) for (path, g), p in zip(
+            jax.tree_util.tree_flatten_with_path(updates)[0], projectors)]
     low = []
     for k, (g, plan) in enumerate(zip(leaves, leaf_plans)):
       if plan is None:

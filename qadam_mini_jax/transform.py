@@ -404,7 +404,12 @@ def _check_tree_matches(updates: Any, specs: Any, state: ScaleByAdamMiniState) -
 
   got = paths(updates)
   updated = set(paths(specs, is_leaf=lambda x: isinstance(x, partition_lib.BlockSpec)))
+  # Empty float leaves are left alone, with or without state (in_backward.per_leaf
+  # hands in the parameters it does not update emptied, beside their state).
+  empty = {path for path, x in zip(got, jax.tree.leaves(updates))
+           if jnp.issubdtype(x.dtype, jnp.floating) and not x.size}
   in_state = set(paths(state.nu))
+  updated |= empty & in_state
   if updated != in_state:
     raise ValueError("The updates' tree does not match the optimizer state's: missing from "
                      f"updates {sorted(in_state - updated)[:5]}, not in state "
