@@ -38,6 +38,7 @@ import qadam_mini_jax
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "examples"))
 import compile_time  # noqa: E402  (benchmarks/, beside this script)
+import llama_shapes  # noqa: E402
 import results_file  # noqa: E402
 import train  # noqa: E402  (examples/, added above)
 from llama_model import CONFIGS, Llama, LlamaConfig, pieces  # noqa: E402
@@ -122,6 +123,8 @@ ROWS: dict[str, Row] = {
     "q_adam_mini + INT8 weights": optax_row(
         lambda c: qadam_mini_jax.fused_q_adam_mini(LEARNING_RATE, partition=partition(c)),
         int8_weights=True),
+    "q_galore": optax_row(lambda c: qadam_mini_jax.q_galore(
+        LEARNING_RATE, rank=llama_shapes.galore_rank(c), partition=partition(c))),
     "optax.adamw" + IN_BACKWARD: in_backward_row(
         lambda c: qadam_mini_jax.in_backward.per_leaf(optax.adamw(LEARNING_RATE))),
     "adam_mini" + IN_BACKWARD: in_backward_row(
@@ -131,6 +134,9 @@ ROWS: dict[str, Row] = {
     "q_adam_mini + INT8 weights" + IN_BACKWARD: in_backward_row(
         lambda c: qadam_mini_jax.fused_q_adam_mini(LEARNING_RATE, partition=partition(c)),
         int8_weights=True),
+    "q_galore" + IN_BACKWARD: in_backward_row(
+        lambda c: qadam_mini_jax.in_backward.per_leaf(qadam_mini_jax.q_galore(
+            LEARNING_RATE, rank=llama_shapes.galore_rank(c), partition=partition(c)))),
 }
 
 

@@ -15,7 +15,15 @@ from flax import nnx
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "examples"))
 from llama_model import CONFIGS, Llama, LlamaConfig  # noqa: E402
 
-__all__ = ["CONFIGS", "LlamaConfig", "param_shapes"]
+__all__ = ["CONFIGS", "LlamaConfig", "galore_rank", "param_shapes"]
+
+#: Q-GaLore's ranks by model width (its pretraining scripts: 60M, 130M, 1B, 7B).
+GALORE_RANKS = {512: 128, 768: 256, 2048: 1024, 4096: 1024}
+
+
+def galore_rank(config: LlamaConfig) -> int:
+  """Q-GaLore's rank for this width, else a quarter of the width (13B: 1280)."""
+  return GALORE_RANKS.get(config.dim, config.dim // 4)
 
 
 def param_shapes(name: str) -> nnx.State:

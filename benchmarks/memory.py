@@ -43,13 +43,8 @@ def _partition(c: llama_shapes.LlamaConfig) -> qadam_mini_jax.BlockPartition:
   return qadam_mini_jax.BlockPartition(num_heads=c.num_heads, num_kv_heads=c.num_kv_heads)
 
 
-#: Q-GaLore's ranks (its pretraining scripts; the paper's table gives 512 at 1B),
-#: by model width.
-GALORE_RANKS = {512: 128, 768: 256, 2048: 1024, 4096: 1024}
-
-
 def _galore(alias: Callable[..., optax.GradientTransformation]) -> OptimizerFactory:
-  return lambda c: alias(LEARNING_RATE, rank=GALORE_RANKS[c.dim], partition=_partition(c))
+  return lambda c: alias(LEARNING_RATE, rank=llama_shapes.galore_rank(c), partition=_partition(c))
 
 
 #: Table row name -> optimizer for one model config.
@@ -114,9 +109,9 @@ def report(counts: dict[str, int], nbytes: dict[str, dict[str, int]]) -> str:
       "",
       markdown_table(header, rows),
       "",
-      "GaLore rows: rank " + ", ".join(f"{GALORE_RANKS[llama_shapes.CONFIGS[m].dim]} at {m}"
-                                      for m in MODELS)
-      + " (Q-GaLore's scripts). Attention and MLP matrices keep Adam's moments on the "
+      "GaLore rows: rank " + ", ".join(f"{llama_shapes.galore_rank(llama_shapes.CONFIGS[m])} "
+                                      f"at {m}" for m in MODELS)
+      + " (Q-GaLore's scripts; its paper's table gives 512 at 1B). Attention and MLP matrices keep Adam's moments on the "
       "rank-r projection R (r x the larger side) and their projector (float32 in `galore`, "
       "INT4 in `q_galore`); embedding, output layer and norms keep full Adam moments. "
       "`q_galore` stores m in INT8 and v in float32.",

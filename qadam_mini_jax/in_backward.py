@@ -166,11 +166,6 @@ def _layer_count(stack: Any, layers: str) -> int:
   return count
 
 
-#: Rows added to the parameters outside the stack to find the state that follows
-#: them: more than any INT8 group, so that group-wise scales grow too.
-_MORE_ROWS = 1 << 16
-
-
 def _state_axes(init: Callable[[Any], Any], params: Any, layers: str, *,
                 rest: bool = True) -> Any:
   """Per state leaf, ``("layer", axis)`` if it holds one entry per layer of the
@@ -179,7 +174,12 @@ def _state_axes(init: Callable[[Any], Any], params: Any, layers: str, *,
   value: step count, key).
 
   Found by building the state's shapes once with every stacked array one layer
-  longer, once with every other array :data:`_MORE_ROWS` rows longer (axis 0).
+  longer, once with every other array two rows longer (axis 0). A state leaf
+  that then takes another form (e.g. a float ``m`` that becomes INT8 past a
+  size threshold) follows its parameter on axis 0; one that keeps its shape
+  (e.g. the scale of the one INT8 group of a small norm) is shared: it is
+  handed whole to every call, and only the call that updates its parameter
+  reads it.
   """
   def grown(part, by):
     more = lambda x: (jax.ShapeDtypeStruct((x.shape[0] + by, *x.shape[1:]), x.dtype)
@@ -187,11 +187,12 @@ def _state_axes(init: Callable[[Any], Any], params: Any, layers: str, *,
     return jax.eval_shape(init, {k: jax.tree.map(more, v) if (k == layers) == (part == "layer")
                                  else v for k, v in params.items()})
   shapes = jax.eval_shape(init, params)
-  parts = {"layer": grown("layer", 1), **({"rest": grown("rest", _MORE_ROWS)} if rest else {})}
+  parts = {"layer": grown("layer", 1), **({"rest": grown("rest", 2)} if rest else {})}
 
   def axes(path, a, *grown_shapes):
     changed = [(kind, i) for kind, b in zip(parts, grown_shapes)
-               for i, (m, n) in enumerate(zip(a.shape, b.shape)) if m != n]
+               for i, (m, n) in (enumerate(zip(a.shape, b.shape)) if hasattr(b, "shape")
+                                 else [(0, (0, 1))]) if m != n]
     if not changed:
       return None
     if len(changed) > 1:
