@@ -107,6 +107,8 @@ WEIGHTS = "tests/test_weights.py"
 IN_BACKWARD = "tests/test_in_backward.py"
 SAME_TRAINING = f"{IN_BACKWARD}::test_same_training_as_the_ordinary_step"
 SAME_CODES = f"{IN_BACKWARD}::test_same_codes_where_the_gradients_are_the_same"
+GALORE_REFERENCE = "tests/test_low_rank.py::test_galore_equals_a_numpy_galore_from_the_equations"
+PROJECTION = "tests/test_projection.py"
 
 
 MUTANTS: tuple[Mutant, ...] = (
@@ -247,8 +249,8 @@ MUTANTS: tuple[Mutant, ...] = (
         "(rounding errors add up instead of averaging out)"),
     Mutant(
         "one_stream_for_every_layer", "qadam_mini_jax/leaf_update.py",
-        "return seeds if layer is None else random_bits.layer_seeds(*seeds, layer)",
-        "return seeds",
+        "  if layer is None:\n    return seeds\n",
+        "  if True:\n    return seeds\n",
         (f"{TRANSFORM}::test_stacked_layers_round_stochastically_with_a_stream_per_layer",),
         ("stream_per_layer",),
         "the layers of a scanned (stacked) leaf all round with the same bits"),
@@ -441,6 +443,39 @@ MUTANTS: tuple[Mutant, ...] = (
         (SAME_CODES, SAME_TRAINING), ("same_codes", "same_training"),
         "every layer of a stacked leaf draws layer 0's rounding noise inside the backward "
         "pass: codes differ from the ordinary step and the layers' errors correlate"),
+    # --- GaLore and Q-GaLore (projection.py, int4.py, low_rank.py) ---------------------
+    Mutant(
+        "galore_refreshes_every_step", "qadam_mini_jax/projection.py",
+        "count % layer.gap == 0,", "count >= 0,",
+        (GALORE_REFERENCE,), ("numpy_galore",),
+        "the SVD runs at every step: the inner Adam's moments live in a basis that changes "
+        "under them, and the step costs an SVD per matrix"),
+    Mutant(
+        "galore_left_singular_vectors_on_the_columns", "qadam_mini_jax/projection.py",
+        "vectors = u[:, :plan.rank] if plan.rows else vh[:plan.rank].T",
+        "vectors = u[:, :plan.rank] if plan.rows else u[:vh.shape[1], :plan.rank]",
+        (GALORE_REFERENCE,), ("numpy_galore",),
+        "a matrix projected on its columns takes rows of U instead of V: R keeps a subspace "
+        "that has nothing to do with the gradient"),
+    Mutant(
+        "galore_cosine_signed", "qadam_mini_jax/projection.py",
+        "cos = jnp.abs(jnp.dot(state.first, first))", "cos = jnp.dot(state.first, first)",
+        (f"{PROJECTION}::test_the_cosine_ignores_the_sign_and_the_queue_slides",),
+        ("cosine_ignores_the_sign",),
+        "a flipped singular vector reads as cosine -1 (Q-GaLore's code): a stable subspace "
+        "keeps its short gap"),
+    Mutant(
+        "int4_zero_point_clamped", "qadam_mini_jax/int4.py",
+        "lo, hi = jnp.minimum(g.min(-1), 0.0), jnp.maximum(g.max(-1), 0.0)",
+        "lo, hi = g.min(-1), g.max(-1)",
+        ("tests/test_int4.py",), ("round_trip_within_half_a_step",),
+        "Q-GaLore's defect: a projector group whose values share one sign is clipped towards "
+        "zero"),
+    Mutant(
+        "per_leaf_layer_rounds_with_layer_0s_stream", "qadam_mini_jax/leaf_update.py",
+        "layer if first is None else first + layer", "layer",
+        (f"{SAME_TRAINING}[q_galore]",), ("same_training",),
+        "q_galore inside the backward pass rounds every layer's m on layer 0's stream"),
 )
 
 

@@ -189,10 +189,13 @@ def _state_axes(init: Callable[[Any], Any], params: Any, layers: str, *,
   shapes = jax.eval_shape(init, params)
   parts = {"layer": grown("layer", 1), **({"rest": grown("rest", 2)} if rest else {})}
 
+  def changes(a, b):
+    if not hasattr(b, "shape"):  # took another form
+      return [0]
+    return [i for i, (m, n) in enumerate(zip(a.shape, b.shape)) if m != n]
+
   def axes(path, a, *grown_shapes):
-    changed = [(kind, i) for kind, b in zip(parts, grown_shapes)
-               for i, (m, n) in (enumerate(zip(a.shape, b.shape)) if hasattr(b, "shape")
-                                 else [(0, (0, 1))]) if m != n]
+    changed = [(kind, i) for kind, b in zip(parts, grown_shapes) for i in changes(a, b)]
     if not changed:
       return None
     if len(changed) > 1:
