@@ -176,7 +176,8 @@ def test_bad_arguments_are_refused():
 
 
 def test_missing_rules_warning_once_per_optimizer_not_per_trace():
-  params = {"mlp": {"kernel": jnp.ones((8, 8))}}
+  # "dense" matches no rule: one block for the whole tensor, hence the warning.
+  params = {"mlp": {"kernel": jnp.ones((8, 8))}, "dense": {"kernel": jnp.ones((8, 8))}}
   tx = q.q_adam_mini(1e-3)
   with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
