@@ -180,9 +180,10 @@ def galore(
   scale_by_learning_rate)``: the other leaves (embedding, output layer, norms)
   get plain Adam; weight decay is decoupled and applies in the full space.
   ``cos_threshold`` (Q-GaLore: 0.4) turns on Q-GaLore's lazy, per-layer
-  refresh and ``int4_group_size=256`` its INT4 projectors. Arguments as :func:`~.low_rank.scale_by_galore` and :func:`adam_mini`;
-  the projector state is in :class:`~.low_rank.ScaleByGaLoreState`, so a restored
-  checkpoint resumes exactly.
+  refresh and ``int4_group_size=256`` its INT4 projectors. Arguments as
+  :func:`~.low_rank.scale_by_galore` and :func:`adam_mini`; the projector state
+  is in :class:`~.low_rank.ScaleByGaLoreState`, so a restored checkpoint
+  resumes exactly.
   """
   transform.check_hyperparameters(b1=b1, b2=b2, eps=eps)
   return _decay_and_scale(

@@ -51,7 +51,8 @@ class Int4Storage(NamedTuple):
     """All zeros: ``shape`` is ``(*lead, d, r)``."""
     lead, groups = shape[:-2], self.groups(shape[-2:])
     return Int4Array(jnp.zeros(lead + (groups * self.group_size // 2,), jnp.uint8),
-                     jnp.zeros(lead + (groups,), jnp.float32), jnp.zeros(lead + (groups,), jnp.uint8))
+                     jnp.zeros(lead + (groups,), jnp.float32),
+                     jnp.zeros(lead + (groups,), jnp.uint8))
 
   def store(self, x: jax.Array) -> Int4Array:
     """``x`` (float, ``(*lead, d, r)``) quantized, rounding to nearest."""

@@ -110,12 +110,13 @@ def scale_by_galore(
 
   def init_fn(params):
     leaves, treedef = jax.tree.flatten(params)
+    leaf_plans = plans(params)
     shapes = [x if plan is None else
               jnp.zeros(projection.projected_shape(plan, x.shape), jnp.float32)
-              for x, plan in zip(leaves, plans(params))]
+              for x, plan in zip(leaves, leaf_plans)]
     projectors = [optax.MaskedNode() if plan is None else
                   projection.init(plan, x.shape, update_proj_gap, queue)
-                  for x, plan in zip(leaves, plans(params))]
+                  for x, plan in zip(leaves, leaf_plans)]
     return ScaleByGaLoreState(count=jnp.zeros([], jnp.int32),
                               projectors=treedef.unflatten(projectors),
                               inner=inner.init(treedef.unflatten(shapes)))
