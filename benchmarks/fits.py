@@ -205,7 +205,12 @@ def int8_m_extra(records: list[dict[str, Any]]) -> list[str]:
            "output layer (62 MiB each, made at the step's start because fusions that read the "
            "old codes may run after the new ones are written) and 51 MiB of smaller buffers: "
            "176 MiB of live bytes; the rest of the difference is the packing of the temp "
-           "allocation. The copies are ours to remove (not done yet).", "",
+           "allocation. The copies are not removed yet: writing the INT8 `m` after the "
+           "parameter behind an optimization barrier left them (no barrier is left in XLA:CPU's "
+           "optimized program, and the recomputed `m` is merged with the first), and so did "
+           "updating the embedding and output layer in row chunks (1B temp 8.06-8.21 GiB); "
+           "under the memory-minimizing scheduler the copies are made late and `q_adam_mini`'s "
+           "temp is 3.7 GiB below `adam_mini`'s at 1B (`fits_cpu_memory_scheduler.md`).", "",
            "| model | q_adam_mini temp - adam_mini temp (MiB) | one FFN layer's float32 m (MiB) |",
            "|---|---:|---:|"]
   for model in models:
