@@ -67,7 +67,8 @@ def optax_row(make_tx: Callable[[LlamaConfig], Any], param_dtype=jnp.float32,
   """The row of ``examples/train.py``'s train step with ``make_tx(config)``,
   parameters stored in ``param_dtype``; with ``int8_weights`` the weight
   matrices are INT8 (``quantize_params``) and ``make_tx`` gives a
-  ``fused_q_adam_mini``, whose step writes them (``--weight-quant``). With
+  ``FusedOptimizer`` (``fused_q_adam_mini``, ``fused_q_galore``), whose step
+  writes them (``--weight-quant``). With
   ``in_backward`` each layer is updated inside the backward pass
   (``--update-in-backward``, ``qadam_mini_jax.in_backward``; stacked blocks only,
   clipped by ``clip_global_norm`` if given): ``make_tx`` gives an optimizer
@@ -125,6 +126,9 @@ ROWS: dict[str, Row] = {
         int8_weights=True),
     "q_galore": optax_row(lambda c: qadam_mini_jax.q_galore(
         LEARNING_RATE, rank=llama_shapes.galore_rank(c), partition=partition(c))),
+    "q_galore + INT8 weights": optax_row(lambda c: qadam_mini_jax.fused_q_galore(
+        LEARNING_RATE, rank=llama_shapes.galore_rank(c), partition=partition(c)),
+        int8_weights=True),
     "optax.adamw" + IN_BACKWARD: in_backward_row(
         lambda c: qadam_mini_jax.in_backward.per_leaf(optax.adamw(LEARNING_RATE))),
     "adam_mini" + IN_BACKWARD: in_backward_row(
@@ -137,6 +141,11 @@ ROWS: dict[str, Row] = {
     "q_galore" + IN_BACKWARD: in_backward_row(
         lambda c: qadam_mini_jax.in_backward.per_leaf(qadam_mini_jax.q_galore(
             LEARNING_RATE, rank=llama_shapes.galore_rank(c), partition=partition(c)))),
+    # Q-GaLore's whole recipe, its "LLaMA-7B on a 16 GB GPU" row.
+    "q_galore + INT8 weights" + IN_BACKWARD: in_backward_row(
+        lambda c: qadam_mini_jax.in_backward.per_leaf(qadam_mini_jax.fused_q_galore(
+            LEARNING_RATE, rank=llama_shapes.galore_rank(c), partition=partition(c))),
+        int8_weights=True),
 }
 
 
@@ -256,11 +265,9 @@ def report(records: list[dict[str, Any]], models: list[str]) -> str:
       "schedules for memory instead, and moves temp by several bytes per parameter, not the "
       "same way for every optimizer). The argument column holds on any backend; take temp "
       "and peak from a GPU run of this script.", ""]
-  flags = f", `XLA_FLAGS={os.environ['XLA_FLAGS']}`" if os.environ.get("XLA_FLAGS") else ""
   lines = [
       f"Produced by `{' '.join(['python benchmarks/fits.py', *sys.argv[1:]])}` on the "
-      f"{jax.default_backend().upper()} backend, {machine}; jax {jax.__version__}, "
-      f"flax {flax.__version__}, optax {optax.__version__}{flags}.", "",
+      f"{jax.default_backend().upper()} backend, {machine}; {environment()}", "",
       f"The example LLaMA's full train step (batch {BATCH[0]} x {BATCH[1]} tokens, bf16 "
       "compute, fp32 logits and loss; every block under `nnx.remat`, blocks scanned; "
       "parameters and optimizer state donated) compiled for abstract arguments, not run. "
@@ -305,6 +312,9 @@ def main() -> None:
                       help="results file name, without .md/.json (default fits_<backend>)")
   parser.add_argument("--render", action="store_true",
                       help="rewrite <name>.md from <name>.json (a run's records), compiling nothing")
+  parser.add_argument("--rows", nargs="+", choices=ROWS, metavar="ROW",
+                      help="measure only these rows and merge them into <name>.json's records "
+                           "(refused unless that run named the same jax, flax, optax and XLA_FLAGS)")
   args = parser.parse_args()
   name = args.name
   if args.render:  # the same records, the current report's text (its first line kept)
@@ -313,11 +323,14 @@ def main() -> None:
     text = report(records, list(dict.fromkeys(r["model"] for r in records)))
     results_file.write(f"{name}.md", "\n".join([first, *text.splitlines()[1:]]) + "\n")
     return
-  records = []
+  records, models = [], args.model
+  if args.rows:
+    records, models = merged_records(name, args.rows, args.model)
   for model in args.model:
     for layers, config in configs(model).items():
       for optimizer, row in ROWS.items():
-        if layers == "unrolled" and optimizer.endswith(IN_BACKWARD):
+        if ((layers == "unrolled" and optimizer.endswith(IN_BACKWARD))
+            or (args.rows and optimizer not in args.rows)):
           continue
         records.append({"model": model, "optimizer": optimizer, "layers": layers,
                         **measure(row, config)})
@@ -325,8 +338,26 @@ def main() -> None:
         print(f"{model} {layers} {optimizer}: peak {gib(r['peak'])} GiB "
               f"({r['peak_bytes_per_param']:.2f} B/param), compiled in {r['compile_s']:.1f} s",
               flush=True)
-    results_file.write(f"{name}.md", report(records, args.model))
+    results_file.write(f"{name}.md", report(records, models))
     results_file.write(f"{name}.json", json.dumps(records, indent=1) + "\n")
+
+
+def environment() -> str:
+  """What a run's first line names of the software and flags its numbers depend on."""
+  flags = f", `XLA_FLAGS={os.environ['XLA_FLAGS']}`" if os.environ.get("XLA_FLAGS") else ""
+  return f"jax {jax.__version__}, flax {flax.__version__}, optax {optax.__version__}{flags}."
+
+
+def merged_records(name: str, rows: list[str], models: list[str]) -> tuple[list[dict], list[str]]:
+  """``<name>.json``'s records without ``rows`` of ``models`` (to be measured
+  again), and its models; SystemExit unless its run had this environment."""
+  first = (results_file.RESULTS / f"{name}.md").read_text().splitlines()[0]
+  if not first.endswith(environment()):
+    raise SystemExit(f"{name}.md was measured under another environment ({first!r}); "
+                     f"this one is {environment()!r}: run the whole table again.")
+  records = json.loads((results_file.RESULTS / f"{name}.json").read_text())
+  kept = [r for r in records if not (r["optimizer"] in rows and r["model"] in models)]
+  return kept, list(dict.fromkeys([r["model"] for r in records] + models))
 
 
 if __name__ == "__main__":

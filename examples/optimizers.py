@@ -26,7 +26,9 @@ update clipping are then per layer, as in the unscanned model.
 * ``galore``, ``q_galore``: this library's GaLore and Q-GaLore (INT4
   projectors, lazy per-layer refresh, INT8 ``m``), rank ``rank`` (default a
   quarter of the model's width) refreshed every ``update_proj_gap`` steps;
-  the learning rate applies to every parameter, projected or not.
+  the learning rate applies to every parameter, projected or not. With
+  ``weight_quant``, ``q_galore`` is Q-GaLore's whole recipe: INT8 weights
+  written by ``fused_q_galore``.
 * ``lion``: ``optax.lion``; its learning rate is ``LION_LR_SCALE`` times the
   one given and its weight decay ``1 / LION_LR_SCALE`` times (the Lion paper's
   advice: a sign update needs a 3-10x smaller step), keeping ``lr * wd``.
@@ -47,6 +49,8 @@ from qadam_mini_jax import in_backward
 from llama_model import LlamaConfig
 
 OPTIMIZERS = ("adamw", "adam_mini", "q_adam_mini", "adafactor", "lion", "galore", "q_galore")
+#: Those whose fused step writes INT8 weights (``--weight-quant``).
+WEIGHT_QUANT_OPTIMIZERS = ("q_adam_mini", "q_galore")
 LION_LR_SCALE = 0.1
 
 #: Adam-mini block partitions (``--partition``):
@@ -97,7 +101,7 @@ class OptimizerConfig:
   stochastic_rounding: str = "auto"  # which INT8 leaves: "auto", "all" or "none"
   seed: int = 0
   skip_nonfinite: bool = False  # optax.apply_if_finite around the whole optimizer
-  weight_quant: bool = False  # INT8 weights, no float master copy (q_adam_mini only)
+  weight_quant: bool = False  # INT8 weights, no float master copy (WEIGHT_QUANT_OPTIMIZERS)
   mu_dtype: str | None = None  # first moment's dtype (MU_DTYPE_OPTIMIZERS); None: the params'
   rank: int | None = None  # galore, q_galore: the projections' rank; None: the model's dim / 4
   update_proj_gap: int = 200  # galore, q_galore: steps between projector refreshes
@@ -119,10 +123,10 @@ class OptimizerConfig:
       raise ValueError(f"rank={self.rank} and update_proj_gap={self.update_proj_gap} must be >= 1.")
     if self.lr <= 0 or self.total_steps < 1 or self.grad_accum < 1:
       raise ValueError("lr must be > 0, total_steps and grad_accum >= 1.")
-    if self.weight_quant and (self.name != "q_adam_mini" or self.grad_accum > 1
+    if self.weight_quant and (self.name not in WEIGHT_QUANT_OPTIMIZERS or self.grad_accum > 1
                               or self.skip_nonfinite):
-      raise ValueError("--weight-quant needs --optimizer q_adam_mini, whose fused step writes "
-                       "the INT8 weights, without --grad-accum or --skip-nonfinite (they would "
+      raise ValueError("--weight-quant needs --optimizer q_adam_mini or q_galore, whose fused "
+                       "steps write the INT8 weights, without --grad-accum or --skip-nonfinite (they would "
                        f"need float updates); got {self.name}, grad_accum={self.grad_accum}, "
                        f"skip_nonfinite={self.skip_nonfinite}.")
     if not 0 <= self.warmup_steps <= self.total_steps:
@@ -175,12 +179,10 @@ def core(c: OptimizerConfig, model: LlamaConfig,
                                     shardings=shardings)
   if c.name == "q_adam_mini":
     return qadam_mini_jax.q_adam_mini(**q_adam_mini_args(c, model), shardings=shardings)
-  if c.name in ("galore", "q_galore"):
-    low_rank = dict(rank=c.rank or model.dim // 4, update_proj_gap=c.update_proj_gap, b1=c.b1,
-                    b2=c.b2, weight_decay=c.weight_decay, mask=mask, partition=partition)
-    if c.name == "galore":
-      return qadam_mini_jax.galore(lr, **low_rank)
-    return qadam_mini_jax.q_galore(lr, **low_rank, key=c.seed,
+  if c.name == "galore":
+    return qadam_mini_jax.galore(**low_rank_args(c, model))
+  if c.name == "q_galore":
+    return qadam_mini_jax.q_galore(**low_rank_args(c, model), key=c.seed,
                                    stochastic_rounding=c.stochastic_rounding)
   if c.name == "adafactor":  # optax.adafactor's chain, clipping per layer
     return optax.chain(
@@ -200,6 +202,25 @@ def q_adam_mini_args(c: OptimizerConfig, model: LlamaConfig) -> dict[str, Any]:
               partition=partition, key=c.seed, stochastic_rounding=c.stochastic_rounding)
 
 
+def low_rank_args(c: OptimizerConfig, model: LlamaConfig) -> dict[str, Any]:
+  """Keyword arguments of ``galore`` / ``q_galore`` / ``fused_q_galore`` but
+  ``key`` and ``stochastic_rounding``, for this recipe."""
+  partition = block_partition(c, model)
+  return dict(learning_rate=schedule(c), rank=c.rank or model.dim // 4,
+              update_proj_gap=c.update_proj_gap, b1=c.b1, b2=c.b2, weight_decay=c.weight_decay,
+              mask=functools.partial(qadam_mini_jax.default_decay_mask, partition=partition),
+              partition=partition)
+
+
+def fused_optimizer(c: OptimizerConfig, model: LlamaConfig) -> qadam_mini_jax.FusedOptimizer:
+  """The optimizer that writes INT8 weights (``weight_quant``): ``fused_q_adam_mini``
+  or ``fused_q_galore``; its state is :func:`core`'s."""
+  if c.name == "q_galore":
+    return qadam_mini_jax.fused_q_galore(**low_rank_args(c, model), key=c.seed,
+                                         stochastic_rounding=c.stochastic_rounding)
+  return qadam_mini_jax.fused_q_adam_mini(**q_adam_mini_args(c, model))
+
+
 def quantize_weights(c: OptimizerConfig, model: LlamaConfig, params: Any) -> Any:
   """``params`` with INT8 weights under ``weight_quant`` (re-quantized with
   stochastic rounding unless ``stochastic_rounding="none"``), else as they are."""
@@ -212,12 +233,12 @@ def quantize_weights(c: OptimizerConfig, model: LlamaConfig, params: Any) -> Any
 def fused_step(c: OptimizerConfig, model: LlamaConfig):
   """``step(grads, opt_state, params) -> (params, opt_state)`` for INT8 weights.
 
-  The state is :func:`make`'s (clipping, then ``q_adam_mini``): the gradients
-  are clipped by global norm, then ``fused_q_adam_mini`` adds each update and
-  re-quantizes the weights.
+  The state is :func:`make`'s (clipping, then ``q_adam_mini`` or ``q_galore``):
+  the gradients are clipped by global norm, then :func:`fused_optimizer` adds
+  each update and re-quantizes the weights.
   """
   clip = optax.clip_by_global_norm(c.clip_norm)
-  fused = qadam_mini_jax.fused_q_adam_mini(**q_adam_mini_args(c, model))
+  fused = fused_optimizer(c, model)
 
   def step(grads, opt_state, params):
     clip_state, state = opt_state
@@ -239,7 +260,8 @@ def in_backward_optimizer(c: OptimizerConfig, model: LlamaConfig):
     raise ValueError(f"{c.name} with grad_accum={c.grad_accum}, skip_nonfinite="
                      f"{c.skip_nonfinite} cannot update each layer inside the backward pass.")
   if c.weight_quant:
-    return qadam_mini_jax.fused_q_adam_mini(**q_adam_mini_args(c, model))
+    fused = fused_optimizer(c, model)
+    return in_backward.per_leaf(fused) if c.name == "q_galore" else fused
   if c.name in ("adam_mini", "q_adam_mini"):
     return core(c, model)
   return in_backward.per_leaf(core(c, model))

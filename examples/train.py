@@ -40,9 +40,10 @@ each process feeds the rows of the global batch its devices hold, process 0
 alone logs and writes the metrics, summary and run lock, and every process
 writes its shards of each checkpoint (which resumes on any number of processes).
 
-With ``--weight-quant`` (``q_adam_mini`` only) the weight matrices are stored
-in INT8 (``qadam_mini_jax.weights``): the model dequantizes each where it uses
-it, and ``fused_q_adam_mini`` adds each update and re-quantizes it with
+With ``--weight-quant`` (``q_adam_mini`` or ``q_galore``) the weight matrices are
+stored in INT8 (``qadam_mini_jax.weights``): the model dequantizes each where it
+uses it, and ``fused_q_adam_mini`` (``fused_q_galore``: Q-GaLore's whole recipe)
+adds each update and re-quantizes it with
 stochastic rounding (``--stochastic-rounding none``: to nearest). The setup
 printout gives weights + optimizer state + gradient bytes per parameter.
 
@@ -747,7 +748,7 @@ def build_parser() -> argparse.ArgumentParser:
                  const="none", help="same as --stochastic-rounding none: round m to nearest "
                                     "everywhere, also in the embedding and output layers")
   g.add_argument("--weight-quant", action="store_true",
-                 help="q_adam_mini: store the weights themselves in INT8 (groups of 256, no "
+                 help="q_adam_mini, q_galore: store the weights themselves in INT8 (groups of 256, no "
                       "float master copy; norms stay float), re-quantized after each update "
                       "with stochastic rounding (round to nearest with --stochastic-rounding "
                       "none)")

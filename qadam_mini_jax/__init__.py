@@ -11,7 +11,7 @@ References:
 """
 
 from qadam_mini_jax.alias import (FusedOptimizer, adam_mini, default_decay_mask, fused_q_adam_mini,
-                                  galore, q_adam_mini, q_galore)
+                                  fused_q_galore, galore, q_adam_mini, q_galore)
 from qadam_mini_jax.low_rank import ScaleByGaLoreState, scale_by_galore
 from qadam_mini_jax.partition import (BlockPartition, BlockSpec, PartitionError, block_specs,
                                       recorded_layers)
@@ -27,7 +27,7 @@ __all__ = [
     "BlockPartition", "BlockSpec", "FusedOptimizer", "fused_q_adam_mini", "Int8Quantization", "PartitionError", "QuantizedArray", "QuantizedParam", "ShardingError",
     "ScaleByAdamMiniState", "adam_mini", "block_specs", "default_decay_mask", "describe",
     "q_adam_mini", "quantize_params", "recorded_layers", "scale_by_adam_mini", "state_shardings", "tree_nbytes", "weight_shardings",
-    "tree_nbytes_per_device", "in_backward", "weights", "galore", "q_galore", "scale_by_galore",
+    "tree_nbytes_per_device", "in_backward", "weights", "galore", "q_galore", "fused_q_galore", "scale_by_galore",
     "ScaleByGaLoreState",
 ]
 

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from qadam_mini_jax import leaf_update
 from qadam_mini_jax import low_rank
 from qadam_mini_jax import partition as partition_lib
 from qadam_mini_jax import transform
@@ -230,11 +231,33 @@ def q_galore(
   inner = transform.scale_by_adam_mini(
       b1, b2, eps, partition=low_rank.inner_partition(partition), quantization=quantization,
       stochastic_rounding=stochastic_rounding, key=key)
-  return _decay_and_scale(
-      low_rank.scale_by_galore(
-          rank, update_proj_gap, scale, inner=inner, partition=partition, projected=projected,
-          cos_threshold=cos_threshold, gap_growth=gap_growth, int4_group_size=int4_group_size),
-      learning_rate, weight_decay, mask, partition)
+  preconditioner = low_rank.scale_by_galore(
+      rank, update_proj_gap, scale, inner=inner, partition=partition, projected=projected,
+      cos_threshold=cos_threshold, gap_growth=gap_growth, int4_group_size=int4_group_size)
+  chain = _decay_and_scale(preconditioner, learning_rate, weight_decay, mask, partition)
+  _APPLYING_STEPS[chain.init] = _applying_step(preconditioner, learning_rate, weight_decay,
+                                               mask, partition)
+  return chain
+
+
+def fused_q_galore(learning_rate: optax.ScalarOrSchedule, *args: Any,
+                   **kwargs: Any) -> FusedOptimizer:
+  """:func:`q_galore` that writes the new parameters itself: Q-GaLore's whole
+  recipe, with INT8 weights (Zhang et al. 2024, arXiv:2407.08296, Sec. 3.3).
+
+  ``step(grads, state, params) -> (params, state)`` gives the chain's
+  parameters, ``p + (-lr)*(u + wd*p)``; ``params`` may hold INT8 weights
+  (:class:`~qadam_mini_jax.weights.QuantizedParam`, from
+  :func:`~qadam_mini_jax.weights.quantize_params` with the same ``partition``;
+  ``grads`` from :func:`~qadam_mini_jax.weights.value_and_grad`), which come
+  back re-quantized with stochastic rounding on the stream
+  :func:`fused_q_adam_mini` uses for them (key ``key``, step and path), so no
+  float master copy exists. Its state is :func:`q_galore`'s with the same
+  arguments, which are :func:`q_galore`'s. Inside the backward pass:
+  ``in_backward.per_leaf(fused_q_galore(...))``.
+  """
+  chain = q_galore(learning_rate, *args, **kwargs)
+  return FusedOptimizer(chain.init, _APPLYING_STEPS[chain.init])
 
 
 class FusedOptimizer(NamedTuple):
@@ -302,22 +325,85 @@ def _writing_step(config: transform.AdamMiniConfig, learning_rate, weight_decay,
   :func:`~.transform.adam_mini_step`).
   """
   _, adam_step = transform.adam_mini_step(config)
+  scalars = _chain_scalars(learning_rate, weight_decay)
+
+  def step(grads, state, params, layer=None):
+    adam_state, decay_state, lr_state = state
+    neg_lr, wd, decay_state, lr_state = scalars(decay_state, lr_state)
+    whole = params if layer is None else layer.params
+    decays = _decays(mask, config.partition, whole)
+    params, adam_state = adam_step(
+        grads, adam_state, transform.Epilogue(params, neg_lr, wd, decays), layer)
+    return params, (adam_state, decay_state, lr_state)
+
+  return step
+
+
+def _chain_scalars(learning_rate, weight_decay):
+  """``scalars(decay_state, lr_state) -> (-lr, wd, decay_state, lr_state)``: the
+  chain's own decay and learning-rate transforms give the scalars and advance
+  their schedule counts exactly as the chain does."""
   decay = optax.add_decayed_weights(weight_decay)
   scale = optax.scale_by_learning_rate(learning_rate)
   one = jnp.ones([], jnp.float32)
 
-  def step(grads, state, params, layer=None):
-    adam_state, decay_state, lr_state = state
+  def scalars(decay_state, lr_state):
     wd, decay_inner = decay.update(0.0 * one, decay_state.inner_state, one)
     neg_lr, lr_state = scale.update(one, lr_state)
-    decays = _mask(mask, config.partition)
-    whole = params if layer is None else layer.params
-    decays = decays(weights.float_like(whole)) if callable(decays) else decays
-    params, adam_state = adam_step(
-        grads, adam_state, transform.Epilogue(params, neg_lr, wd, decays), layer)
-    return params, (adam_state, decay_state._replace(inner_state=decay_inner), lr_state)
+    return neg_lr, wd, decay_state._replace(inner_state=decay_inner), lr_state
+  return scalars
+
+
+def _decays(mask, partition, params):
+  """The decay mask of ``params`` (INT8 weights read as their float shapes)."""
+  decays = _mask(mask, partition)
+  return decays(weights.float_like(params)) if callable(decays) else decays
+
+
+def _applying_step(preconditioner, learning_rate, weight_decay, mask, partition):
+  """``step(grads, state, params) -> (params, state)`` of
+  ``chain(preconditioner, add_decayed_weights, scale_by_learning_rate)``
+  followed by ``optax.apply_updates``, each leaf written by
+  :func:`.leaf_update.write_leaf` (INT8 weights re-quantized on their stream
+  of ``key``, the preconditioner's inner Adam-mini key, at its step count).
+  A leaf of size 0 is left as it is (``in_backward.per_leaf`` empties the part
+  it does not update)."""
+  partition = partition_lib.BlockPartition() if partition is None else partition
+  scalars = _chain_scalars(learning_rate, weight_decay)
+
+  def step(grads, state, params, layer=None):
+    if layer is not None:
+      raise TypeError("fused_q_galore updates one layer only through "
+                      "in_backward.per_leaf(fused_q_galore(...)).")
+    pre_state, decay_state, lr_state = state
+    neg_lr, wd, decay_state, lr_state = scalars(decay_state, lr_state)
+    directions, pre_state = preconditioner.update(grads, pre_state)
+    shapes = weights.float_like(params)
+    specs = partition_lib.block_specs(shapes, partition)
+    s = leaf_update.StepScalars(None, None, None, None, None, count=pre_state.count,
+                                key=pre_state.inner.key, neg_lr=neg_lr, wd=wd)
+    flat = lambda tree: jax.tree_util.tree_flatten_with_path(
+        tree, is_leaf=lambda x: x is None or isinstance(x, partition_lib.BlockSpec))[0]
+    p_leaves, treedef = jax.tree.flatten(params, is_leaf=weights.is_quantized)
+    out = []
+    for (path, spec), p, u, decay in zip(
+        flat(specs), p_leaves, treedef.flatten_up_to(directions),
+        treedef.flatten_up_to(_decays(mask, partition, params))):
+      if spec is None or not u.size:
+        out.append(p)
+        continue
+      path = partition_lib.path_str(path)
+      plan = leaf_update.LeafPlan(
+          path=path, spec=spec, moment=None, stochastic=False,
+          weights=weights.storage_of(p, path, spec, tuple(u.shape)), decay=bool(decay))
+      out.append(leaf_update.write_leaf(plan, s, u, p))
+    return treedef.unflatten(out), (pre_state, decay_state, lr_state)
 
   return step
+
+
+#: The applying step of each ``q_galore`` chain, by its ``init``.
+_APPLYING_STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 #: The writing step of each ``adam_mini`` / ``q_adam_mini`` chain, by its ``init``.

@@ -49,16 +49,21 @@ class StepMetrics(NamedTuple):
 
 
 class PerLeaf(NamedTuple):
-  """An optax transformation declared per-leaf (:func:`per_leaf`)."""
+  """An optax transformation (or fused optimizer) declared per-leaf (:func:`per_leaf`)."""
 
-  tx: optax.GradientTransformation
+  tx: optax.GradientTransformation | alias.FusedOptimizer
 
   def init(self, params: Any) -> Any:
     return self.tx.init(params)
 
 
-def per_leaf(tx: optax.GradientTransformation) -> PerLeaf:
+def per_leaf(tx: optax.GradientTransformation | alias.FusedOptimizer) -> PerLeaf:
   """Declare that ``tx`` updates each leaf from that leaf's gradient, state and parameter alone.
+
+  ``tx`` is an optax transformation (its updates applied with
+  ``optax.apply_updates``) or a :class:`~qadam_mini_jax.FusedOptimizer` that
+  writes the parameters itself (:func:`~qadam_mini_jax.fused_q_galore`, for
+  INT8 weights).
 
   ``optax.adamw``, ``optax.adam``, ``optax.lion``, ``optax.sgd`` and chains
   of such transforms are, masks included; ``optax.clip_by_global_norm``,
@@ -69,8 +74,10 @@ def per_leaf(tx: optax.GradientTransformation) -> PerLeaf:
   stacked leaf holds one layer (its layer axis of size 1), so masks and rules
   that read paths, ranks or layer axes see what they see in the ordinary step.
   """
-  if not hasattr(tx, "init") or not hasattr(tx, "update"):
-    raise TypeError(f"per_leaf takes an optax GradientTransformation, got {type(tx).__name__}.")
+  if not isinstance(tx, alias.FusedOptimizer) and not (
+      hasattr(tx, "init") and hasattr(tx, "update")):
+    raise TypeError("per_leaf takes an optax GradientTransformation or a FusedOptimizer, got "
+                    f"{type(tx).__name__}.")
   return PerLeaf(tx)
 
 
@@ -78,21 +85,34 @@ def _empty(x: jax.Array, axis: int = 0) -> jax.Array:
   return jax.lax.slice_in_dim(x, 0, 0, axis=axis)
 
 
-def _per_leaf_step(tx: optax.GradientTransformation, layers: str):
-  """``step(grads, state, params, layer=None)`` of a per-leaf optax transform.
+def _per_leaf_step(tx: optax.GradientTransformation | alias.FusedOptimizer, layers: str):
+  """``step(grads, state, params, layer=None)`` of a per-leaf optax transform
+  (or fused optimizer).
 
   With ``layer`` (the views of :func:`train_step`'s loop: one layer of each
   stacked leaf, layer axis removed) it updates that layer; else the
-  parameters outside ``params[layers]``. Either way one ``tx.update`` on the
-  whole tree, the other part emptied (size 0 on axis 0) in the parameters,
-  gradients and state.
+  parameters outside ``params[layers]``. Either way one ``tx.update`` (or
+  ``tx.step``) on the whole tree, the other part emptied (size 0 on axis 0) in
+  the parameters, gradients and state.
   """
+  def write(grads, state, params):
+    if isinstance(tx, alias.FusedOptimizer):
+      return tx.step(grads, state, params)
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
   def view(tree, params, layer):
-    """``tree`` with the part not updated as ``params``' emptied (``tree`` has holes there)."""
+    """``tree`` with the part not updated as ``params``' emptied (``tree`` has holes
+    there; in gradients an INT8 weight's part is its value's: a float array)."""
+    def empty(x):
+      if not weights_lib.is_quantized(x):
+        return _empty(x)
+      return jax.tree.map(_empty, x) if tree is params else jnp.zeros((0, *x.shape[1:]), x.dtype)
+    empties = lambda k: jax.tree.map(empty, params[k], is_leaf=weights_lib.is_quantized)
     if layer is None:
-      return {k: jax.tree.map(_empty, params[k]) if k == layers else v for k, v in tree.items()}
+      return {k: empties(k) if k == layers else v for k, v in tree.items()}
     return {k: jax.tree.map(lambda x: jnp.expand_dims(x, 0), v) if k == layers
-            else jax.tree.map(_empty, params[k]) for k, v in tree.items()}
+            else empties(k) for k, v in tree.items()}
 
   def step(grads, state, params, layer=None):
     whole = params if layer is None else layer.params
@@ -109,9 +129,8 @@ def _per_leaf_step(tx: optax.GradientTransformation, layers: str):
     p_view = view(params, params, layer)
     # The layer is a stack of one: its rounding streams are the model's layer's.
     with (contextlib.nullcontext() if layer is None else leaf_update.first_layer(layer.index)):
-      updates, new_state = tx.update(view(grads, params, layer), treedef.unflatten(state_view),
-                                     p_view)
-    new_params = optax.apply_updates(p_view, updates)
+      new_params, new_state = write(view(grads, params, layer), treedef.unflatten(state_view),
+                                    p_view)
     out = []
     for x, n, (kind, axis) in zip(leaves, treedef.flatten_up_to(new_state),
                                   (k or (None, None) for k in kinds)):

@@ -110,13 +110,37 @@ def _jnp_layer(plan: LeafPlan, s: StepScalars, spec: partition_lib.BlockSpec,
   mu = plan.moment.store(m, noise(random_bits.MOMENT) if plan.stochastic else None)
   if plan.decay is None:
     return u, mu
+  return apply_direction(plan, s, u, p, layer), mu
+
+
+def apply_direction(plan: LeafPlan, s: StepScalars, u: jax.Array, p: Any,
+                    layer: jax.Array | None = None) -> Any:
+  """The new parameter ``p + (-lr)*(u + wd*p)`` (``wd`` where :attr:`LeafPlan.decay`)
+  in ``p``'s storage: an INT8 weight re-quantized on its own stream.
+
+  One layer (``layer``) of a stacked leaf, or an unstacked leaf; reads
+  ``s.neg_lr``, ``s.wd`` and, for INT8 weights, ``s.key`` and ``s.count``.
+  """
   value = p if plan.weights is None else plan.weights.load(p)
   u = (u + s.wd * value) if plan.decay else u
   new = value + s.neg_lr.astype(u.dtype) * u
   if plan.weights is None:
-    return jnp.asarray(new).astype(p.dtype), mu
-  return plan.weights.store(new, noise(random_bits.WEIGHTS) if plan.weights.stochastic
-                            else None), mu
+    return jnp.asarray(new).astype(p.dtype)
+  noise = (random_bits.uniform(u.shape, *_stream(plan, s, random_bits.WEIGHTS, layer))
+           if plan.weights.stochastic else None)
+  return plan.weights.store(new, noise)
+
+
+def write_leaf(plan: LeafPlan, s: StepScalars, u: jax.Array, p: Any) -> Any:
+  """:func:`apply_direction` of a whole leaf: stacked INT8 weights one layer at a
+  time (their groups and rounding streams are per layer), written over ``p``."""
+  if not (plan.spec.layers and plan.weights is not None):
+    return apply_direction(plan, s, u, p)
+  ax = plan.spec.layers
+  (out,) = partition_lib.layer_loop(
+      lambda layer, p, u: (apply_direction(plan, s, u, p, layer),),
+      tuple(u.shape[a] for a in ax), (p,), (plan.weights.layer_axes(plan.spec),), (u,), (ax,))
+  return out
 
 
 def _kernel_layer(plan: LeafPlan, s: StepScalars, spec: partition_lib.BlockSpec,

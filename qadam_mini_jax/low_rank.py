@@ -21,6 +21,7 @@ from qadam_mini_jax import int4
 from qadam_mini_jax import partition as partition_lib
 from qadam_mini_jax import projection
 from qadam_mini_jax import transform
+from qadam_mini_jax import weights
 
 
 class ScaleByGaLoreState(NamedTuple):
@@ -109,6 +110,7 @@ def scale_by_galore(
     return plan
 
   def init_fn(params):
+    params = weights.float_like(params)  # INT8 weights: their values' shapes
     leaves, treedef = jax.tree.flatten(params)
     leaf_plans = plans(params)
     shapes = [x if plan is None else

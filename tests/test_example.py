@@ -445,7 +445,13 @@ WEIGHT_QUANT = [*SMALL, "--ffn-dim", "128", "--optimizer", "q_adam_mini", "--wei
                 "--steps", "6", "--warmup-steps", "1", "--checkpoint-every", "3"]
 
 
-@pytest.mark.parametrize("scan", [[], ["--scan-layers"]], ids=["unrolled", "scanned"])
+#: Q-GaLore's whole recipe (INT8 weights, INT4 projectors, INT8 m on R): the
+#: projectors refresh at steps 0, 2 and 4, so the resumed run refreshes first.
+Q_GALORE = ["--scan-layers", "--optimizer", "q_galore", "--rank", "8", "--update-proj-gap", "2"]
+
+
+@pytest.mark.parametrize("scan", [[], ["--scan-layers"], Q_GALORE],
+                         ids=["unrolled", "scanned", "q_galore_scanned"])
 def test_int8_weights_train_and_resume_exactly(tmp_path, scan):
   whole = run(tmp_path / "whole", *WEIGHT_QUANT, *scan)
   params = whole.state["params"]
@@ -458,7 +464,11 @@ def test_int8_weights_train_and_resume_exactly(tmp_path, scan):
   assert len(losses) == 6 and losses[-1] < losses[0]
   run(tmp_path / "cut", *WEIGHT_QUANT, *scan, "--stop-at", "4")
   resumed = run(tmp_path / "cut", *WEIGHT_QUANT, *scan, "--resume")
-  assert_same_state(whole.state, resumed.state)  # weight codes and scales, m, v, key, counts
+  # Weight codes and scales, m, v, key, counts; q_galore's projectors, gaps and cosines.
+  assert_same_state(whole.state, resumed.state)
+  if scan is Q_GALORE:
+    galore_state = whole.state["opt_state"][1][0]
+    assert isinstance(galore_state, qadam_mini_jax.ScaleByGaLoreState)
   assert metrics(tmp_path / "whole") == metrics(tmp_path / "cut")
 
 

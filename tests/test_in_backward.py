@@ -48,9 +48,10 @@ OPTIMIZERS = {
     "optax.adamw": lambda: in_backward.per_leaf(optax.adamw(
         3e-3, weight_decay=0.1, mask=functools.partial(q.default_decay_mask,
                                                        partition=PARTITION))),
-    # Projectors refreshed at steps 0 and 2 by per-layer SVDs inside the backward
-    # pass; INT8 m on R, rounded on each layer's own stream; INT4 projectors.
-    "q_galore": lambda: in_backward.per_leaf(q.q_galore(
+    # Q-GaLore's recipe: projectors refreshed at steps 0 and 2 by per-layer SVDs
+    # inside the backward pass; INT8 m on R and INT8 weights, rounded on each
+    # layer's own streams; INT4 projectors.
+    "fused_q_galore+int8_weights": lambda: in_backward.per_leaf(q.fused_q_galore(
         3e-3, rank=4, update_proj_gap=2, weight_decay=0.1, partition=PARTITION,
         quantization=QUANT, stochastic_rounding="all", int4_group_size=8)),
     "q_adam_mini+clip": lambda: q.q_adam_mini(3e-3, weight_decay=0.1, partition=PARTITION,
@@ -72,12 +73,12 @@ def _ordinary_step(name, tx, loss):
       updates, state = tx.update(clipped, state, params)
       return _metrics(value, grads), optax.apply_updates(params, updates), state
     return step
+  tx = tx.tx if isinstance(tx, in_backward.PerLeaf) else tx
   if name.startswith("fused"):
     def step(params, state, tokens):
       value, grads = q.weights.value_and_grad(loss)(params, tokens)
       return (_metrics(value, grads), *tx.step(grads, state, params))
     return step
-  tx = tx.tx if isinstance(tx, in_backward.PerLeaf) else tx
 
   def step(params, state, tokens):
     value, grads = jax.value_and_grad(loss)(params, tokens)
@@ -136,7 +137,7 @@ def test_same_training_as_the_ordinary_step(name):
   codes, ref_codes = _int8_leaves((params, state)), _int8_leaves((ref_params, ref_state))
   assert len(codes) == len(ref_codes)
   assert (len(codes) > 0) == (name not in ("optax.adamw", "adam_mini"))
-  if name == "q_galore":  # the projected m: (layers, rank, out) or (layers, in, rank)
+  if "galore" in name:  # the projected m: (layers, rank, out) or (layers, in, rank)
     assert any(x.shape[0] == CONFIG.num_layers and 4 in x.shape[1:] for x in codes)
   for a, b in zip(codes, ref_codes):
     differ = np.asarray(a) != np.asarray(b)
@@ -170,13 +171,16 @@ def _toy():
           jnp.array([3]))
 
 
-def test_same_codes_where_the_gradients_are_the_same():
+@pytest.mark.parametrize("name", ["fused_q_adam_mini", "fused_q_galore"])
+def test_same_codes_where_the_gradients_are_the_same(name):
   """Where the two programs' gradients agree bit for bit, every INT8 code (m and
   weights, stochastic rounding on every leaf) after one step is the ordinary
-  fused step's, so each layer draws the same counter-based stream."""
+  fused step's, so each layer draws the same counter-based streams."""
   pieces_, params, partition, quant, tokens = _toy()
-  tx = q.fused_q_adam_mini(1e-2, weight_decay=0.1, partition=partition, quantization=quant,
-                           stochastic_rounding="all")
+  kwargs = dict(weight_decay=0.1, partition=partition, quantization=quant,
+                stochastic_rounding="all")
+  tx = (q.fused_q_adam_mini(1e-2, **kwargs) if name == "fused_q_adam_mini" else
+        in_backward.per_leaf(q.fused_q_galore(1e-2, rank=4, int4_group_size=8, **kwargs)))
   state = tx.init(params)
 
   @jax.jit
@@ -186,7 +190,9 @@ def test_same_codes_where_the_gradients_are_the_same():
             ordinary(params, state, tokens))
   got, want = both(params, state)
   codes, ref_codes = _int8_leaves(got), _int8_leaves(want)
-  assert len(codes) == 6  # three weights, three m
+  assert len(codes) == 6  # three weights, three m (on R for the projected MLP kernel)
+  if name == "fused_q_galore":
+    assert any(x.shape == (3, 4, 32) for x in codes)
   for a, b in zip(codes, ref_codes):
     np.testing.assert_array_equal(a, b)
 

@@ -8,8 +8,9 @@ import optax
 import pytest
 
 import qadam_mini_jax
-from qadam_mini_jax import alias, low_rank, partition as partition_lib
+from qadam_mini_jax import alias, low_rank, partition as partition_lib, random_bits, weights
 from test_int4 import np_int4
+from test_weights import _quantize_numpy
 
 PARTITION = partition_lib.BlockPartition(layers={"layers": 0, "blocks": 1})
 LR, B1, B2, EPS, WD, SCALE = 1e-2, 0.9, 0.99, 1e-8, 0.1, 0.25
@@ -256,3 +257,42 @@ def test_q_galore_keeps_adams_m_in_int8_on_r():
     y = np.asarray(_flat(reference[-1])[path]).ravel()
     cos = np.dot(np.asarray(x).ravel(), y) / np.linalg.norm(x) / np.linalg.norm(y)
     assert cos > 0.99, (path, cos)
+
+
+def test_fused_q_galore_requantizes_the_chains_step():
+  """INT8 weights (stacked at axis 0 and 1, a 3-D kernel, the embedding): the
+  q_galore chain's step on their float values, re-quantized with stochastic
+  rounding on the weights' stream (fused_q_adam_mini's: key, step, path,
+  layer); the same state as the chain's."""
+  quant = qadam_mini_jax.Int8Quantization(8, 0)
+  kwargs = dict(rank=3, update_proj_gap=1, weight_decay=WD, partition=PARTITION, key=7,
+                quantization=quant, int4_group_size=4)
+  qp = weights.quantize_params(_params(), PARTITION, quant)
+  start = weights.dequantize_params(qp)
+  grads = _gradients(start, 1)[0]
+  chain, fused = alias.q_galore(LR, **kwargs), alias.fused_q_galore(LR, **kwargs)
+  u, chain_state = jax.jit(chain.update)(grads, chain.init(start), start)
+  float_new = optax.apply_updates(start, u)
+  new, state = jax.jit(fused.step)(grads, fused.init(qp), qp)
+  chex.assert_trees_all_close(state, chain_state, rtol=1e-6, atol=1e-7)
+  assert not weights.is_quantized(new["norm"]["scale"])
+  nearest = weights.dequantize_params(weights.quantize_params(float_new, PARTITION, quant,
+                                                              stochastic=False))
+  values, nearest, floats = map(_flat, (weights.dequantize_params(new), nearest, float_new))
+  for path, x in values.items():
+    if path != "norm/scale":  # at most a level (scale/127) from the nearest
+      level = 1.125 * np.abs(floats[path]).max() / 127
+      assert np.abs(x - nearest[path]).max() <= level * (1 + 1e-6), path
+      assert (x != nearest[path]).any(), path
+    else:
+      assert np.mean(np.isclose(x, nearest[path], rtol=1e-6, atol=0)) > 0.999, path
+  kernel = new["layers"]["mlp"]["kernel"]  # axis 0: each layer on its own stream
+  seeds = random_bits.stream_seeds(random_bits.key_words(7), jnp.int32(1),
+                                   random_bits.path_stream("layers/mlp/kernel"),
+                                   random_bits.WEIGHTS)
+  for layer in range(2):
+    noise = random_bits.uniform((8, 12), *random_bits.layer_seeds(*seeds, layer))
+    want = _quantize_numpy(np.asarray(float_new["layers"]["mlp"]["kernel"][layer]),
+                           kernel.layout, noise)
+    got = np.asarray(values["layers/mlp/kernel"][layer])
+    assert np.mean(np.isclose(got, want, rtol=1e-6, atol=0)) > 0.99
