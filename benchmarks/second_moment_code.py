@@ -15,7 +15,8 @@ This script runs that recursion for ``--steps`` steps on synthetic gradients,
 every step re-quantized, beside float32 ``v``, for candidate codes built on
 :mod:`qadam_mini_jax.quantize` (group-wise, one float32 scale per group of
 256, 127 positive levels of an int8 code), each rounded to nearest and
-stochastically: ``linear`` or ``square-law`` on ``v`` itself or on ``sqrt(v)``.
+stochastically: ``linear`` or ``square-law`` on ``v`` itself or on ``sqrt(v)``,
+and the logarithmic code of :func:`qadam_mini_jax.quantize.quantize_log`.
 Gradients: ``g = sigma * z`` with ``z`` standard normal and each element's
 ``sigma`` log-uniform over ``--decades`` decades (shuffled, so every group
 holds the whole spread); a tenth of the elements are rare, nonzero at 2% of
@@ -78,11 +79,11 @@ def run(code, stochastic, steps, elements, decades, b2):
     noise = (random_bits.uniform(x.shape, *random_bits.stream_seeds(
         jnp.zeros(2, jnp.uint32), t, 0)) if stochastic else None)
     if kind == "log":
-      return log_quantize(x, layout, noise)
+      return quantize.quantize_log(x, layout, noise)
     return quantize.quantize(x, layout, noise, linear=linear)
 
   def load(q):
-    x = (log_dequantize(q, layout) if kind == "log"
+    x = (quantize.dequantize_log(q, layout) if kind == "log"
          else quantize.dequantize(q, layout, linear=linear))
     return x * x if on_sqrt else x
 
@@ -94,31 +95,6 @@ def run(code, stochastic, steps, elements, decades, b2):
   zeros = jnp.zeros(layout.shape, jnp.float32)
   (v, q), _ = jax.lax.scan(one, (zeros, store(zeros, 0)), jnp.arange(steps))
   return v, load(q)
-
-
-PER_OCTAVE = 8
-
-
-def log_quantize(x, layout, noise):
-  """A logarithmic code: ``c`` in ``[-127, 127]`` stands for ``s * 2^((c - 127)/8)``
-  (``s`` the group's max), -128 for 0; each value rounds to one of its two
-  neighbouring levels, unbiased in value when stochastic."""
-  g = x.reshape(layout.a, -1, GROUP)
-  s = jnp.max(g, axis=-1, keepdims=True)
-  ratio = jnp.where((g > 0) & (s > 0), g / jnp.where(s > 0, s, 1.0), 0.0)
-  k = jnp.clip(jnp.floor(jnp.log2(ratio) * PER_OCTAVE), -255.0, 0.0)  # -255: below the lowest
-  level = lambda k: jnp.where(k <= -255.0, 0.0, s * jnp.exp2(k / PER_OCTAVE))
-  lo, hi = level(k), level(jnp.minimum(k + 1.0, 0.0))
-  r = 0.5 if noise is None else noise.reshape(g.shape)
-  k = jnp.minimum(k + ((g - lo) >= (1.0 - r) * (hi - lo)), 0.0)
-  codes = (k + 127.0).astype(jnp.int8).reshape(layout.shape)
-  return quantize.QuantizedArray(codes, s.reshape(layout.a, -1))
-
-
-def log_dequantize(q, layout):
-  c = q.codes.astype(jnp.float32).reshape(layout.a, -1, GROUP)
-  s = q.scales.reshape(layout.a, -1, 1)
-  return jnp.where(c < -127.0, 0.0, s * jnp.exp2((c - 127.0) / PER_OCTAVE)).reshape(layout.shape)
 
 
 def errors(v, vq):

@@ -212,25 +212,29 @@ def q_galore(
     gap_growth: chex.Numeric = 2,
     int4_group_size: int | None = 256,
     quantization: transform.Int8Quantization | None = transform.Int8Quantization(),
+    v_quantization: transform.Int8Quantization | None = transform.Int8Quantization(),
     stochastic_rounding: transform.StochasticRounding = "auto",
     key: Any = 0,
 ) -> optax.GradientTransformationExtraArgs:
   """Q-GaLore (Zhang et al. 2024, arXiv:2407.08296): :func:`galore` with its
-  INT4 projectors, its lazy per-layer refresh and Adam's ``m`` in INT8.
+  INT4 projectors, its lazy per-layer refresh and Adam's ``m`` and ``v`` in 8 bits.
 
   The inner Adam is :func:`~.transform.scale_by_adam_mini` with one block per
-  element (:func:`~.low_rank.inner_partition`), so ``m`` is stored as
+  element (:func:`~.low_rank.inner_partition`), on ``R`` for projected
+  matrices and on the gradient elsewhere: ``m`` is stored as
   :func:`q_adam_mini` stores it (group-wise INT8, ``quantization``; rounding
   ``stochastic_rounding`` on streams of ``key`` named by the parameter's
-  path), on ``R`` for projected matrices and on the gradient elsewhere; ``v``
-  stays float32. Q-GaLore's code uses bitsandbytes' 8-bit Adam (``m`` and
-  ``v`` in 8 bits). Defaults are Q-GaLore's: ``cos_threshold=0.4``,
-  ``int4_group_size=256``, ``scale=0.25``. Other arguments as :func:`galore`.
+  path), ``v`` in 8 bits with a logarithmic code chosen by measurement
+  (``v_quantization``, ``None`` for float32; always rounded stochastically:
+  ``benchmarks/second_moment_code.py``). Q-GaLore's code uses bitsandbytes'
+  8-bit Adam (``m`` and ``v`` in its dynamic 8-bit code, round to nearest).
+  Defaults are Q-GaLore's: ``cos_threshold=0.4``, ``int4_group_size=256``,
+  ``scale=0.25``. Other arguments as :func:`galore`.
   """
   transform.check_hyperparameters(b1=b1, b2=b2, eps=eps)
   inner = transform.scale_by_adam_mini(
       b1, b2, eps, partition=low_rank.inner_partition(partition), quantization=quantization,
-      stochastic_rounding=stochastic_rounding, key=key)
+      stochastic_rounding=stochastic_rounding, key=key, v_quantization=v_quantization)
   preconditioner = low_rank.scale_by_galore(
       rank, update_proj_gap, scale, inner=inner, partition=partition, projected=projected,
       cos_threshold=cos_threshold, gap_growth=gap_growth, int4_group_size=int4_group_size)

@@ -29,6 +29,7 @@ from qadam_mini_jax import partition as partition_lib
 from qadam_mini_jax import quantize as quantize_lib
 from qadam_mini_jax import random_bits
 from qadam_mini_jax import sharding as sharding_lib
+from qadam_mini_jax import storage as storage_lib
 
 
 class LeafPlan(NamedTuple):
@@ -47,6 +48,9 @@ class LeafPlan(NamedTuple):
       weight decay applies as the step writes the new parameter.
     backend: Pallas backend of an INT8 leaf's update, or ``None`` for jnp.
     sharding: the parameter's ``NamedSharding`` (or ``None``).
+    second: storage of ``v``: float32, or (one entry per element) 8-bit with
+      the logarithmic code, always rounded stochastically
+      (``benchmarks/second_moment_code.py``: to nearest, ``v`` stops decaying).
   """
 
   path: str
@@ -57,6 +61,7 @@ class LeafPlan(NamedTuple):
   decay: bool | None = None
   backend: str | None = None
   sharding: Any = None
+  second: Any = storage_lib.FloatStorage(jnp.float32)
 
 
 class StepScalars(NamedTuple):
@@ -173,12 +178,17 @@ def _kernel_layer(plan: LeafPlan, s: StepScalars, spec: partition_lib.BlockSpec,
       *args, layout=layout, sharding=plan.sharding, path=plan.path, **kernel_args)
 
 
-def _second_moment(s: StepScalars, spec: partition_lib.BlockSpec, g: jax.Array, nu: jax.Array):
-  """``(v, factor)``: the new block second moment and ``1/((1-b1^t)(sqrt(v/(1-b2^t)) + eps))``."""
+def _second_moment(plan: LeafPlan, s: StepScalars, spec: partition_lib.BlockSpec, g: jax.Array,
+                   nu: Any, layer: jax.Array | None = None):
+  """``(v, factor)``: the new block second moment (in :attr:`LeafPlan.second`'s
+  storage) and ``1/((1-b1^t)(sqrt(v/(1-b2^t)) + eps))``."""
   g32 = g.astype(jnp.float32)
-  nu = s.b2 * nu + (1.0 - s.b2) * partition_lib.block_mean(g32 * g32, spec)
+  v = s.b2 * plan.second.load(nu) + (1.0 - s.b2) * partition_lib.block_mean(g32 * g32, spec)
   # One factor per block, so the per-element work is a single multiply.
-  return nu, 1.0 / (s.bias_correction1 * (jnp.sqrt(nu) / s.sqrt_bias_correction2 + s.eps))
+  factor = 1.0 / (s.bias_correction1 * (jnp.sqrt(v) / s.sqrt_bias_correction2 + s.eps))
+  noise = (random_bits.uniform(v.shape, *_stream(plan, s, random_bits.SECOND_MOMENT, layer))
+           if plan.second.quantized else None)
+  return plan.second.store(v, noise), factor
 
 
 def _layer_update(plan: LeafPlan):
@@ -197,37 +207,58 @@ def _layer_update(plan: LeafPlan):
   return _kernel_layer
 
 
-def update_leaf(plan: LeafPlan, s: StepScalars, g: jax.Array, mu: Any, nu: jax.Array,
-                p: Any = None) -> tuple[Any, Any, jax.Array]:
+def update_leaf(plan: LeafPlan, s: StepScalars, g: jax.Array, mu: Any, nu: Any,
+                p: Any = None) -> tuple[Any, Any, Any]:
   """One leaf's step: ``(out, m, v)``.
 
   ``out`` is the direction ``u`` in ``g``'s dtype, or, with
   :attr:`LeafPlan.decay`, the new parameter in ``p``'s storage.
   """
-  nu, factor = _second_moment(s, plan.spec, g, nu)
   one_layer = _layer_update(plan)
-  quantized = plan.moment.quantized or plan.weights is not None
+  v_in_layers = plan.second.quantized  # its groups and rounding streams are per layer
+  quantized = plan.moment.quantized or plan.weights is not None or v_in_layers
   if not (plan.spec.layers and quantized):  # groups of the whole leaf
+    nu, factor = _second_moment(plan, s, plan.spec, g, nu)
     out, mu = one_layer(plan, s, plan.spec, g, mu, factor, p, None)
     return out, mu, nu
   # Quantization groups are per layer: one layer at a time, each layer's results
   # written over the stacked arrays they replace (the direction over the gradient,
-  # new parameters over the parameters, m over m), so only one layer's float32 m
-  # and rounding temporaries are alive, not the whole stack's.
+  # new parameters over the parameters, m over m, an 8-bit v over v), so only one
+  # layer's float32 m and rounding temporaries are alive, not the whole stack's.
   layer_spec, _ = partition_lib.layer_slice(plan.spec, g.shape)
   ax = plan.spec.layers
   sizes = tuple(g.shape[a] for a in ax)
-  m_axes = plan.moment.layer_axes(plan.spec)
-  if plan.decay is None:
-    out, mu = partition_lib.layer_loop(
-        lambda layer, g, mu, factor: one_layer(plan, s, layer_spec, g, mu, factor, None, layer),
-        sizes, (g, mu), (ax, m_axes), (factor,), (ax,))
-    return out, mu, nu
-  p_axes = ax if plan.weights is None else plan.weights.layer_axes(plan.spec)
-  out, mu = partition_lib.layer_loop(
-      lambda layer, p, mu, g, factor: one_layer(plan, s, layer_spec, g, mu, factor, p, layer),
-      sizes, (p, mu), (p_axes, m_axes), (g, factor), (ax, ax))
-  return out, mu, nu
+  if plan.decay is None:  # the direction is written over the gradient
+    carry, carry_axes, consts, const_axes = [g], [ax], [], []
+  else:
+    carry = [p]
+    carry_axes = [ax if plan.weights is None else plan.weights.layer_axes(plan.spec)]
+    consts, const_axes = [g], [ax]
+  carry.append(mu)
+  carry_axes.append(plan.moment.layer_axes(plan.spec))
+  if v_in_layers:
+    carry.append(nu)
+    carry_axes.append(plan.second.layer_axes(plan.spec))
+  else:
+    nu, factor = _second_moment(plan, s, plan.spec, g, nu)
+    consts.append(factor)
+    const_axes.append(ax)
+
+  def layer_step(layer, target, mu, *rest):
+    rest = list(rest)
+    v = rest.pop(0) if v_in_layers else None
+    g = target if plan.decay is None else rest.pop(0)
+    if v_in_layers:
+      v, factor = _second_moment(plan, s, layer_spec, g, v, layer)
+    else:
+      (factor,) = rest
+    out, mu = one_layer(plan, s, layer_spec, g, mu, factor,
+                        None if plan.decay is None else target, layer)
+    return (out, mu, v) if v_in_layers else (out, mu)
+
+  results = partition_lib.layer_loop(layer_step, sizes, tuple(carry), tuple(carry_axes),
+                                     tuple(consts), tuple(const_axes))
+  return results if v_in_layers else (*results, nu)
 
 
 def update_layer(plan: LeafPlan, s: StepScalars, shape: tuple[int, ...], g: jax.Array, mu: Any,
@@ -240,6 +271,6 @@ def update_layer(plan: LeafPlan, s: StepScalars, shape: tuple[int, ...], g: jax.
   for that layer, with the same rounding streams.
   """
   layer_spec, _ = partition_lib.layer_slice(plan.spec, shape)
-  nu, factor = _second_moment(s, layer_spec, g, nu)
+  nu, factor = _second_moment(plan, s, layer_spec, g, nu, layer)
   out, mu = _layer_update(plan)(plan, s, layer_spec, g, mu, factor, p, layer)
   return out, mu, nu

@@ -1,5 +1,8 @@
 """Group-wise 8-bit storage of the first moment with a square-law code (Q-Adam-mini).
 
+(And of non-negative values, Adam's ``v``, with a logarithmic code:
+:func:`quantize_log`.)
+
 Scheme (chosen to avoid the reference implementation's flaws, and measured in
 ``benchmarks/quantization_error.py``):
 
@@ -203,9 +206,63 @@ def quantize(x: jax.Array, layout: GroupLayout, noise: jax.Array | None = None,
                         scales.reshape(layout.scales_shape))
 
 
-def dequantize(q: QuantizedArray, layout: GroupLayout, linear: bool = False) -> jax.Array:
-  """float32 values of a :func:`quantize` result (of the same ``linear``)."""
-  scales = jnp.expand_dims(q.scales.reshape(
+def _group_scales(q: QuantizedArray, layout: GroupLayout) -> jax.Array:
+  """``q``'s scales, broadcastable against its grouped codes."""
+  return jnp.expand_dims(q.scales.reshape(
       (layout.groups, layout.b) if layout.columns else (layout.a, layout.groups)),
       _group_axis(layout))
-  return _ungrouped(decode(_grouped(q.codes, layout), scales, linear), layout)
+
+
+def dequantize(q: QuantizedArray, layout: GroupLayout, linear: bool = False) -> jax.Array:
+  """float32 values of a :func:`quantize` result (of the same ``linear``)."""
+  return _ungrouped(decode(_grouped(q.codes, layout), _group_scales(q, layout), linear), layout)
+
+
+#: Levels per octave of the logarithmic code (:func:`quantize_log`).
+LOG_PER_OCTAVE = 8
+_LOG_ZERO = -(2 * QMAX + 1)  # level index of 0: below the lowest, s * 2^(-254/8)
+
+
+def _log_level(k: jax.Array, scale: jax.Array) -> jax.Array:
+  """The value of level ``k`` (``<= 0``) of a group of max ``scale``."""
+  return jnp.where(k <= _LOG_ZERO, 0.0, scale * jnp.exp2(k * np.float32(1.0 / LOG_PER_OCTAVE)))
+
+
+def encode_log(x: jax.Array, scale: jax.Array, r: jax.Array | float) -> jax.Array:
+  """int8 codes of non-negative ``x`` (float32) in the logarithmic code of groups of max ``scale``.
+
+  Code ``c`` in ``[-127, 127]`` stands for ``scale * 2^((c - 127)/8)`` (255
+  levels over 32 octaves, each 9.05% above the one below; the top one is the
+  group's max) and ``-128`` for 0. ``x`` rounds to one of its two
+  neighbouring levels ``lo <= x <= hi``: up when ``x - lo >= (1 - r)(hi -
+  lo)``, so ``r ~ U[0, 1)`` is unbiased in value (``E[value] = x``) and
+  ``r = 0.5`` is the nearest. Below the lowest level the neighbours are 0
+  and that level.
+  """
+  ratio = jnp.where((x > 0) & (scale > 0), x / jnp.where(scale > 0, scale, 1.0), 0.0)
+  k = jnp.clip(jnp.floor(jnp.log2(ratio) * np.float32(LOG_PER_OCTAVE)), _LOG_ZERO, 0.0)
+  lo, hi = _log_level(k, scale), _log_level(jnp.minimum(k + 1.0, 0.0), scale)
+  k = jnp.minimum(jnp.where(x - lo >= (1.0 - r) * (hi - lo), k + 1.0, k), 0.0)
+  return (k + np.float32(QMAX)).astype(jnp.int8)
+
+
+def decode_log(codes: jax.Array, scale: jax.Array) -> jax.Array:
+  """float32 values of :func:`encode_log`'s ``codes``."""
+  return _log_level(codes.astype(jnp.float32) - np.float32(QMAX), scale)
+
+
+def quantize_log(x: jax.Array, layout: GroupLayout, noise: jax.Array | None = None) -> QuantizedArray:
+  """Non-negative ``x`` (Adam's ``v``) group-wise in the logarithmic code of
+  :func:`encode_log`, with each group's max as its scale. Measured against
+  linear and square-law codes on ``v`` and on ``sqrt(v)`` over a run:
+  ``benchmarks/second_moment_code.py``."""
+  g = _grouped(x.astype(jnp.float32), layout)
+  scales = jnp.max(g, axis=_group_axis(layout), keepdims=True)
+  r = np.float32(0.5) if noise is None else _grouped(noise, layout)
+  return QuantizedArray(_ungrouped(encode_log(g, scales, r), layout),
+                        scales.reshape(layout.scales_shape))
+
+
+def dequantize_log(q: QuantizedArray, layout: GroupLayout) -> jax.Array:
+  """float32 values of a :func:`quantize_log` result."""
+  return _ungrouped(decode_log(_grouped(q.codes, layout), _group_scales(q, layout)), layout)

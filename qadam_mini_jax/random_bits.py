@@ -56,9 +56,9 @@ def key_words(key: Any) -> jax.Array:
   return acc
 
 
-#: What a stream rounds: a leaf's first moment, or its INT8 weights.
-MOMENT, WEIGHTS = 0, 1
-_PURPOSE_WORDS = (np.uint32(0), np.uint32(0x5BD1E995))
+#: What a stream rounds: a leaf's first moment, its INT8 weights, or its 8-bit second moment.
+MOMENT, WEIGHTS, SECOND_MOMENT = 0, 1, 2
+_PURPOSE_WORDS = (np.uint32(0), np.uint32(0x5BD1E995), np.uint32(0xC2B2AE35))
 
 
 def path_stream(path: str) -> int:
@@ -76,8 +76,9 @@ def stream_seeds(words: jax.Array, step: jax.Array, stream: int,
   """Two uint32 scalars naming one stream at one step.
 
   ``stream`` is a static int below ``2**64``: a parameter's
-  :func:`path_stream`. ``purpose`` (:data:`MOMENT` or :data:`WEIGHTS`) gives
-  the two quantized stores of a parameter independent streams from one key.
+  :func:`path_stream`. ``purpose`` (:data:`MOMENT`, :data:`WEIGHTS` or
+  :data:`SECOND_MOMENT`) gives the quantized stores of a parameter
+  independent streams from one key.
   """
   if not 0 <= stream < 2**64:
     raise ValueError(f"stream must be an int in [0, 2**64), got {stream}.")

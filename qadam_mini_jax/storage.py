@@ -114,10 +114,12 @@ class Int8Storage(NamedTuple):
   """Q-Adam-mini's group-wise INT8 ``m`` (:mod:`.quantize`): a :class:`~.quantize.QuantizedArray`.
 
   ``layout`` is one layer's grouping; a stacked leaf's scales carry the layer
-  axes at :func:`stacked_axes`.
+  axes at :func:`stacked_axes`. ``log``: the logarithmic code of
+  :func:`.quantize.quantize_log`, for non-negative values (Adam's ``v``).
   """
 
   layout: quantize_lib.GroupLayout
+  log: bool = False
 
   quantized = True
 
@@ -129,10 +131,14 @@ class Int8Storage(NamedTuple):
 
   def load(self, stored: Any) -> jax.Array:
     # flax.nnx hands a QuantizedArray back as a State: rebuild it.
-    return quantize_lib.dequantize(quantize_lib.QuantizedArray(stored.codes, stored.scales),
-                                   self.layout)
+    stored = quantize_lib.QuantizedArray(stored.codes, stored.scales)
+    if self.log:
+      return quantize_lib.dequantize_log(stored, self.layout)
+    return quantize_lib.dequantize(stored, self.layout)
 
   def store(self, value: jax.Array, noise: jax.Array | None) -> quantize_lib.QuantizedArray:
+    if self.log:
+      return quantize_lib.quantize_log(value, self.layout, noise)
     return quantize_lib.quantize(value, self.layout, noise)
 
   def layer_axes(self, spec: partition_lib.BlockSpec) -> quantize_lib.QuantizedArray:

@@ -37,6 +37,7 @@ from qadam_mini_jax import random_bits
 from qadam_mini_jax import sharding as sharding_lib
 from qadam_mini_jax import storage as storage_lib
 from qadam_mini_jax import weights as weights_lib
+from qadam_mini_jax.quantize import QuantizedArray
 from qadam_mini_jax.storage import (  # noqa: F401  (stacked_axes: re-exported)
     Int8Quantization, layout_for, quantizes, stacked_axes)
 
@@ -121,7 +122,9 @@ class ScaleByAdamMiniState(NamedTuple):
     mu: first moment per leaf: a float array, a
       :class:`~qadam_mini_jax.quantize.QuantizedArray`, or
       ``optax.MaskedNode()`` for leaves left alone (non-float or empty).
-    nu: keep-dims block second moment per leaf (float32), or ``MaskedNode``.
+    nu: keep-dims block second moment per leaf (float32, or a
+      :class:`~qadam_mini_jax.quantize.QuantizedArray` with ``v_quantization``),
+      or ``MaskedNode``.
   """
 
   count: jax.Array
@@ -185,6 +188,7 @@ class AdamMiniConfig:
   key: Any = 0
   implementation: str = "xla"
   shardings: Any = None
+  v_quantization: Int8Quantization | None = None
 
   def __post_init__(self):
     check_hyperparameters(b1=self.b1, b2=self.b2, eps=self.eps)
@@ -202,6 +206,15 @@ class AdamMiniConfig:
     if quantizes(spec, shape, self.quantization):
       return storage_lib.Int8Storage(layout_for(spec, shape, self.quantization))
     return storage_lib.FloatStorage(self.mu_dtype or dtype)  # optax: None = the param's dtype
+
+  def second_moment_storage(self, spec: partition_lib.BlockSpec,
+                            shape: tuple[int, ...]) -> Any:
+    """How ``v`` of a leaf is stored: float32, or in 8 bits (the logarithmic
+    code) where the blocks are single elements and the leaf is large."""
+    per_element = not spec.axes and spec.heads is None
+    if per_element and quantizes(spec, shape, self.v_quantization):
+      return storage_lib.Int8Storage(layout_for(spec, shape, self.v_quantization), log=True)
+    return storage_lib.FloatStorage(jnp.float32)
 
 
 class LayerOf(NamedTuple):
@@ -243,8 +256,9 @@ def adam_mini_step(config: AdamMiniConfig) -> tuple[
       if spec is None:
         return optax.MaskedNode(), optax.MaskedNode()
       storage = config.moment_storage(spec, tuple(leaf.shape), leaf.dtype)
+      second = config.second_moment_storage(spec, tuple(leaf.shape))
       return (storage.init(spec, tuple(leaf.shape)),
-              jnp.zeros(partition_lib.block_shape(spec, leaf.shape), jnp.float32))
+              second.init(spec, partition_lib.block_shape(spec, leaf.shape)))
 
     leaves, treedef = jax.tree.flatten(shapes)
     mu, nu = zip(*map(leaf_init, treedef.flatten_up_to(specs), leaves)) if leaves else ((), ())
@@ -303,16 +317,18 @@ def adam_mini_step(config: AdamMiniConfig) -> tuple[
         continue
       shape = tuple(like.shape)
       moment = config.moment_storage(spec, shape, like.dtype)
+      second = config.second_moment_storage(spec, shape)
       if layer is not None and not spec.layers:
         raise ValueError(f"{paths[index]}: updated one layer at a time, but the partition "
                          "declares no layer axes for it (BlockPartition(layers=...)).")
-      _check_leaf_matches(paths[index], shape, spec, mu, nu, moment.quantized, layer is not None)
+      _check_leaf_matches(paths[index], shape, spec, mu, nu, moment.quantized, second.quantized,
+                          layer is not None)
       weights = weights_lib.storage_of(full, paths[index], spec, shape)
       plan = leaf_update_lib.LeafPlan(
           path=paths[index], spec=spec, moment=moment,
           stochastic=sr and moment.quantized, weights=weights,
           decay=None if epilogue is None else bool(decay),
-          backend=backend if moment.quantized else None, sharding=leaf_sharding)
+          backend=backend if moment.quantized else None, sharding=leaf_sharding, second=second)
       if plan.moment.quantized and previous is not None:
         # INT8 leaves one after another: the float32 m that each builds before
         # re-quantizing is then never alive beside the others' (on XLA's CPU
@@ -351,6 +367,7 @@ def scale_by_adam_mini(
     key: Any = 0,
     implementation: str = "xla",
     shardings: Any = None,
+    v_quantization: Int8Quantization | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Rescale updates by Adam-mini's block-wise second moment.
 
@@ -379,6 +396,12 @@ def scale_by_adam_mini(
       runs per shard under ``shard_map``. Not needed on Explicit axes (read
       from the parameters' types) or for ``tx.init`` outside ``jax.jit``;
       ``jax.jit(tx.init)`` of parameters on Auto axes without it raises.
+    v_quantization: store ``v`` in 8 bits where it has one entry per element
+      (blocks of one element, as in :func:`~qadam_mini_jax.q_galore`'s inner
+      Adam) and the leaf is large: groups as ``m``'s, the logarithmic code of
+      :func:`~.quantize.quantize_log`, always rounded stochastically on a
+      stream of its own (to nearest, ``v`` stops decaying:
+      ``benchmarks/second_moment_code.py``). ``None``: float32.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -386,7 +409,7 @@ def scale_by_adam_mini(
   init_fn, step_fn = adam_mini_step(AdamMiniConfig(
       b1, b2, eps, partition=partition, mu_dtype=mu_dtype, quantization=quantization,
       stochastic_rounding=stochastic_rounding, key=key, implementation=implementation,
-      shardings=shardings))
+      shardings=shardings, v_quantization=v_quantization))
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
@@ -408,7 +431,7 @@ def _check_tree_matches(updates: Any, specs: Any, state: ScaleByAdamMiniState) -
   # hands in the parameters it does not update emptied, beside their state).
   empty = {path for path, x in zip(got, jax.tree.leaves(updates))
            if jnp.issubdtype(x.dtype, jnp.floating) and not x.size}
-  in_state = set(paths(state.nu))
+  in_state = set(paths(state.nu, is_leaf=lambda x: isinstance(x, QuantizedArray)))
   updated |= empty & in_state
   if updated != in_state:
     raise ValueError("The updates' tree does not match the optimizer state's: missing from "
@@ -418,16 +441,20 @@ def _check_tree_matches(updates: Any, specs: Any, state: ScaleByAdamMiniState) -
 
 
 def _check_leaf_matches(path: str, shape: tuple[int, ...], spec: partition_lib.BlockSpec,
-                        mu: Any, nu: Any, int8: bool, one_layer: bool = False) -> None:
+                        mu: Any, nu: Any, int8: bool, v_int8: bool = False,
+                        one_layer: bool = False) -> None:
   """ValueError naming ``path`` when its ``m`` or ``v`` does not fit the leaf
   (or, with ``one_layer``, one layer of it)."""
   if one_layer:
     spec, shape = partition_lib.layer_slice(spec, shape)
-  m = getattr(mu, "codes", None) if int8 else mu
-  m_shape = None if m is None or not hasattr(m, "shape") else tuple(m.shape)
-  want_nu = partition_lib.block_shape(spec, shape)
-  if tuple(nu.shape) != want_nu or m_shape != shape:
+
+  def shape_of(x, quantized):
+    x = getattr(x, "codes", None) if quantized else x
+    return None if x is None or not hasattr(x, "shape") else tuple(x.shape)
+  m_shape, nu_shape = shape_of(mu, int8), shape_of(nu, v_int8)
+  if nu_shape != partition_lib.block_shape(spec, shape) or m_shape != shape:
     raise ValueError(
         f"{path}: update of shape {shape} does not match the optimizer state (first moment "
-        f"{m_shape}{' int8' if int8 else ''}, second moment {tuple(nu.shape)}); was the state "
-        "initialised for other parameters or another quantization?")
+        f"{m_shape}{' int8' if int8 else ''}, second moment {nu_shape}"
+        f"{' 8-bit' if v_int8 else ''}); was the state initialised for other parameters or "
+        "another quantization?")

@@ -233,26 +233,30 @@ def test_q_galore_without_its_quantization_is_galore():
   grads = _gradients(params, 5)
   kwargs = dict(rank=3, update_proj_gap=2, b1=B1, b2=B2, eps=EPS, weight_decay=WD,
                 partition=PARTITION)
-  plain, _ = _run(alias.q_galore(LR, quantization=None, int4_group_size=None, cos_threshold=None,
-                                 **kwargs), params, grads)
+  plain, _ = _run(alias.q_galore(LR, quantization=None, v_quantization=None,
+                                 int4_group_size=None, cos_threshold=None, **kwargs),
+                  params, grads)
   chex.assert_trees_all_close(plain, _run(alias.galore(LR, **kwargs), params, grads)[0],
                               rtol=1e-4, atol=1e-7)
 
 
-def test_q_galore_keeps_adams_m_in_int8_on_r():
-  """INT8 m (groups of 8, every leaf) on R and on the unprojected leaves; the
-  updates stay within INT8 rounding of galore's with the same INT4 projectors."""
+def test_q_galore_keeps_adams_m_and_v_in_8_bits_on_r():
+  """INT8 m and 8-bit v (groups of 8, every leaf) on R and on the unprojected
+  leaves; the updates stay within rounding of galore's with the same INT4
+  projectors."""
   params = _params()
   grads = _gradients(params, 4)
   kwargs = dict(rank=3, update_proj_gap=2, b1=B1, b2=B2, eps=EPS, weight_decay=WD,
                 partition=PARTITION, int4_group_size=4, cos_threshold=None)
-  ours, state = _run(alias.q_galore(LR, quantization=qadam_mini_jax.Int8Quantization(8, 0),
+  eight_bits = qadam_mini_jax.Int8Quantization(8, 0)
+  ours, state = _run(alias.q_galore(LR, quantization=eight_bits, v_quantization=eight_bits,
                                     **kwargs), params, grads)
   reference, _ = _run(alias.galore(LR, **kwargs), params, grads)
-  mu = state[0].inner.mu
-  assert isinstance(mu["blocks"]["mlp"]["kernel"], qadam_mini_jax.QuantizedArray)
-  chex.assert_shape(mu["blocks"]["mlp"]["kernel"].codes, (12, 3, 3))  # R: m x r, layer axis 1
-  chex.assert_shape(mu["embed"]["embedding"].codes, (16, 8))
+  for moment in (state[0].inner.mu, state[0].inner.nu):
+    assert isinstance(moment["blocks"]["mlp"]["kernel"], qadam_mini_jax.QuantizedArray)
+    chex.assert_shape(moment["blocks"]["mlp"]["kernel"].codes, (12, 3, 3))  # R: layer axis 1
+    chex.assert_shape(moment["embed"]["embedding"].codes, (16, 8))
+  chex.assert_shape(state[0].inner.nu["norm"]["scale"].codes, (8,))
   for path, x in _flat(ours[-1]).items():
     y = np.asarray(_flat(reference[-1])[path]).ravel()
     cos = np.dot(np.asarray(x).ravel(), y) / np.linalg.norm(x) / np.linalg.norm(y)

@@ -192,3 +192,50 @@ def test_int8_quantization_accepts_the_edges():
   quantization = Int8Quantization(group_size=np.int64(1), min_size=np.int32(0))
   assert (quantization.group_size, quantization.min_size) == (1, 0)
   assert Int8Quantization() == Int8Quantization(256, 4096)  # the documented defaults
+
+
+def _log_neighbours(x, s):
+  """The two levels of the logarithmic code around each of ``x`` (float64): the
+  values ``s * 2^(k/8)``, ``k = -254..0``, and 0."""
+  levels = np.concatenate([[0.0], s * 2.0 ** (np.arange(-254, 1) / 8)])
+  hi = levels[np.minimum(np.searchsorted(levels, x, side="left"), levels.size - 1)]
+  lo = levels[np.maximum(np.searchsorted(levels, x, side="right") - 1, 0)]
+  return lo, hi
+
+
+def test_log_code_hand_computed():
+  """One row group of 8: the max is the top level (code 127); 2^(-1/8) of it is
+  code 126; 0 is code -128; the lowest level s * 2^(-254/8) is code -127; a
+  value a third of the way from a level to the next rounds down, two thirds up."""
+  s = 4.0
+  lvl = lambda k: s * 2.0 ** (k / 8)
+  x = np.array([s, lvl(-1), 0.0, lvl(-254), lvl(-9) + (lvl(-8) - lvl(-9)) / 3,
+                lvl(-9) + 2 * (lvl(-8) - lvl(-9)) / 3, lvl(-254) / 3, lvl(-40)], np.float32)
+  layout = Q.group_layout((1, 8), 8)
+  q = Q.quantize_log(jnp.asarray(x[None]), layout)
+  np.testing.assert_array_equal(q.codes[0], [127, 126, -128, -127, 118, 119, -128, 87])
+  np.testing.assert_array_equal(q.scales, [[s]])
+  back = np.asarray(Q.dequantize_log(q, layout))[0]
+  np.testing.assert_allclose(back, [s, lvl(-1), 0, lvl(-254), lvl(-9), lvl(-8), 0, lvl(-40)],
+                             rtol=1e-6)
+
+
+def test_log_code_stays_within_a_level_and_stochastic_rounding_is_unbiased():
+  """Over six decades of values: nearest is one of the two neighbouring levels
+  (at most 9.05% off above the lowest level); stochastic draws land on those
+  two and average to the value."""
+  rng = np.random.default_rng(1)
+  x = (10.0 ** rng.uniform(-6, 0, 512)).astype(np.float32)
+  layout = Q.group_layout(x.shape, 256)
+  pairs = [_log_neighbours(part.astype(np.float64), part.max()) for part in x.reshape(2, 256)]
+  lo, hi = (np.concatenate(side) for side in zip(*pairs))
+  nearest = np.asarray(Q.dequantize_log(Q.quantize_log(jnp.asarray(x), layout), layout))
+  assert np.all(np.isclose(nearest, lo, rtol=1e-6) | np.isclose(nearest, hi, rtol=1e-6))
+  assert np.abs(nearest / x - 1).max() <= 2 ** (1 / 8) - 1 + 1e-6
+  n = 4000
+  noise = jax.random.uniform(jax.random.key(0), (n, 512))
+  back = np.asarray(jax.vmap(lambda u: Q.dequantize_log(Q.quantize_log(jnp.asarray(x), layout, u),
+                                                        layout))(noise), np.float64)
+  assert np.all(np.isclose(back, lo, rtol=1e-6, atol=0) | np.isclose(back, hi, rtol=1e-6, atol=0))
+  sigma = (hi - lo) / 2 / np.sqrt(n)
+  assert np.all(np.abs(back.mean(0) - x) <= 5 * sigma + 1e-12)

@@ -91,3 +91,13 @@ def test_key_words_keep_every_bit_of_the_seed():
   assert jax.random.key_data(rbg).shape == (4,)
   np.testing.assert_array_equal(R.key_words(rbg), R.key_words(jax.random.key_data(rbg)))
   assert not np.array_equal(R.key_words(rbg), R.key_words(jax.random.key(10, impl="rbg")))
+
+
+def test_the_three_purposes_draw_apart():
+  """m, INT8 weights and an 8-bit v of one parameter round on uncorrelated streams."""
+  words = R.key_words(0)
+  streams = [R.stream_seeds(words, jnp.int32(3), 5, purpose) for purpose in (
+      R.MOMENT, R.WEIGHTS, R.SECOND_MOMENT)]
+  draws = np.stack([np.asarray(R.uniform((4096,), *s)) for s in streams])
+  correlations = np.corrcoef(draws)[np.triu_indices(3, 1)]
+  assert np.all(np.abs(correlations) < 0.05), correlations
