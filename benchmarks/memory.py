@@ -114,7 +114,8 @@ def report(counts: dict[str, int], nbytes: dict[str, dict[str, int]]) -> str:
       + " (Q-GaLore's scripts; its paper's table gives 512 at 1B). Attention and MLP matrices keep Adam's moments on the "
       "rank-r projection R (r x the larger side) and their projector (float32 in `galore`, "
       "INT4 in `q_galore`); embedding, output layer and norms keep full Adam moments. "
-      "`q_galore` stores m in INT8 and v in float32.",
+      "`q_galore` stores m in INT8 and v in 8 bits (a logarithmic code, "
+      "`benchmarks/second_moment_code.py`).",
       "",
       "## Q-Adam-mini memory target",
       "",
