@@ -24,6 +24,7 @@ import optax
 from qadam_mini_jax import leaf_update
 from qadam_mini_jax import low_rank
 from qadam_mini_jax import partition as partition_lib
+from qadam_mini_jax import projection
 from qadam_mini_jax import transform
 from qadam_mini_jax import weights
 
@@ -174,6 +175,7 @@ def galore(
     cos_threshold: chex.Numeric | None = None,
     gap_growth: chex.Numeric = 2,
     int4_group_size: int | None = None,
+    range_finder: projection.RandomizedRange | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """GaLore: Adam on rank-``rank`` projections of the attention and MLP gradients.
 
@@ -191,7 +193,7 @@ def galore(
       low_rank.scale_by_galore(
           rank, update_proj_gap, scale, inner=optax.scale_by_adam(b1, b2, eps),
           partition=partition, projected=projected, cos_threshold=cos_threshold,
-          gap_growth=gap_growth, int4_group_size=int4_group_size),
+          gap_growth=gap_growth, int4_group_size=int4_group_size, range_finder=range_finder),
       learning_rate, weight_decay, mask, partition)
 
 
@@ -215,6 +217,7 @@ def q_galore(
     v_quantization: transform.Int8Quantization | None = transform.Int8Quantization(),
     stochastic_rounding: transform.StochasticRounding = "auto",
     key: Any = 0,
+    range_finder: projection.RandomizedRange | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Q-GaLore (Zhang et al. 2024, arXiv:2407.08296): :func:`galore` with its
   INT4 projectors, its lazy per-layer refresh and Adam's ``m`` and ``v`` in 8 bits.
@@ -237,7 +240,8 @@ def q_galore(
       stochastic_rounding=stochastic_rounding, key=key, v_quantization=v_quantization)
   preconditioner = low_rank.scale_by_galore(
       rank, update_proj_gap, scale, inner=inner, partition=partition, projected=projected,
-      cos_threshold=cos_threshold, gap_growth=gap_growth, int4_group_size=int4_group_size)
+      cos_threshold=cos_threshold, gap_growth=gap_growth, int4_group_size=int4_group_size,
+      range_finder=range_finder)
   chain = _decay_and_scale(preconditioner, learning_rate, weight_decay, mask, partition)
   _APPLYING_STEPS[chain.init] = _applying_step(preconditioner, learning_rate, weight_decay,
                                                mask, partition)

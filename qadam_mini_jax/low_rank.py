@@ -52,6 +52,7 @@ def scale_by_galore(
     gap_growth: chex.Numeric = 2,
     queue: int = 5,
     int4_group_size: int | None = None,
+    range_finder: projection.RandomizedRange | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Run ``inner`` on rank-``rank`` projections of the chosen matrices' gradients.
 
@@ -78,6 +79,8 @@ def scale_by_galore(
     queue: a static int (Q-GaLore: 5).
     int4_group_size: store the projectors in INT4, in groups of this many
       elements (Q-GaLore: 256; :mod:`.int4`); ``None`` keeps them in float32.
+    range_finder: a :class:`~.projection.RandomizedRange` to find each
+      projector from a random sketch instead of a full SVD; ``None``: the SVD.
   """
   if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
     raise ValueError(f"rank must be a positive int, got {rank!r}.")
@@ -92,16 +95,20 @@ def scale_by_galore(
     raise ValueError(f"int4_group_size must be an even int >= 2, got {int4_group_size!r}.")
   storage = (projection.Float32Storage() if int4_group_size is None
              else int4.Int4Storage(int4_group_size))
+  if range_finder is not None and not isinstance(range_finder, projection.RandomizedRange):
+    raise TypeError(f"range_finder must be a projection.RandomizedRange or None, got "
+                    f"{type(range_finder).__name__}.")
   inner = optax.scale_by_adam() if inner is None else inner
   partition = partition_lib.BlockPartition() if partition is None else partition
 
   def plans(tree):
     return [None if not partition_lib.is_trainable(x) else projection.plan_for(
-        partition_lib.path_str(path), tuple(x.shape), partition, rank, projected, storage)
+        partition_lib.path_str(path), tuple(x.shape), partition, rank, projected, storage,
+        range_finder)
             for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
   def _plan_of_projected(path, shape):
-    plan = projection.plan_for(path, shape, partition, rank, projected, storage)
+    plan = projection.plan_for(path, shape, partition, rank, projected, storage, range_finder)
     if plan is None:
       raise ValueError(
           f"{path}: the state holds a projector for it, but a gradient of shape {shape} is not "

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 
 from qadam_mini_jax import int4
 from qadam_mini_jax import partition as partition_lib
+from qadam_mini_jax import random_bits
 from qadam_mini_jax import storage as storage_lib
 
 #: Rules (:class:`~.partition.BlockPartition`) whose matrices are projected by
@@ -42,6 +43,8 @@ PROJECTED_RULES = (partition_lib.QUERY, partition_lib.KEY, partition_lib.VALUE,
 
 #: No gap grows beyond this (int32 steps).
 _MAX_GAP = 1 << 29
+#: The stream of :class:`RandomizedRange`'s sketches (one per step and layer).
+_SKETCH_STREAM = random_bits.path_stream("qadam_mini_jax/projection/sketch")
 
 
 class Float32Storage(NamedTuple):
@@ -58,6 +61,24 @@ class Float32Storage(NamedTuple):
     return a
 
 
+class RandomizedRange(NamedTuple):
+  """The projected side's first singular vectors from a random sketch instead of
+  a full SVD (Halko, Martinsson & Tropp 2011, arXiv:0909.4061, Algorithms 4.4
+  and 5.1): ``Q`` spans ``(A A^T)^q A Omega`` (``Omega``: ``n x (rank +
+  oversample)``, uniform in ``[-1, 1)`` from a counter-based stream of the
+  step and layer; re-orthonormalized after each product), then the SVD of the
+  small ``Q^T A`` gives ``U = Q U_B``. Quality and time against the full SVD:
+  ``benchmarks/svd_cost.py``.
+
+  Attributes:
+    oversample: sketch columns beyond the rank.
+    power_iterations: ``q``; more sharpen the sketch where the spectrum decays slowly.
+  """
+
+  oversample: int = 8
+  power_iterations: int = 2
+
+
 class ProjectionPlan(NamedTuple):
   """How one leaf is projected (static).
 
@@ -68,6 +89,7 @@ class ProjectionPlan(NamedTuple):
       (``R = G P``, ``P`` from ``V``).
     rank: ``r``.
     storage: how ``P`` is stored (:class:`Float32Storage`, :class:`.int4.Int4Storage`).
+    finder: ``None`` for the full SVD, or a :class:`RandomizedRange`.
   """
 
   layers: tuple[int, ...]
@@ -75,6 +97,7 @@ class ProjectionPlan(NamedTuple):
   rows: bool
   rank: int
   storage: Float32Storage | int4.Int4Storage = Float32Storage()
+  finder: RandomizedRange | None = None
 
 
 class ProjectorState(NamedTuple):
@@ -98,8 +121,8 @@ class ProjectorState(NamedTuple):
 
 def plan_for(path: str, shape: tuple[int, ...], partition: partition_lib.BlockPartition,
              rank: int, projected: Callable[[str, tuple[int, ...]], bool] | None = None,
-             storage: Float32Storage | int4.Int4Storage = Float32Storage()
-             ) -> ProjectionPlan | None:
+             storage: Float32Storage | int4.Int4Storage = Float32Storage(),
+             finder: RandomizedRange | None = None) -> ProjectionPlan | None:
   """The plan of the parameter at ``path``, or ``None`` if it is not projected.
 
   ``projected(path, layer_shape)`` chooses the leaves (default: the rules in
@@ -127,7 +150,7 @@ def plan_for(path: str, shape: tuple[int, ...], partition: partition_lib.BlockPa
   m, n = math.prod(inner[:split]), math.prod(inner[split:])
   if rank >= min(m, n):
     return None
-  return ProjectionPlan(layers, split, m < n or (m == n and in_rows), rank, storage)
+  return ProjectionPlan(layers, split, m < n or (m == n and in_rows), rank, storage, finder)
 
 
 def _matrix_dims(plan: ProjectionPlan, shape: tuple[int, ...]):
@@ -178,14 +201,34 @@ def init(plan: ProjectionPlan, shape: tuple[int, ...], gap: jax.Array,
       filled=jnp.zeros(lead, jnp.int32))
 
 
-def singular_vectors(plan: ProjectionPlan, g: jax.Array) -> jax.Array:
+def singular_vectors(plan: ProjectionPlan, g: jax.Array,
+                     seeds: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
   """The first ``rank`` singular vectors of one layer's matrix ``g`` on the
   projected side, as columns ``(d, rank)``, each with its largest-magnitude
-  entry positive (float32 SVD)."""
-  u, _, vh = jnp.linalg.svd(g.astype(jnp.float32), full_matrices=False)
-  vectors = u[:, :plan.rank] if plan.rows else vh[:plan.rank].T
+  entry positive (float32; a full SVD, or :attr:`ProjectionPlan.finder`'s
+  sketch drawn from the stream ``seeds``)."""
+  g = g.astype(jnp.float32)
+  if plan.finder is not None:
+    vectors = _randomized_left(g if plan.rows else g.T, plan.rank, plan.finder, seeds)
+  else:
+    u, _, vh = jnp.linalg.svd(g, full_matrices=False)
+    vectors = u[:, :plan.rank] if plan.rows else vh[:plan.rank].T
   pivot = jnp.take_along_axis(vectors, jnp.argmax(jnp.abs(vectors), axis=0)[None], axis=0)
   return vectors * jnp.where(pivot < 0, -1.0, 1.0)
+
+
+def _randomized_left(a: jax.Array, rank: int, finder: RandomizedRange,
+                     seeds: tuple[jax.Array, jax.Array]) -> jax.Array:
+  """:class:`RandomizedRange`'s first ``rank`` left singular vectors of ``a``."""
+  m, n = a.shape
+  width = min(rank + finder.oversample, m, n)
+  omega = 2.0 * random_bits.uniform((n, width), *seeds) - 1.0
+  q, _ = jnp.linalg.qr(a @ omega)
+  for _ in range(finder.power_iterations):
+    q, _ = jnp.linalg.qr(a.T @ q)
+    q, _ = jnp.linalg.qr(a @ q)
+  u, _, _ = jnp.linalg.svd(q.T @ a, full_matrices=False)
+  return q @ u[:, :rank]
 
 
 def adapted(plan: ProjectionPlan, state: ProjectorState, vectors: jax.Array,
@@ -220,14 +263,18 @@ def refresh(plan: ProjectionPlan, state: ProjectorState, g: jax.Array, count: ja
   mats = as_matrices(plan, g)
   lead = mats.shape[:-2]
   flat = lambda x: x.reshape((-1,) + x.shape[len(lead):])
+  sketch = random_bits.stream_seeds(jnp.zeros(2, jnp.uint32), count, _SKETCH_STREAM)
 
   def one(args):
-    g, layer = args
+    g, layer, index = args
+    seeds = random_bits.layer_seeds(*sketch, index)
     return jax.lax.cond(
         count % layer.gap == 0,
-        lambda: adapted(plan, layer, singular_vectors(plan, g), cos_threshold, gap_growth),
+        lambda: adapted(plan, layer, singular_vectors(plan, g, seeds), cos_threshold,
+                        gap_growth),
         lambda: layer)
-  new = jax.lax.map(one, (flat(mats), jax.tree.map(flat, state)))
+  new = jax.lax.map(one, (flat(mats), jax.tree.map(flat, state),
+                          jnp.arange(math.prod(lead), dtype=jnp.uint32)))
   return jax.tree.map(lambda x, like: x.reshape(like.shape), new, state)
 
 

@@ -8,7 +8,7 @@ import optax
 import pytest
 
 import qadam_mini_jax
-from qadam_mini_jax import alias, low_rank, partition as partition_lib, random_bits, weights
+from qadam_mini_jax import alias, low_rank, partition as partition_lib, projection, random_bits, weights
 from test_int4 import np_int4
 from test_weights import _quantize_numpy
 
@@ -300,3 +300,23 @@ def test_fused_q_galore_requantizes_the_chains_step():
                            kernel.layout, noise)
     got = np.asarray(values["layers/mlp/kernel"][layer])
     assert np.mean(np.isclose(got, want, rtol=1e-6, atol=0)) > 0.99
+
+
+def test_a_range_finder_whose_sketch_spans_each_matrix_is_the_svd():
+  """``range_finder`` reaches every projected leaf (stacked at 0 and 1, 3-D): with
+  more sketch columns than the smaller side the sketch spans the whole range,
+  so the projectors, and the updates over 3 steps across a refresh, are the
+  SVD's; a bare sketch's are not."""
+  params = _params()
+  grads = _gradients(params, 3)
+  kwargs = dict(rank=3, update_proj_gap=2, b1=B1, b2=B2, eps=EPS, partition=PARTITION)
+  finder = projection.RandomizedRange(oversample=16, power_iterations=0)
+  sketched, _ = _run(alias.galore(LR, range_finder=finder, **kwargs), params, grads)
+  exact = [_flat(u) for u in _run(alias.galore(LR, **kwargs), params, grads)[0]]
+  _assert_equal_to(exact, sketched)
+  # A bare sketch (rank columns, no power iteration) of these full-rank gradients is not.
+  bare, _ = _run(alias.galore(LR, range_finder=projection.RandomizedRange(0, 0), **kwargs),
+                 params, grads)
+  assert np.abs(_flat(bare[0])["layers/mlp/kernel"] - exact[0]["layers/mlp/kernel"]).max() > 1e-4
+  with pytest.raises(TypeError, match="RandomizedRange"):
+    alias.galore(LR, range_finder=(8, 2))

@@ -62,3 +62,23 @@ def test_the_cosine_ignores_the_sign_and_the_queue_slides():
   # Cosines 1 (a flipped sign), 1, 1, 0, 0: the queue of three is full from the
   # third, with means 1, 2/3 (both grow the gap), then 1/3.
   np.testing.assert_array_equal(state.cosines, [1.0, 0.0, 0.0])
+
+
+@pytest.mark.parametrize("rows", [True, False])
+def test_randomized_range_finds_the_svds_vectors_of_a_low_rank_gradient(rows):
+  """Layers of rank 3 (distinct singular values) at rank 3: the sketch spans
+  their range, so the range finder's projectors are the SVD's, per layer of a
+  stack refreshed at one step (each layer its own sketch)."""
+  rng = np.random.default_rng(0)
+  layers, m, n = 2, 12, 20
+  u = np.linalg.qr(rng.normal(size=(layers, m, 3)))[0]
+  v = np.linalg.qr(rng.normal(size=(layers, n, 3)))[0]
+  g = jnp.asarray(np.einsum("lmk,k,lnk->lmn", u, [5.0, 3.0, 1.0], v), jnp.float32)
+  g = g if rows else jnp.swapaxes(g, 1, 2)
+  plan = projection.ProjectionPlan((0,), 1, rows, 3)
+  start = projection.init(plan, g.shape, 10, 5)
+  exact = projection.refresh(plan, start, g, jnp.int32(0), None, 2)
+  sketched = projection.refresh(plan._replace(finder=projection.RandomizedRange(2, 1)), start,
+                                g, jnp.int32(0), None, 2)
+  np.testing.assert_allclose(sketched.matrix, exact.matrix, atol=2e-5)
+  assert np.abs(exact.matrix).max() > 0.1
