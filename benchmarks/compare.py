@@ -71,6 +71,8 @@ DEFAULT_VARIANTS = (
     "--optimizer adamw --mu-dtype bfloat16",
     "--optimizer adafactor",
     "--optimizer lion",
+    "--optimizer galore",
+    "--optimizer q_galore",
 )
 DEFAULT_LRS = (1e-3, 3e-3, 6e-3)
 DEFAULT_SEEDS = (0, 1, 2)

@@ -34,6 +34,11 @@ import results_file  # noqa: E402
 import qadam_mini_jax as qam  # noqa: E402
 
 PEAK_GBPS = {"H100": 3350.0, "H200": 4800.0}  # HBM peak, by device-kind substring
+GALORE_NOTE = (
+    "galore, q_galore: Q-GaLore's rank for the model and gap 200, so the warm-up step (step 0) "
+    "refreshes every projector and the timed steps refresh none: their times are the "
+    "projection, the inner Adam and the back-projection; what a refresh's SVD adds, spread "
+    "over the gap, is in `svd_cost_<backend>.md` (`benchmarks/svd_cost.py`).")
 
 
 def optimizers(config, on_gpu: bool) -> dict:
@@ -52,6 +57,11 @@ def optimizers(config, on_gpu: bool) -> dict:
       "optax.adamw (mu bf16)": chain(optax.adamw(1e-3, mu_dtype=jnp.bfloat16, **kw)),
       "adam_mini": chain(qam.adam_mini(1e-3, partition=part, **kw)),
       "q_adam_mini xla": chain(qam.q_adam_mini(1e-3, partition=part, implementation="xla", **kw)),
+      # Q-GaLore's rank for the model; the timed steps do not refresh (GALORE_NOTE).
+      "galore": chain(qam.galore(1e-3, rank=llama_shapes.galore_rank(config), partition=part,
+                                 **kw)),
+      "q_galore": chain(qam.q_galore(1e-3, rank=llama_shapes.galore_rank(config),
+                                     partition=part, **kw)),
   }
   if on_gpu:
     rows["q_adam_mini pallas"] = chain(
@@ -137,8 +147,8 @@ def main() -> None:
     lines += [f"## LLaMA {model} shapes", "",
               "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in rows] + [""]
-    footer = [] if on_gpu else [
-        "CPU run: the Pallas rows need a GPU (interpret mode is for tests, not speed)."]
+    footer = [GALORE_NOTE, ""] + ([] if on_gpu else [
+        "CPU run: the Pallas rows need a GPU (interpret mode is for tests, not speed)."])
     results_file.write(f"{name}.md", "\n".join(lines + footer) + "\n")
     results_file.write(f"{name}.json", json.dumps(records, indent=1) + "\n")
 

@@ -18,6 +18,7 @@ from flax import nnx
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 import qadam_mini_jax as q
+from qadam_mini_jax import projection
 import tiny_models as tm
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices")
@@ -405,3 +406,25 @@ def test_int8_weights_sharded_run_equals_single_device(layout):
     assert x.sharding.is_equivalent_to(s, x.ndim)
   codes = got_params["lm_head"]["kernel"].codes
   assert max(q.tree_nbytes_per_device(codes).values()) * ways == codes.size
+
+
+@pytest.mark.parametrize("layout", ["fsdp_axis0", "fsdp_axis1"])
+def test_q_galore_sharded_run_equals_single_device(layout):
+  """Q-GaLore (INT4 projectors refreshed at steps 0 and 2, 8-bit m and v) on FSDP
+  params: the single-device run. The SVD runs on the whole matrix on every
+  device (the partitioner gathers its operand; compiled HLO: one all-gather of
+  each refreshed gradient before its SVD), so the projectors are the same bits."""
+  tx = q.q_galore(1e-2, rank=4, update_proj_gap=2, weight_decay=0.1, partition=PART,
+                  quantization=INT8, v_quantization=INT8, stochastic_rounding="all",
+                  int4_group_size=8, key=7)
+  axes, rule, _ = LAYOUTS[layout]
+  shardings = shardings_for(mesh(**axes), rule)
+  params, grads = params_and_grads()
+  want_params, want_state = train(tx, params, grads[:3])
+  got_params, got_state = train(tx, jax.device_put(params, shardings), grads[:3], shardings)
+  assert_close(got_params, want_params, rtol=1e-4)
+  projectors = lambda state: [p.matrix for p in jax.tree.leaves(
+      state[0].projectors, is_leaf=lambda x: isinstance(x, projection.ProjectorState))]
+  for a, b in zip(projectors(got_state), projectors(want_state)):
+    np.testing.assert_array_equal(a.codes, b.codes)
+  assert_state_close(got_state[0].inner, want_state[0].inner)
