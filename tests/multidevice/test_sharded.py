@@ -95,8 +95,8 @@ def optimizer(name, shardings=None, implementation="xla"):
                        shardings=shardings)
 
 
-def train(tx, params, grads, shardings=None):
-  state = jax.jit(tx.init)(params)
+def train(tx, params, grads, shardings=None, jit_init=True):
+  state = jax.jit(tx.init)(params) if jit_init else tx.init(params)
 
   @jax.jit
   def step(g, state, params):
@@ -421,10 +421,15 @@ def test_q_galore_sharded_run_equals_single_device(layout):
   shardings = shardings_for(mesh(**axes), rule)
   params, grads = params_and_grads()
   want_params, want_state = train(tx, params, grads[:3])
-  got_params, got_state = train(tx, jax.device_put(params, shardings), grads[:3], shardings)
+  # init outside jit: q_galore takes no shardings (its state on R does not follow
+  # the parameters'), and on Auto axes jit(init) cannot see them.
+  got_params, got_state = train(tx, jax.device_put(params, shardings), grads[:3], shardings,
+                                jit_init=False)
   assert_close(got_params, want_params, rtol=1e-4)
   projectors = lambda state: [p.matrix for p in jax.tree.leaves(
       state[0].projectors, is_leaf=lambda x: isinstance(x, projection.ProjectorState))]
   for a, b in zip(projectors(got_state), projectors(want_state)):
-    np.testing.assert_array_equal(a.codes, b.codes)
+    np.testing.assert_array_equal(a.packed, b.packed)
+    np.testing.assert_array_equal(a.zero, b.zero)
+    np.testing.assert_allclose(a.scale, b.scale, rtol=1e-6)
   assert_state_close(got_state[0].inner, want_state[0].inner)
