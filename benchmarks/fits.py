@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import pathlib
+import shlex
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -185,6 +187,8 @@ def largest_fits(records: list[dict[str, Any]]) -> list[str]:
   for name in ROWS:
     rows = sorted((r for r in records if r["optimizer"] == name and r["layers"] == "scanned"),
                   key=lambda r: r["params"])
+    if not rows:  # not measured in this table
+      continue
     cells = []
     for budget in BUDGETS_GIB:
       fit = [r for r in rows if r["peak"] <= budget * 2**30]
@@ -320,12 +324,14 @@ def main() -> None:
   if args.render:  # the same records, the current report's text (its first line kept)
     records = json.loads((results_file.RESULTS / f"{name}.json").read_text())
     first = (results_file.RESULTS / f"{name}.md").read_text().splitlines()[0]
-    text = report(records, list(dict.fromkeys(r["model"] for r in records)))
+    models = list(dict.fromkeys(r["model"] for r in records))
+    records.sort(key=functools.partial(record_order, models))
+    text = report(records, models)
     results_file.write(f"{name}.md", "\n".join([first, *text.splitlines()[1:]]) + "\n")
     return
-  records, models = [], args.model
+  records, models, first = [], args.model, None
   if args.rows:
-    records, models = merged_records(name, args.rows, args.model)
+    records, models, first = merged_records(name, args.rows, args.model)
   for model in args.model:
     for layers, config in configs(model).items():
       for optimizer, row in ROWS.items():
@@ -338,8 +344,22 @@ def main() -> None:
         print(f"{model} {layers} {optimizer}: peak {gib(r['peak'])} GiB "
               f"({r['peak_bytes_per_param']:.2f} B/param), compiled in {r['compile_s']:.1f} s",
               flush=True)
-    results_file.write(f"{name}.md", report(records, models))
+    records.sort(key=functools.partial(record_order, models))
+    text = report(records, models)
+    if first is not None:  # the table's own first line, and what this command measured again
+      text = "\n".join([first + f" Rows {', '.join(f'`{r}`' for r in args.rows)} of "
+                         f"{', '.join(args.model)} measured later, in the same environment, by "
+                         f"`{shlex.join(['python', 'benchmarks/fits.py', *sys.argv[1:]])}`.",
+                         *text.splitlines()[1:]]) + "\n"
+    results_file.write(f"{name}.md", text)
     results_file.write(f"{name}.json", json.dumps(records, indent=1) + "\n")
+
+
+def record_order(models: list[str], record: dict[str, Any]) -> tuple[int, int, int]:
+  """Where a record goes in the table: by model, layers (scanned first), row."""
+  rows = list(ROWS)
+  return (models.index(record["model"]), record["layers"] != "scanned",
+          rows.index(record["optimizer"]) if record["optimizer"] in rows else len(rows))
 
 
 def environment() -> str:
@@ -348,16 +368,19 @@ def environment() -> str:
   return f"jax {jax.__version__}, flax {flax.__version__}, optax {optax.__version__}{flags}."
 
 
-def merged_records(name: str, rows: list[str], models: list[str]) -> tuple[list[dict], list[str]]:
+def merged_records(name: str, rows: list[str],
+                   models: list[str]) -> tuple[list[dict], list[str], str]:
   """``<name>.json``'s records without ``rows`` of ``models`` (to be measured
-  again), and its models; SystemExit unless its run had this environment."""
+  again), its models and the first sentence of its table (the command that
+  made it); SystemExit unless its run had this environment."""
   first = (results_file.RESULTS / f"{name}.md").read_text().splitlines()[0]
+  first = first[:first.index(environment()) + len(environment())] if environment() in first else first
   if not first.endswith(environment()):
     raise SystemExit(f"{name}.md was measured under another environment ({first!r}); "
                      f"this one is {environment()!r}: run the whole table again.")
   records = json.loads((results_file.RESULTS / f"{name}.json").read_text())
   kept = [r for r in records if not (r["optimizer"] in rows and r["model"] in models)]
-  return kept, list(dict.fromkeys([r["model"] for r in records] + models))
+  return kept, list(dict.fromkeys([r["model"] for r in records] + models)), first
 
 
 if __name__ == "__main__":
