@@ -133,15 +133,15 @@ MUTANTS: tuple[Mutant, ...] = (
         "m <- (1-b1)*m + b1*g: the momentum forgets in about one step"),
     Mutant(
         "eps_inside_sqrt", "qadam_mini_jax/leaf_update.py",
-        "(jnp.sqrt(nu) / s.sqrt_bias_correction2 + s.eps)",
-        "(jnp.sqrt(nu + s.eps) / s.sqrt_bias_correction2)",
+        "(jnp.sqrt(v) / s.sqrt_bias_correction2 + s.eps)",
+        "(jnp.sqrt(v + s.eps) / s.sqrt_bias_correction2)",
         (EPS_PLACEMENT, EVERY_HYPERPARAMETER), ("test_eps_sits_outside", "every_hyperparameter"),
         "eps inside the square root (sqrt(v + eps)): blocks with sqrt(v) near eps or below are "
         "damped far less"),
     Mutant(
         "eps_before_v_bias_correction", "qadam_mini_jax/leaf_update.py",
-        "(jnp.sqrt(nu) / s.sqrt_bias_correction2 + s.eps)",
-        "((jnp.sqrt(nu) + s.eps) / s.sqrt_bias_correction2)",
+        "(jnp.sqrt(v) / s.sqrt_bias_correction2 + s.eps)",
+        "((jnp.sqrt(v) + s.eps) / s.sqrt_bias_correction2)",
         (EPS_PLACEMENT, EVERY_HYPERPARAMETER), ("test_eps_sits_outside", "every_hyperparameter"),
         "eps added before the bias correction: eps is 1/sqrt(1-b2^t) larger in early steps"),
     Mutant(
@@ -274,15 +274,15 @@ MUTANTS: tuple[Mutant, ...] = (
         "PRNG keys wider than 2 words (e.g. 'rbg') keep only their first 2 words"),
     Mutant(
         "weight_stream_is_moment_stream", "qadam_mini_jax/leaf_update.py",
-        "noise(random_bits.WEIGHTS) if plan.weights.stochastic",
-        "noise(random_bits.MOMENT) if plan.weights.stochastic",
+        "_stream(plan, s, random_bits.WEIGHTS, layer))",
+        "_stream(plan, s, random_bits.MOMENT, layer))",
         (f"{WEIGHTS}::test_fused_step_requantizes_the_float_step",),
         ("test_fused_step_requantizes_the_float_step",),
         "INT8 weights round with m's bits: their rounding errors are correlated with m's"),
     Mutant(
         "purpose_words_equal", "qadam_mini_jax/random_bits.py",
-        "_PURPOSE_WORDS = (np.uint32(0), np.uint32(0x5BD1E995))",
-        "_PURPOSE_WORDS = (np.uint32(0), np.uint32(0))",
+        "_PURPOSE_WORDS = (np.uint32(0), np.uint32(0x5BD1E995),",
+        "_PURPOSE_WORDS = (np.uint32(0), np.uint32(0),",
         (f"{WEIGHTS}::test_weight_stream_is_apart_from_the_moment_stream",),
         ("test_weight_stream_is_apart_from_the_moment_stream",),
         "the weights' and m's streams of a parameter are the same"),
@@ -305,9 +305,8 @@ MUTANTS: tuple[Mutant, ...] = (
         "INT8 weight scales rounded down to the coarse grid: each group's largest weights clip"),
     Mutant(
         "weights_rounded_to_nearest", "qadam_mini_jax/leaf_update.py",
-        "plan.weights.store(new, noise(random_bits.WEIGHTS) if plan.weights.stochastic\n"
-        "                            else None), mu",
-        "plan.weights.store(new, None), mu",
+        "  return plan.weights.store(new, noise)",
+        "  return plan.weights.store(new, None)",
         (f"{WEIGHTS}::test_stochastic_rounding_keeps_updates_below_half_a_step_and_nearest_stalls",
          f"{WEIGHTS}::test_fused_step_requantizes_the_float_step"),
         ("nearest_stalls", "test_fused_step_requantizes_the_float_step"),
@@ -343,8 +342,8 @@ MUTANTS: tuple[Mutant, ...] = (
         "adam_mini/q_adam_mini(mask=...) decay by the default mask whatever the user passed"),
     Mutant(
         "fused_ignores_mask_argument", "qadam_mini_jax/alias.py",
-        "decays = _mask(mask, config.partition)",
-        "decays = _mask(None, config.partition)",
+        "  decays = _mask(mask, partition)\n",
+        "  decays = _mask(None, partition)\n",
         (MASK_ARGUMENT, INT8_WEIGHTS_MASK), ("mask",),
         "fused_q_adam_mini(mask=...) decays by the default mask"),
     # --- The alias forwarding its arguments (alias.py) -------------------------------
@@ -474,8 +473,45 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "per_leaf_layer_rounds_with_layer_0s_stream", "qadam_mini_jax/leaf_update.py",
         "layer if first is None else first + layer", "layer",
-        (f"{SAME_TRAINING}[q_galore]",), ("same_training",),
+        (f"{SAME_TRAINING}[fused_q_galore+int8_weights]",), ("same_training",),
         "q_galore inside the backward pass rounds every layer's m on layer 0's stream"),
+    # --- 8-bit v, Q-GaLore's INT8 weights, the range finder (this release) ---------
+    Mutant(
+        "v_rounded_to_nearest", "qadam_mini_jax/leaf_update.py",
+        "           if plan.second.quantized else None)", "           if False else None)",
+        (f"{TRANSFORM}::test_8bit_v_decays_like_b2_power_in_mean",), ("b2_power",),
+        "8-bit v rounds to nearest: it stops decaying once b2 * v rounds back to its level"),
+    Mutant(
+        "v_stream_is_moment_stream", "qadam_mini_jax/random_bits.py",
+        "np.uint32(0x5BD1E995), np.uint32(0xC2B2AE35))", "np.uint32(0x5BD1E995), np.uint32(0))",
+        (f"{RANDOM_BITS}::test_the_three_purposes_draw_apart",), ("three_purposes",),
+        "8-bit v rounds with m's bits: their rounding errors are correlated"),
+    Mutant(
+        "log_code_ignores_its_noise", "qadam_mini_jax/quantize.py",
+        "k = jnp.minimum(jnp.where(x - lo >= (1.0 - r) * (hi - lo), k + 1.0, k), 0.0)",
+        "k = jnp.minimum(jnp.where(x - lo >= 0.5 * (hi - lo), k + 1.0, k), 0.0)",
+        ("tests/test_quantize.py::test_log_code_stays_within_a_level_and_stochastic_rounding_is_unbiased",),
+        ("unbiased",),
+        "the logarithmic code rounds to nearest whatever its noise: v's stochastic rounding is lost"),
+    Mutant(
+        "log_code_one_level_off", "qadam_mini_jax/quantize.py",
+        "  return (k + np.float32(QMAX)).astype(jnp.int8)",
+        "  return (k + np.float32(QMAX - 1)).astype(jnp.int8)",
+        ("tests/test_quantize.py::test_log_code_hand_computed",), ("hand_computed",),
+        "every v decodes one level (9%) low: Adam's steps 4.4% too large"),
+    Mutant(
+        "fused_q_galore_weights_on_another_key", "qadam_mini_jax/alias.py",
+        "key=pre_state.inner.key, neg_lr=neg_lr, wd=wd)",
+        "key=jnp.zeros(2, jnp.uint32), neg_lr=neg_lr, wd=wd)",
+        ("tests/test_low_rank.py::test_fused_q_galore_requantizes_the_chains_step",),
+        ("requantizes_the_chains_step",),
+        "fused_q_galore's INT8 weights round on a stream that ignores the optimizer's key"),
+    Mutant(
+        "range_finder_ignored", "qadam_mini_jax/projection.py",
+        "  if plan.finder is not None:\n", "  if False:\n",
+        ("tests/test_low_rank.py::test_a_range_finder_whose_sketch_spans_each_matrix_is_the_svd",),
+        ("range_finder",),
+        "range_finder= is accepted and the full SVD runs anyway"),
 )
 
 

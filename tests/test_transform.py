@@ -878,3 +878,36 @@ def test_linen_scanned_model_trains_like_its_unrolled_twin(axis):
       # (and through the block means, updates) agree to float32 rounding only.
       np.testing.assert_allclose(np.take(np.asarray(u), l, axis),
                                  _flat(u_u[f"layers_{l}"])[k], rtol=1e-4, atol=1e-6)
+
+
+def test_8bit_v_decays_like_b2_power_in_mean():
+  """8-bit v (per-element blocks, as q_galore's inner Adam): element 0 of each
+  group of 256 holds v at 1e-3 (so the group's scale stays put), the others
+  start at 2.5e-4 (a level) and see zero gradients. Float v decays as b2^k;
+  the stored v follows it in the mean over 16 x 255 elements (stochastic
+  rounding), where rounding to nearest would keep every one at its first
+  level (a decay of 0.1% per step against levels 9% apart)."""
+  from qadam_mini_jax import low_rank, quantize, storage
+  b2, shape, steps = 0.999, (16, 256), 300
+  quant = Int8Quantization(256, 0)
+  tx = qadam_mini_jax.scale_by_adam_mini(
+      b2=b2, partition=low_rank.inner_partition(None), v_quantization=quant)
+  first = jnp.full(shape, 0.5).at[:, 0].set(1.0)
+  hold = jnp.zeros(shape).at[:, 0].set(np.sqrt(1e-3))  # element 0's v stays at (1 - b2) * 1
+
+  @jax.jit
+  def run(state):
+    _, state = tx.update({"w": first}, state)
+    def one(state, _):
+      return tx.update({"w": hold}, state)[1], None
+    return jax.lax.scan(one, state, length=steps)[0]
+  state = run(tx.init({"w": jnp.zeros(shape)}))
+  nu = state.nu["w"]
+  assert isinstance(nu, QuantizedArray) and nu.codes.dtype == jnp.int8
+  layout = storage.layout_for(qadam_mini_jax.BlockSpec(()), shape, quant)
+  v = np.asarray(quantize.dequantize_log(nu, layout), np.float64)
+  np.testing.assert_allclose(v[:, 0], 1e-3, rtol=1e-4)
+  want = 2.5e-4 * b2**steps  # 0.74 of the start
+  # Per element a random walk of jumps to the next level (9% away) with probability
+  # ~1% a step: standard deviation ~16% of the value, ~0.3% over the 4080 elements.
+  np.testing.assert_allclose(v[:, 1:].mean(), want, rtol=0.02)
