@@ -237,6 +237,16 @@ def provenance(all_cells: dict[tuple[str, float], Cell], variant: str) -> str:
   return "; ".join([runs[0].get("run_by") or run_by(runs[0]), *again])
 
 
+def unfinished(tried: list[float], best: float, grid: list[float]) -> bool:
+  """Whether a variant's grid search is not finished: it skipped a learning rate of
+  ``grid`` between the ones it tried, or its best is its lowest (highest) tried and
+  ``grid`` goes lower (higher). A grid that later commands widen (a variant run at
+  larger rates) leaves the others' searches finished where their best lies inside."""
+  lo, hi = min(tried), max(tried)
+  return (set(tried) < {lr for lr in grid if lo <= lr <= hi}
+          or (best == lo and min(grid) < lo) or (best == hi and max(grid) > hi))
+
+
 def table(all_cells: dict[tuple[str, float], Cell], lrs: list[float], select_seeds,
           cached: set[str]) -> str:
   """Markdown: per variant the selection seeds' loss at every lr, the best lr's numbers
@@ -255,7 +265,7 @@ def table(all_cells: dict[tuple[str, float], Cell], lrs: list[float], select_see
     seeds = ", ".join(f"{v:.4f}" for v in c.val_losses)
     tried = sorted(lr for v, lr in all_cells if v == variant
                    and all_cells[v, lr].restricted(select_seeds).runs)
-    short = set(tried) < set(variant_lrs(c.runs[0]["flags"], lrs))  # grid not finished
+    short = unfinished(tried, c.lr, variant_lrs(c.runs[0]["flags"], lrs))
     gap = f"{100 * (c.val_loss / base.val_loss - 1):+.2f}%" if base and not short else "-"
     rows.append([f"`{variant}`", *losses,
                  f"{c.lr:g}" + (f" (of {', '.join(f'{lr:g}' for lr in tried)} only)" if short
