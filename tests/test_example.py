@@ -106,20 +106,18 @@ def test_adafactor_is_optax_adafactor_when_layers_are_not_stacked():
 #: A layer axis left undeclared makes adam_mini and q_adam_mini refuse the stacked
 #: kernels (PartitionError) and gives Adafactor one update clip over all layers:
 #: 1e-3 from step 6 on (0.23 after 50 steps).
-#: GaLore's SVD at step 0 turns those last bits of each layer's gradient into
-#: other projectors where singular values lie close (a rank-32 cut of a
-#: 128 x 128 gradient at initialization): 1e-3 after 20 steps for galore, and
-#: q_galore's INT8 m amplifies it as q_adam_mini's does.
-SCAN_RTOL = {"q_adam_mini": 1e-2, "q_galore": 1e-2}
+SCAN_RTOL = {"q_adam_mini": 1e-2}
 #: q_adam_mini rounds m to nearest here: stochastic rounding would draw other noise
 #: for the output layer, its stream being named by its position among the leaves.
 SCAN_FLAGS = {"q_adam_mini": ["--stochastic-rounding", "none"]}
 SCAN_STEPS = 20
 
 
-#: galore is q_galore without its quantization (tests/test_low_rank.py), so only
-#: q_galore trains here (the suite's time).
-@pytest.mark.parametrize("optimizer", [o for o in optimizers.OPTIMIZERS if o != "galore"])
+#: GaLore's stacked layers equal the per-layer NumPy reference (tests/test_low_rank.py)
+#: and the example trains and resumes Q-GaLore's whole recipe scanned
+#: (test_int8_weights_train_and_resume_exactly), so neither trains here (the suite's time).
+@pytest.mark.parametrize("optimizer", [o for o in optimizers.OPTIMIZERS
+                                       if o not in ("galore", "q_galore")])
 def test_each_optimizer_trains_the_tiny_config_the_same_scanned_or_not(tmp_path, optimizer):
   flags = ["--model", "tiny", "--optimizer", optimizer, *SCAN_FLAGS.get(optimizer, []),
            "--steps", str(SCAN_STEPS), "--warmup-steps", "5", "--seq-len", "32",
