@@ -8,10 +8,14 @@ References:
   layer-adaptive projections), arXiv:2407.08296, 2024.
   Zhao et al., "GaLore: Memory-Efficient LLM Training by Gradient Low-Rank
   Projection", arXiv:2403.03507, 2024.
+  Modoranu et al., "MicroAdam: Accurate Adaptive Optimization with Low Space
+  Overhead and Provable Convergence", NeurIPS 2024.
 """
 
 from qadam_mini_jax.alias import (FusedOptimizer, adam_mini, default_decay_mask, fused_q_adam_mini,
-                                  fused_q_galore, galore, q_adam_mini, q_galore)
+                                  fused_q_galore, galore, micro_adam, q_adam_mini,
+                                  q_galore)
+from qadam_mini_jax.micro_adam import ScaleByMicroAdamState, scale_by_micro_adam
 from qadam_mini_jax.low_rank import ScaleByGaLoreState, scale_by_galore
 from qadam_mini_jax.partition import (BlockPartition, BlockSpec, PartitionError, block_specs,
                                       recorded_layers)
@@ -28,7 +32,7 @@ __all__ = [
     "ScaleByAdamMiniState", "adam_mini", "block_specs", "default_decay_mask", "describe",
     "q_adam_mini", "quantize_params", "recorded_layers", "scale_by_adam_mini", "state_shardings", "tree_nbytes", "weight_shardings",
     "tree_nbytes_per_device", "in_backward", "weights", "galore", "q_galore", "fused_q_galore", "scale_by_galore",
-    "ScaleByGaLoreState",
+    "ScaleByGaLoreState", "micro_adam", "scale_by_micro_adam", "ScaleByMicroAdamState",
 ]
 
 __version__ = "0.1.0"

@@ -1,10 +1,11 @@
-"""``adam_mini``, ``q_adam_mini`` and ``galore``: ``optax.chain``s shaped like ``optax.adamw``.
+"""``adam_mini``, ``q_adam_mini``, ``galore`` and ``micro_adam``: ``optax.chain``s shaped like ``optax.adamw``.
 
 Each is ``chain(preconditioner, add_decayed_weights, scale_by_learning_rate)``:
 Adam-mini (Zhang et al. 2024, arXiv:2406.16793) with decoupled weight decay
 (Loshchilov & Hutter 2019), Q-Adam-mini (Han et al., ICML 2025 ES-FoMo
-workshop), the same with the first moment stored in INT8, and GaLore (Zhao
-et al. 2024, arXiv:2403.03507) with Q-GaLore's lazy refresh as an option.
+workshop), the same with the first moment stored in INT8, GaLore (Zhao
+et al. 2024, arXiv:2403.03507) with Q-GaLore's lazy refresh as an option, and
+MicroAdam (Modoranu et al. 2024, NeurIPS).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import optax
 
 from qadam_mini_jax import leaf_update
 from qadam_mini_jax import low_rank
+from qadam_mini_jax import micro_adam as micro_adam_lib
 from qadam_mini_jax import partition as partition_lib
 from qadam_mini_jax import projection
 from qadam_mini_jax import transform
@@ -246,6 +248,36 @@ def q_galore(
   _APPLYING_STEPS[chain.init] = _applying_step(preconditioner, learning_rate, weight_decay,
                                                mask, partition)
   return chain
+
+
+def micro_adam(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: chex.Numeric = 0.9,
+    b2: chex.Numeric = 0.999,
+    eps: chex.Numeric = 1e-8,
+    weight_decay: chex.Numeric = 0.0,
+    *,
+    window: int = 10,
+    density: float = 0.01,
+    block_size: int = 1024,
+    error_bucket: int = 1024,
+    mask: Any = None,
+    partition: partition_lib.BlockPartition | None = None,
+) -> optax.GradientTransformationExtraArgs:
+  """MicroAdam (Modoranu et al. 2024, NeurIPS) with decoupled weight decay.
+
+  Adam's moments rebuilt each step from a window of the last ``window``
+  sparse gradients (the top ``density`` of each block of ``block_size``),
+  with the rest fed back through a 4-bit error buffer:
+  :func:`~.micro_adam.scale_by_micro_adam`. About 0.93 bytes of state per
+  parameter at the defaults (MicroAdam's m = 10, 1%). ``mask`` and
+  ``partition`` as :func:`adam_mini` (the partition's ``layers`` make each
+  layer of a stacked leaf an array of its own); the reference decays every
+  parameter.
+  """
+  return _decay_and_scale(micro_adam_lib.scale_by_micro_adam(
+      window, density, b1, b2, eps, block_size=block_size, error_bucket=error_bucket,
+      partition=partition), learning_rate, weight_decay, mask, partition)
 
 
 def fused_q_galore(learning_rate: optax.ScalarOrSchedule, *args: Any,

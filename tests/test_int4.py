@@ -52,3 +52,31 @@ def test_packing_order():
   a = storage.store(jnp.asarray([[0.0, 1.0], [2.0, 3.0]]))  # range [0, 3]: codes 0, 5, 10, 15
   np.testing.assert_array_equal(a.packed, [0 | 5 << 4, 10 | 15 << 4])
   np.testing.assert_array_equal(a.zero, [0])
+
+
+def test_min_max_codes_by_hand():
+  """MicroAdam's error feedback: a bucket [lo, hi] has levels lo + c (hi - lo)/15."""
+  storage = int4.MinMaxInt4Storage(4)
+  x = jnp.asarray([-1.0, 0.55, 2.0, 0.95,  # range [-1, 2]: u = 0.2
+                   3.0, 3.0, 3.0, 3.0,     # hi = lo: codes 0, values exact
+                   7.0, 1.0, 4.1])         # a ragged bucket of 3: range [1, 7], u = 0.4
+  a = storage.store(x)
+  # (x - lo)/u + 1/2: 0.5, 8.25, 15.5, 10.25 -> 0, 8, 15, 10; 15.5, 0.5, 8.25 -> 15, 0, 8.
+  codes = [0, 8, 15, 10, 0, 0, 0, 0, 15, 0, 8, 8]  # the padding repeats the last element
+  np.testing.assert_array_equal(a.packed, [c0 | c1 << 4 for c0, c1 in zip(codes[::2], codes[1::2])])
+  np.testing.assert_array_equal(np.asarray(a.lo, np.float32), [-1, 3, 1])
+  np.testing.assert_array_equal(np.asarray(a.hi, np.float32), [2, 3, 7])
+  np.testing.assert_allclose(storage.load(a, 11), [-1, 0.6, 2, 1, 3, 3, 3, 3, 7, 1, 4.2],
+                             rtol=1e-6)
+
+
+def test_min_max_round_trip_within_half_a_step():
+  storage = int4.MinMaxInt4Storage(64)
+  x = jax.random.normal(jax.random.key(1), (3, 1000)) * jnp.asarray([[1e-3], [1.0], [50.0]])
+  back = storage.load(storage.store(x), 1000)
+  b = np.pad(np.asarray(x), [(0, 0), (0, 24)], mode="edge").reshape(3, 16, 64)
+  step = np.repeat((b.max(-1) - b.min(-1)) / 15, 64, -1)[:, :1000]
+  # Half a step, plus bfloat16's rounding of the bucket's ends (2^-9 of them, relative).
+  slack = np.repeat(np.abs(b).max(-1) * 2.0**-8, 64, -1)[:, :1000]
+  assert np.all(np.abs(np.asarray(back) - np.asarray(x)) <= step / 2 + slack)
+  assert storage.store(x).packed.shape == (3, 16 * 32)
