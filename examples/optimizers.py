@@ -29,6 +29,9 @@ update clipping are then per layer, as in the unscanned model.
   the learning rate applies to every parameter, projected or not. With
   ``weight_quant``, ``q_galore`` is Q-GaLore's whole recipe: INT8 weights
   written by ``fused_q_galore``.
+* ``micro_adam``: this library's MicroAdam (a window of the last 10 sparse
+  gradients, the top 1% of each block of 1024, with 4-bit error feedback;
+  no moments kept).
 * ``lion``: ``optax.lion``; its learning rate is ``LION_LR_SCALE`` times the
   one given and its weight decay ``1 / LION_LR_SCALE`` times (the Lion paper's
   advice: a sign update needs a 3-10x smaller step), keeping ``lr * wd``.
@@ -48,7 +51,8 @@ import qadam_mini_jax
 from qadam_mini_jax import in_backward
 from llama_model import LlamaConfig
 
-OPTIMIZERS = ("adamw", "adam_mini", "q_adam_mini", "adafactor", "lion", "galore", "q_galore")
+OPTIMIZERS = ("adamw", "adam_mini", "q_adam_mini", "adafactor", "lion", "galore", "q_galore",
+              "micro_adam")
 #: Those whose fused step writes INT8 weights (``--weight-quant``).
 WEIGHT_QUANT_OPTIMIZERS = ("q_adam_mini", "q_galore")
 LION_LR_SCALE = 0.1
@@ -184,6 +188,9 @@ def core(c: OptimizerConfig, model: LlamaConfig,
   if c.name == "q_galore":
     return qadam_mini_jax.q_galore(**low_rank_args(c, model), key=c.seed,
                                    stochastic_rounding=c.stochastic_rounding)
+  if c.name == "micro_adam":
+    return qadam_mini_jax.micro_adam(lr, c.b1, c.b2, weight_decay=c.weight_decay, mask=mask,
+                                     partition=partition)
   if c.name == "adafactor":  # optax.adafactor's chain, clipping per layer
     return optax.chain(
         optax.scale_by_factored_rms(), clip_by_layer_rms(1.0, partition),

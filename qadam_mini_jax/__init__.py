@@ -15,7 +15,7 @@ References:
 from qadam_mini_jax.alias import (FusedOptimizer, adam_mini, default_decay_mask, fused_q_adam_mini,
                                   fused_q_galore, galore, micro_adam, q_adam_mini,
                                   q_galore)
-from qadam_mini_jax.micro_adam import ScaleByMicroAdamState, scale_by_micro_adam
+from qadam_mini_jax.sparse_adam import ScaleByMicroAdamState, scale_by_micro_adam
 from qadam_mini_jax.low_rank import ScaleByGaLoreState, scale_by_galore
 from qadam_mini_jax.partition import (BlockPartition, BlockSpec, PartitionError, block_specs,
                                       recorded_layers)

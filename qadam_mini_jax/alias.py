@@ -24,7 +24,7 @@ import optax
 
 from qadam_mini_jax import leaf_update
 from qadam_mini_jax import low_rank
-from qadam_mini_jax import micro_adam as micro_adam_lib
+from qadam_mini_jax import sparse_adam
 from qadam_mini_jax import partition as partition_lib
 from qadam_mini_jax import projection
 from qadam_mini_jax import transform
@@ -269,13 +269,13 @@ def micro_adam(
   Adam's moments rebuilt each step from a window of the last ``window``
   sparse gradients (the top ``density`` of each block of ``block_size``),
   with the rest fed back through a 4-bit error buffer:
-  :func:`~.micro_adam.scale_by_micro_adam`. About 0.93 bytes of state per
+  :func:`~.sparse_adam.scale_by_micro_adam`. About 0.93 bytes of state per
   parameter at the defaults (MicroAdam's m = 10, 1%). ``mask`` and
   ``partition`` as :func:`adam_mini` (the partition's ``layers`` make each
   layer of a stacked leaf an array of its own); the reference decays every
   parameter.
   """
-  return _decay_and_scale(micro_adam_lib.scale_by_micro_adam(
+  return _decay_and_scale(sparse_adam.scale_by_micro_adam(
       window, density, b1, b2, eps, block_size=block_size, error_bucket=error_bucket,
       partition=partition), learning_rate, weight_decay, mask, partition)
 

@@ -115,9 +115,11 @@ SCAN_STEPS = 20
 
 #: GaLore's stacked layers equal the per-layer NumPy reference (tests/test_low_rank.py)
 #: and the example trains and resumes Q-GaLore's whole recipe scanned
-#: (test_int8_weights_train_and_resume_exactly), so neither trains here (the suite's time).
+#: (test_int8_weights_train_and_resume_exactly), so neither trains here (the suite's time);
+#: nor MicroAdam, whose stacked layers equal their twins (tests/test_micro_adam.py) and
+#: which benchmarks/compare.py trains.
 @pytest.mark.parametrize("optimizer", [o for o in optimizers.OPTIMIZERS
-                                       if o not in ("galore", "q_galore")])
+                                       if o not in ("galore", "q_galore", "micro_adam")])
 def test_each_optimizer_trains_the_tiny_config_the_same_scanned_or_not(tmp_path, optimizer):
   flags = ["--model", "tiny", "--optimizer", optimizer, *SCAN_FLAGS.get(optimizer, []),
            "--steps", str(SCAN_STEPS), "--warmup-steps", "5", "--seq-len", "32",
@@ -468,6 +470,24 @@ def test_int8_weights_train_and_resume_exactly(tmp_path, scan):
     galore_state = whole.state["opt_state"][1][0]
     assert isinstance(galore_state, qadam_mini_jax.ScaleByGaLoreState)
   assert metrics(tmp_path / "whole") == metrics(tmp_path / "cut")
+
+
+def test_micro_adam_state_is_per_layer_when_scanned():
+  """The example's MicroAdam (trained by benchmarks/compare.py; its steps, stacked
+  layers and resume are tested in tests/test_micro_adam.py): a ring and error
+  feedback per layer of the scanned model, under 1 byte per parameter."""
+  flags = [*SMALL, "--layers", "2", "--scan-layers", "--optimizer", "micro_adam"]
+  model_cfg, opt_cfg, cfg = train.configs_from_args(train.build_parser().parse_args(flags))
+  state = jax.eval_shape(train.init_fn(model_cfg, optimizers.make(opt_cfg, model_cfg), cfg.seed,
+                                       cfg.dtype)[1])
+  micro = optimizers.core_state(opt_cfg, state["opt_state"])[0]
+  assert isinstance(micro, qadam_mini_jax.ScaleByMicroAdamState)
+  ring = micro.indices["layers"]["mlp"]["up_proj"]["kernel"]
+  assert ring.dtype == jnp.int16 and ring.shape == (2, 10, 22)  # 2048 = 2 blocks keeping 11
+  params = state["params"]
+  per_param = optimizers.state_nbytes(opt_cfg, model_cfg, params) / sum(
+      x.size for x in jax.tree.leaves(params))
+  assert 0.9 < per_param < 1.0
 
 
 @pytest.mark.parametrize("flags, problem", [
