@@ -263,6 +263,7 @@ def micro_adam(
     error_bucket: int = 1024,
     mask: Any = None,
     partition: partition_lib.BlockPartition | None = None,
+    shardings: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   """MicroAdam (Modoranu et al. 2024, NeurIPS) with decoupled weight decay.
 
@@ -273,11 +274,12 @@ def micro_adam(
   parameter at the defaults (MicroAdam's m = 10, 1%). ``mask`` and
   ``partition`` as :func:`adam_mini` (the partition's ``layers`` make each
   layer of a stacked leaf an array of its own); the reference decays every
-  parameter.
+  parameter. ``shardings``: the parameters' shardings, which the state
+  follows (FSDP on each layer's first axis).
   """
   return _decay_and_scale(sparse_adam.scale_by_micro_adam(
       window, density, b1, b2, eps, block_size=block_size, error_bucket=error_bucket,
-      partition=partition), learning_rate, weight_decay, mask, partition)
+      partition=partition, shardings=shardings), learning_rate, weight_decay, mask, partition)
 
 
 def fused_q_galore(learning_rate: optax.ScalarOrSchedule, *args: Any,

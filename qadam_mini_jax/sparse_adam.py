@@ -12,7 +12,10 @@ at step ``t``:
 4. ``u = m_hat / (sqrt(v_hat) + eps)`` from the ring (:func:`.sparse_window.moments`).
 
 A layer of a stacked leaf is an array of its own (blocks never cross layers)
-and is updated one layer at a time. Differences from the reference: the step
+and is updated one layer at a time. Sharded (``shardings=``), a layer may be
+split along its first axis (FSDP), into shards that hold whole blocks and
+error buckets; the ring and the error feedback are split the same way, so
+each device keeps the state of its own part. Differences from the reference: the step
 count is part of the state (a resumed run goes on where it stopped), a
 bucket whose values are all equal does not divide by zero, parameters may be
 float32 or bfloat16.
@@ -28,8 +31,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jax.sharding import NamedSharding, PartitionSpec
+
 from qadam_mini_jax import int4
 from qadam_mini_jax import partition as partition_lib
+from qadam_mini_jax import sharding as sharding_lib
 from qadam_mini_jax import sparse_window
 from qadam_mini_jax import transform
 
@@ -70,6 +76,7 @@ def scale_by_micro_adam(
     block_size: int = 1024,
     error_bucket: int = 1024,
     partition: partition_lib.BlockPartition | None = None,
+    shardings: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   """MicroAdam's direction ``m_hat / (sqrt(v_hat) + eps)`` from a window of sparse gradients.
 
@@ -84,6 +91,14 @@ def scale_by_micro_adam(
       even int).
     partition: only its ``layers`` are used: each layer of a stacked leaf is
       an array of its own.
+    shardings: the parameters' ``NamedSharding``s (a pytree matched by path,
+      as :func:`~qadam_mini_jax.adam_mini`'s). A layer split along its first
+      axis into ``n`` shards, each a whole number of blocks and error buckets,
+      has its ring ``(*layers, m, kept)`` split along ``kept`` and its error
+      feedback along its buckets in ``n`` (a device holds the blocks of its
+      own rows); layer axes keep the parameter's sharding. Any other split
+      raises :class:`~.sharding.ShardingError` naming the parameter.
+      ``jax.jit(init)`` gives the state placed so.
 
   The state costs ``0.5 + 4 m k / B + 4 / error_bucket`` bytes per element:
   0.93 at the defaults.
@@ -115,6 +130,15 @@ def scale_by_micro_adam(
   def plans(tree):
     return [plan(path, x) for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
+  def placed(tree, state_parts):
+    """``state_parts`` (indices, values, error leaf lists) constrained to follow
+    ``shardings`` (the parameters' of ``tree``)."""
+    if shardings is None:
+      return state_parts
+    placements = _placements(tree, shardings, plans(tree), feedback)
+    return [[x if s is None else jax.lax.with_sharding_constraint(x, s[i])
+             for x, s in zip(part, placements)] for i, part in enumerate(state_parts)]
+
   def init_fn(params):
     leaves, treedef = jax.tree.flatten(params)
     indices, values, error = [], [], []
@@ -128,7 +152,7 @@ def scale_by_micro_adam(
       values.append(jnp.zeros(lead + (window, p.window.kept), jnp.bfloat16))
       error.append(feedback.init(p.window.size, lead))
     return ScaleByMicroAdamState(jnp.zeros([], jnp.int32), *(
-        treedef.unflatten(t) for t in (indices, values, error)))
+        treedef.unflatten(t) for t in placed(params, [indices, values, error])))
 
   def update_fn(updates, state, params=None):
     del params
@@ -155,9 +179,41 @@ def scale_by_micro_adam(
       for ring, new in zip(rings, carry[1:]):
         ring[k] = new
     return treedef.unflatten(out), ScaleByMicroAdamState(count, *(
-        treedef.unflatten(r) for r in rings))
+        treedef.unflatten(r) for r in placed(updates, rings)))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _placements(tree: Any, shardings: Any, plans: list[_LeafPlan | None],
+                feedback: int4.MinMaxInt4Storage) -> list[tuple[Any, Any, Any] | None]:
+  """Per leaf of ``tree``, the shardings of its indices, values and error feedback
+  (``None`` for a leaf left alone), as :func:`scale_by_micro_adam`'s ``shardings`` says."""
+  out = []
+  for (name, shape, sharding), p in zip(sharding_lib.per_parameter(tree, shardings), plans):
+    if p is None:
+      out.append(None)
+      continue
+    entries = sharding_lib.padded_spec(sharding.spec, len(shape))
+    layers = [entries[i] for i in p.layers]
+    inner = [e for i, e in enumerate(entries) if i not in p.layers]
+    if any(e is not None for e in inner[1:]):
+      raise sharding_lib.ShardingError(
+          f"{name}: its sharding {sharding.spec} splits an axis other than the first of each "
+          f"layer (shape {p.layer_shape}); MicroAdam's blocks run over each layer flattened "
+          "row-major, so only the first axis of a layer may be sharded (FSDP on axis 0).")
+    first = inner[0] if inner else None
+    ways = sharding_lib.ways(sharding.mesh, first)
+    shard, size = p.window.size // ways, feedback.size(p.window.size)
+    if ways > 1 and (shard % p.window.block or shard % size):
+      raise sharding_lib.ShardingError(
+          f"{name}: its sharding {sharding.spec} cuts each layer (shape {p.layer_shape}) into "
+          f"{ways} shards of {shard} elements, not a whole number of top-k blocks "
+          f"({p.window.block}) and error buckets ({size}); choose block_size and error_bucket "
+          "that divide a shard, or shard this parameter less.")
+    ring = NamedSharding(sharding.mesh, PartitionSpec(*layers, None, first))
+    flat = NamedSharding(sharding.mesh, PartitionSpec(*layers, first))
+    out.append((ring, ring, int4.MinMaxInt4(flat, flat, flat)))
+  return out
 
 
 def _layer_step(g, indices, values, error, count, b1, b2, eps,

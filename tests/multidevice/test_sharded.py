@@ -433,3 +433,46 @@ def test_q_galore_sharded_run_equals_single_device(layout):
     np.testing.assert_array_equal(a.zero, b.zero)
     np.testing.assert_allclose(a.scale, b.scale, rtol=1e-6)
   assert_state_close(got_state[0].inner, want_state[0].inner)
+
+
+def micro_adam(shardings=None):
+  # Blocks of 64 keeping 7 and error buckets of 32: every FSDP shard of these
+  # shapes (at least 16 x 32 elements) holds whole blocks and buckets.
+  return q.micro_adam(1e-2, weight_decay=0.1, window=2, density=0.1, block_size=64,
+                      error_bucket=32, shardings=shardings)
+
+
+def test_micro_adam_fsdp_equals_single_device_with_its_state_split_like_the_params():
+  """MicroAdam on FSDP (each matrix split along axis 0 in 4): the single-device
+  run (the ring wraps around), with every matrix's ring and error feedback split
+  along their blocks in the same 4 (a device keeps its own rows' state)."""
+  axes, rule, ways = LAYOUTS["fsdp_axis0"]
+  shardings = shardings_for(mesh(**axes), rule)
+  params, grads = params_and_grads()
+  want_params, want_state = train(micro_adam(), params, grads)
+  got_params, got_state = train(micro_adam(shardings), jax.device_put(params, shardings), grads,
+                                shardings)
+  assert_close(got_params, want_params, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(got_state), jax.tree.leaves(want_state)):
+    np.testing.assert_array_equal(a, b)
+  micro = got_state[0]
+  for part in (micro.indices, micro.values, micro.error):
+    for path, x in jax.tree_util.tree_flatten_with_path(part)[0]:
+      name = q.partition.path_str(path)
+      if "norm" in name:
+        assert x.sharding.is_fully_replicated, name
+      else:  # (m, kept) split along kept; packed codes and bucket ends along their buckets
+        assert x.sharding.spec[x.ndim - 1] == "fsdp", name
+        assert x.addressable_shards[0].data.shape[-1] == x.shape[-1] // ways, name
+
+
+def test_micro_adam_refuses_a_split_that_cuts_its_blocks():
+  m = mesh(**LAYOUTS["fsdp_axis1"][0])
+  params, _ = params_and_grads()
+  with pytest.raises(q.ShardingError, match=r"embed/embedding: .* only the first axis"):
+    micro_adam(shardings_for(m, fsdp_axis1)).init(params)
+  eight = jax.make_mesh((8,), ("fsdp",), axis_types=(AxisType.Auto,))
+  cut = q.micro_adam(1e-2, shardings=shardings_for(eight, fsdp_axis0))
+  with pytest.raises(q.ShardingError, match=r"layers/0/attn/k_proj/kernel: .* 8 shards of 256 "
+                                            r"elements, not a whole number of top-k blocks \(1024\)"):
+    cut.init(params)
