@@ -131,6 +131,9 @@ ROWS: dict[str, Row] = {
     "q_galore + INT8 weights": optax_row(lambda c: qadam_mini_jax.fused_q_galore(
         LEARNING_RATE, rank=llama_shapes.galore_rank(c), partition=partition(c)),
         int8_weights=True),
+    # MicroAdam's m = 10, 1% of each block of 1024.
+    "micro_adam": optax_row(
+        lambda c: qadam_mini_jax.micro_adam(LEARNING_RATE, partition=partition(c))),
     "optax.adamw" + IN_BACKWARD: in_backward_row(
         lambda c: qadam_mini_jax.in_backward.per_leaf(optax.adamw(LEARNING_RATE))),
     "adam_mini" + IN_BACKWARD: in_backward_row(

@@ -11,7 +11,9 @@
 #    tests (tests/test_pallas_update.py);
 # 3. runs the ragged kernel under compute-sanitizer memcheck, where it is installed;
 # 4. times the optimizer step at 1B and 7B (benchmarks/step_time.py), which writes
-#    benchmarks/results/step_time_gpu.md and step_time_gpu.json.
+#    benchmarks/results/step_time_gpu.md and step_time_gpu.json;
+# 5. times MicroAdam's parts at 1B for two top-k block sizes (benchmarks/micro_adam_profile.py
+#    -> micro_adam_profile_gpu.md): whether one part would pay for a kernel of its own.
 # The test log goes to benchmarks/results/gpu_check.md. Exits non-zero if any stage failed,
 # and with 2, saying so, where no GPU is found.
 set -uo pipefail
@@ -59,7 +61,9 @@ else
   echo "compute-sanitizer not found: memcheck skipped" | tee -a "$RESULTS/gpu_check.md"
 fi
 
-timeout 180 "$PY" benchmarks/step_time.py || failed+=("step_time")
+timeout 240 "$PY" benchmarks/step_time.py || failed+=("step_time")
+timeout 120 "$PY" benchmarks/micro_adam_profile.py --model 1B --blocks 1024 4096 --iters 5 \
+  || failed+=("micro_adam_profile")
 
 if [ ${#failed[@]} -gt 0 ]; then
   echo "gpu_check: FAILED: ${failed[*]}" | tee -a "$RESULTS/gpu_check.md"

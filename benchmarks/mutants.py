@@ -512,6 +512,51 @@ MUTANTS: tuple[Mutant, ...] = (
         ("tests/test_low_rank.py::test_a_range_finder_whose_sketch_spans_each_matrix_is_the_svd",),
         ("range_finder",),
         "range_finder= is accepted and the full SVD runs anyway"),
+    Mutant(
+        "window_ages_reversed", "qadam_mini_jax/sparse_window.py",
+        "  age = (count - 1 - row) % rows\n", "  age = (row - (count - 1)) % rows\n",
+        ("tests/test_micro_adam.py::test_matches_numpy_reference_across_the_ring_wrap_around",
+         "tests/test_sparse_window.py::test_moments_weigh_rows_by_age_and_skip_unwritten_rows"),
+        ("numpy_reference", "weigh_rows_by_age"),
+        "MicroAdam weighs its oldest sparse gradient most: m and v follow stale gradients"),
+    Mutant(
+        "window_bias_correction_dropped", "qadam_mini_jax/sparse_window.py",
+        "  return (m_sum * ((1.0 - b1) / (1.0 - jnp.power(b1, t))),",
+        "  return (m_sum * (1.0 - b1),",
+        ("tests/test_micro_adam.py::test_density_one_with_a_long_window_is_adam",),
+        ("is_adam",),
+        "MicroAdam's m_hat without bias correction: early steps 1/(1-b1^t) too small"),
+    Mutant(
+        "kept_entries_fed_back", "qadam_mini_jax/sparse_adam.py",
+        "  error = feedback.store(a.at[flat].set(0.0))", "  error = feedback.store(a)",
+        ("tests/test_micro_adam.py::test_matches_numpy_reference_across_the_ring_wrap_around",
+         "tests/test_micro_adam.py::test_density_one_with_a_long_window_is_adam"),
+        ("numpy_reference", "is_adam"),
+        "the kept entries also stay in the error feedback: they are applied twice"),
+    Mutant(
+        "error_feedback_ignored", "qadam_mini_jax/sparse_adam.py",
+        "  a = g.reshape(-1).astype(jnp.float32) + feedback.load(error, layout.size)",
+        "  a = g.reshape(-1).astype(jnp.float32)",
+        ("tests/test_micro_adam.py::test_matches_numpy_reference_across_the_ring_wrap_around",),
+        ("numpy_reference",),
+        "what top-k drops is lost for good: coordinates outside the top 1% never move"),
+    Mutant(
+        "tail_block_keeps_a_full_blocks_k", "qadam_mini_jax/sparse_window.py",
+        "                      kept_count(size % block, density))",
+        "                      kept_count(block, density) if size % block else 0)",
+        ("tests/test_sparse_window.py::test_layout",
+         "tests/test_micro_adam.py::test_matches_numpy_reference_across_the_ring_wrap_around"),
+        ("test_layout", "numpy_reference"),
+        "the ragged tail keeps as many entries as a full block: it is updated denser"),
+    Mutant(
+        "min_max_divides_by_a_zero_range", "qadam_mini_jax/int4.py",
+        "    inv = jnp.where(step > 0, 1.0 / jnp.where(step > 0, step, 1.0), 0.0)\n"
+        "    codes = jnp.clip(jnp.floor((b - low)",
+        "    inv = 1.0 / step\n    codes = jnp.clip(jnp.floor((b - low)",
+        ("tests/test_int4.py::test_min_max_codes_by_hand",
+         "tests/test_micro_adam.py::test_density_one_with_a_long_window_is_adam"),
+        ("by_hand", "is_adam"),
+        "a bucket of equal values divides 0 by 0 (the reference's bug): its codes are garbage"),
 )
 
 

@@ -62,6 +62,8 @@ def optimizers(config, on_gpu: bool) -> dict:
                                  **kw)),
       "q_galore": chain(qam.q_galore(1e-3, rank=llama_shapes.galore_rank(config),
                                      partition=part, **kw)),
+      # m = 10, 1% of each block of 1024; its parts: benchmarks/micro_adam_profile.py.
+      "micro_adam": chain(qam.micro_adam(1e-3, **kw)),
   }
   if on_gpu:
     rows["q_adam_mini pallas"] = chain(
@@ -88,8 +90,12 @@ def median_seconds(run, grads, state, params, iters: int) -> tuple[float, Any]:
 
 
 def time_step(init, step, params, iters: int) -> tuple[float, int]:
-  """Median seconds of one step, and the state's bytes."""
-  grads = jax.tree.map(lambda p: jnp.full(p.shape, 1e-3, p.dtype), params)
+  """Median seconds of one step on random gradients (MicroAdam's top-k sees no
+  ties), and the state's bytes."""
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(0), len(leaves))
+  grads = treedef.unflatten([1e-3 * jax.random.normal(k, p.shape, p.dtype)
+                             for k, p in zip(keys, leaves)])
   seconds, state = median_seconds(jax.jit(step, donate_argnums=(1, 2)), grads,
                                   init(params), params, iters)
   return seconds, qam.tree_nbytes(state)
