@@ -25,6 +25,7 @@ import functools
 import json
 import os
 import pathlib
+import re
 import shlex
 import sys
 from collections.abc import Callable
@@ -374,13 +375,19 @@ def environment() -> str:
 def merged_records(name: str, rows: list[str],
                    models: list[str]) -> tuple[list[dict], list[str], str]:
   """``<name>.json``'s records without ``rows`` of ``models`` (to be measured
-  again), its models and the first sentence of its table (the command that
-  made it); SystemExit unless its run had this environment."""
+  again), its models and the first line of its table (the command that made
+  it, and the notes of rows measured later but for those measured again now);
+  SystemExit unless its run had this environment."""
   first = (results_file.RESULTS / f"{name}.md").read_text().splitlines()[0]
-  first = first[:first.index(environment()) + len(environment())] if environment() in first else first
-  if not first.endswith(environment()):
+  if environment() not in first:
     raise SystemExit(f"{name}.md was measured under another environment ({first!r}); "
                      f"this one is {environment()!r}: run the whole table again.")
+  end = first.index(environment()) + len(environment())
+  kept_notes = [note.group(0) for note in re.finditer(
+      r" Rows (.*?) of (.*?) measured later, in the same environment, by `.*?`\.", first[end:])
+                if not (set(re.findall(r"`([^`]*)`", note.group(1))) <= set(rows)
+                        and set(note.group(2).split(", ")) <= set(models))]
+  first = first[:end] + "".join(kept_notes)
   records = json.loads((results_file.RESULTS / f"{name}.json").read_text())
   kept = [r for r in records if not (r["optimizer"] in rows and r["model"] in models)]
   return kept, list(dict.fromkeys([r["model"] for r in records] + models)), first

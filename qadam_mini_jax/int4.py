@@ -19,7 +19,8 @@ value lies within ``s / 2`` of its level, and codes are packed two per byte
 consecutive elements, each with its min and max in bfloat16 and codes
 ``floor((x - lo)/u + 1/2)`` for ``u = (hi - lo)/15`` (0.5 B per element plus
 4 B per bucket). Unlike the reference, a bucket whose values are all equal
-(``hi = lo``) stores codes 0 (its value exactly) instead of dividing by zero.
+(``hi = lo``) stores codes 0 (its value) instead of dividing by zero, and
+min and max are rounded outward to bfloat16.
 """
 
 from __future__ import annotations
@@ -128,11 +129,13 @@ class MinMaxInt4Storage(NamedTuple):
   consecutive elements (an even number; an array shorter than a bucket is one
   bucket of its length, rounded up to even).
 
-  A bucket's codes come from its stored (bfloat16) ``lo`` and ``hi``, so what
-  :meth:`load` gives is what :meth:`store` chose: ``lo + c*u`` with ``u = (hi
-  - lo)/15`` in float32 and ``c = clip(floor((x - lo)/u + 1/2), 0, 15)``
-  (``(x - lo)/u`` computed as ``(x - lo) * (1/u)``). Every value lies within
-  ``u/2`` of its level, up to the bfloat16 rounding of its bucket's min and max.
+  A bucket's ``lo`` and ``hi`` are its min and max rounded outward to
+  bfloat16 (so they hold every value of the bucket; rounded to nearest, a
+  bucket far from zero could lose more than a step to the rounding), and its
+  codes come from them as stored, so what :meth:`load` gives is what
+  :meth:`store` chose: ``lo + c*u`` with ``u = (hi - lo)/15`` in float32 and
+  ``c = clip(floor((x - lo)/u + 1/2), 0, 15)`` (``(x - lo)/u`` computed as
+  ``(x - lo) * (1/u)``). Every value lies within ``u/2`` of its level.
   """
 
   bucket: int = 1024
@@ -152,7 +155,7 @@ class MinMaxInt4Storage(NamedTuple):
   def store(self, x: jax.Array) -> MinMaxInt4:
     """``x`` (float, ``(..., n)``) quantized to the nearest level."""
     b = _buckets(x.astype(jnp.float32), self.size(x.shape[-1]))
-    lo, hi = b.min(-1).astype(jnp.bfloat16), b.max(-1).astype(jnp.bfloat16)
+    lo, hi = _bfloat16_outward(b.min(-1), b.max(-1))
     low, step = _levels(lo, hi)
     inv = jnp.where(step > 0, 1.0 / jnp.where(step > 0, step, 1.0), 0.0)
     codes = jnp.clip(jnp.floor((b - low) * inv + 0.5), 0, _LEVELS).astype(jnp.uint8)
@@ -164,6 +167,15 @@ class MinMaxInt4Storage(NamedTuple):
     codes = unpack(a.packed).astype(jnp.float32)
     codes = codes.reshape(codes.shape[:-1] + (a.lo.shape[-1], -1))
     return (low + codes * step).reshape(codes.shape[:-2] + (-1,))[..., :n]
+
+
+def _bfloat16_outward(lo: jax.Array, hi: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """float32 ``lo <= hi`` as bfloat16 rounded outward (down, up): the range they
+  span holds ``[lo, hi]``."""
+  lo_b, hi_b = lo.astype(jnp.bfloat16), hi.astype(jnp.bfloat16)
+  lo_b = jnp.where(lo_b.astype(jnp.float32) > lo, jnp.nextafter(lo_b, jnp.bfloat16(-jnp.inf)), lo_b)
+  hi_b = jnp.where(hi_b.astype(jnp.float32) < hi, jnp.nextafter(hi_b, jnp.bfloat16(jnp.inf)), hi_b)
+  return lo_b, hi_b
 
 
 def _levels(lo: jax.Array, hi: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 
 import fits  # benchmarks/, on sys.path from conftest
 import jax
 import numpy as np
+import pytest
 from flax import nnx
 from llama_model import Llama, LlamaConfig, next_token_loss
 
@@ -56,3 +58,22 @@ def test_remat_changes_no_loss_or_gradient():
 
   plain, remat = jax.jit(losses_and_grads)([params for _, params in models])
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), plain, remat)
+
+
+def test_rows_measured_again_keep_the_notes_of_the_other_rows(tmp_path, monkeypatch):
+  monkeypatch.setattr(fits.results_file, "RESULTS", tmp_path)
+
+  def note(rows, command):
+    return (f" Rows {', '.join(f'`{r}`' for r in rows)} of 60M, 7B measured later, in the same "
+            f"environment, by `{command}`.")
+  head = f"Produced by `python benchmarks/fits.py` on the CPU backend, cpu; {fits.environment()}"
+  (tmp_path / "t.md").write_text(head + note(["q_galore", "q_galore, in backward"], "one")
+                                 + note(["micro_adam"], "two") + "\n\n| table |\n")
+  (tmp_path / "t.json").write_text(json.dumps([{"model": "60M", "optimizer": "micro_adam"},
+                                               {"model": "60M", "optimizer": "q_galore"}]))
+  records, models, first = fits.merged_records("t", ["micro_adam"], ["60M", "7B"])
+  assert first == head + note(["q_galore", "q_galore, in backward"], "one")
+  assert records == [{"model": "60M", "optimizer": "q_galore"}] and models == ["60M", "7B"]
+  (tmp_path / "t.md").write_text("Produced by ...; jax 0.0.1.\n")
+  with pytest.raises(SystemExit, match="another environment"):
+    fits.merged_records("t", ["micro_adam"], ["60M"])

@@ -16,12 +16,23 @@ import qadam_mini_jax as q
 B1, B2, EPS = 0.9, 0.999, 1e-8
 
 
+def outward(lo, hi):
+  """float32 ``lo``, ``hi`` rounded outward to bfloat16, as float32."""
+  bf16 = ml_dtypes.bfloat16
+  lo_b, hi_b = bf16(lo), bf16(hi)
+  if np.float32(lo_b) > lo:
+    lo_b = np.nextafter(lo_b, bf16(-np.inf))
+  if np.float32(hi_b) < hi:
+    hi_b = np.nextafter(hi_b, bf16(np.inf))
+  return np.float32(lo_b), np.float32(hi_b)
+
+
 class NumpyMicroAdam:
   """One array's MicroAdam (Modoranu et al. 2024, Algorithm 1), element by element.
 
   Blocks of ``block`` keep ``ceil(len * density)`` entries each (the tail too);
   the error feedback is 4-bit per bucket of ``bucket`` with its min and max in
-  bfloat16; the ring has ``m`` rows.
+  bfloat16 (rounded outward); the ring has ``m`` rows.
   """
 
   def __init__(self, size, m, density, block, bucket):
@@ -40,8 +51,7 @@ class NumpyMicroAdam:
   def quantize_error(self, a):
     for s in range(0, self.size, self.bucket):
       x = a[s:s + self.bucket]
-      lo = np.float32(ml_dtypes.bfloat16(x.min()))
-      hi = np.float32(ml_dtypes.bfloat16(x.max()))
+      lo, hi = outward(x.min(), x.max())
       u = (hi - lo) * np.float32(1 / 15)
       inv = np.float32(1) / u if u > 0 else np.float32(0)
       c = np.clip(np.floor((x - lo) * inv + np.float32(0.5)), 0, 15)
