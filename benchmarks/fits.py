@@ -147,6 +147,8 @@ ROWS: dict[str, Row] = {
     "q_galore" + IN_BACKWARD: in_backward_row(
         lambda c: qadam_mini_jax.in_backward.per_leaf(qadam_mini_jax.q_galore(
             LEARNING_RATE, rank=llama_shapes.galore_rank(c), partition=partition(c)))),
+    "micro_adam" + IN_BACKWARD: in_backward_row(lambda c: qadam_mini_jax.in_backward.per_leaf(
+        qadam_mini_jax.micro_adam(LEARNING_RATE, partition=partition(c)))),
     # Q-GaLore's whole recipe, its "LLaMA-7B on a 16 GB GPU" row.
     "q_galore + INT8 weights" + IN_BACKWARD: in_backward_row(
         lambda c: qadam_mini_jax.in_backward.per_leaf(qadam_mini_jax.fused_q_galore(

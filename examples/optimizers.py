@@ -256,7 +256,8 @@ def fused_step(c: OptimizerConfig, model: LlamaConfig):
 
 
 #: What ``--update-in-backward`` takes: updates that need no more than a leaf's own gradient.
-IN_BACKWARD_OPTIMIZERS = ("adamw", "adam_mini", "q_adam_mini", "lion", "galore", "q_galore")
+IN_BACKWARD_OPTIMIZERS = ("adamw", "adam_mini", "q_adam_mini", "lion", "galore", "q_galore",
+                          "micro_adam")
 
 
 def in_backward_optimizer(c: OptimizerConfig, model: LlamaConfig):

@@ -55,6 +55,9 @@ OPTIMIZERS = {
         3e-3, rank=4, update_proj_gap=2, weight_decay=0.1, partition=PARTITION,
         quantization=QUANT, v_quantization=QUANT, stochastic_rounding="all",
         int4_group_size=8)),
+    # MicroAdam: each layer's ring (wrapping around at step 3) and 4-bit error feedback.
+    "micro_adam": lambda: in_backward.per_leaf(q.micro_adam(
+        3e-3, weight_decay=0.1, partition=PARTITION, window=2, block_size=64, error_bucket=32)),
     "q_adam_mini+clip": lambda: q.q_adam_mini(3e-3, weight_decay=0.1, partition=PARTITION,
                                               quantization=QUANT),
 }
@@ -137,7 +140,12 @@ def test_same_training_as_the_ordinary_step(name):
     np.testing.assert_allclose(a, b, rtol=2e-3, atol=1e-5)
   codes, ref_codes = _int8_leaves((params, state)), _int8_leaves((ref_params, ref_state))
   assert len(codes) == len(ref_codes)
-  assert (len(codes) > 0) == (name not in ("optax.adamw", "adam_mini"))
+  assert (len(codes) > 0) == (name not in ("optax.adamw", "adam_mini", "micro_adam"))
+  if name == "micro_adam":  # the ring's indices and the 4-bit error codes, per layer
+    ints = lambda tree: [x for x in jax.tree.leaves(tree) if x.dtype in (jnp.int16, jnp.uint8)]
+    assert len(ints(state)) == 2 * len(jax.tree.leaves(params))
+    for a, b in zip(ints(state), ints(ref_state)):
+      assert (np.asarray(a) != np.asarray(b)).mean() < 0.01
   if "galore" in name:  # the projected m: (layers, rank, out) or (layers, in, rank)
     assert any(x.shape[0] == CONFIG.num_layers and 4 in x.shape[1:] for x in codes)
   for a, b in zip(codes, ref_codes):
