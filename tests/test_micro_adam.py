@@ -135,22 +135,24 @@ def test_density_one_with_a_long_window_is_adam():
     np.testing.assert_array_equal(unpacked_codes(state.error["w"]), 0)
 
 
-@pytest.mark.parametrize("axis", [0, 1])
-def test_stacked_layers_equal_their_unstacked_twins(axis):
+def test_stacked_layers_equal_their_unstacked_twins():
+  """Layers stacked on axis 0 and on axis 1 (MaxText), in one program."""
   layers = [jax.random.normal(jax.random.key(i), (9, 12)) for i in range(3)]
-  stacked = {"layers": {"mlp": jnp.stack(layers, axis)}}
+  stacked = {f"axis{axis}": {"layers": {"mlp": jnp.stack(layers, axis)}} for axis in (0, 1)}
   twins = {f"layer{i}": {"mlp": x} for i, x in enumerate(layers)}
   kwargs = dict(window=2, density=0.1, block_size=32, error_bucket=16)
-  opt = q.micro_adam(1e-2, weight_decay=0.1, partition=q.BlockPartition(layers={"layers": axis}),
-                     **kwargs)
+  opt = q.micro_adam(1e-2, weight_decay=0.1, partition=q.BlockPartition(
+      layers={"axis0/layers": 0, "axis1/layers": 1}), **kwargs)
   twin_opt = q.micro_adam(1e-2, weight_decay=0.1, **kwargs)
   state, twin_state = opt.init(stacked), twin_opt.init(twins)
 
   @jax.jit
   def steps(stacked, state, twins, twin_state):
     for t in range(3):
-      g = grads_at(t, stacked)
-      twin_g = {f"layer{i}": {"mlp": jnp.take(g["layers"]["mlp"], i, axis)} for i in range(3)}
+      twin_g = grads_at(t, twins)
+      g = {f"axis{axis}": {"layers": {"mlp": jnp.stack([twin_g[f"layer{i}"]["mlp"]
+                                                        for i in range(3)], axis)}}
+           for axis in (0, 1)}
       u, state = opt.update(g, state, stacked)
       stacked = optax.apply_updates(stacked, u)
       u, twin_state = twin_opt.update(twin_g, twin_state, twins)
@@ -158,16 +160,19 @@ def test_stacked_layers_equal_their_unstacked_twins(axis):
     return stacked, state, twins, twin_state
 
   stacked, state, twins, twin_state = steps(stacked, state, twins, twin_state)
-  inner = state[0]
-  for i in range(3):
-    twin_inner = twin_state[0]
-    np.testing.assert_array_equal(jnp.take(stacked["layers"]["mlp"], i, axis),
-                                  twins[f"layer{i}"]["mlp"])
-    for field in ("indices", "values"):
-      np.testing.assert_array_equal(getattr(inner, field)["layers"]["mlp"][i],
-                                    getattr(twin_inner, field)[f"layer{i}"]["mlp"])
-    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a[i], b),
-                 inner.error["layers"]["mlp"], twin_inner.error[f"layer{i}"]["mlp"])
+  inner, twin_inner = state[0], twin_state[0]
+  for axis in (0, 1):
+    name = f"axis{axis}"
+    for i in range(3):
+      twin = f"layer{i}"
+      np.testing.assert_array_equal(jnp.take(stacked[name]["layers"]["mlp"], i, axis),
+                                    twins[twin]["mlp"])
+      for field in ("indices", "values"):
+        np.testing.assert_array_equal(getattr(inner, field)[name]["layers"]["mlp"][i],
+                                      getattr(twin_inner, field)[twin]["mlp"])
+      jax.tree.map(lambda a, b: np.testing.assert_array_equal(a[i], b),
+                   inner.error[name]["layers"]["mlp"], twin_inner.error[twin]["mlp"])
+  assert not np.array_equal(twins["layer0"]["mlp"], layers[0])  # it moved
 
 
 def test_masked_subtree_and_bfloat16_parameters():
