@@ -850,6 +850,11 @@ def configs_from_args(args: argparse.Namespace):
   if args.weight_quant and args.mesh:
     raise ValueError(f"--weight-quant does not combine with --mesh {args.mesh!r} yet: "
                      "sharding_rules.py has no rules for INT8 weights.")
+  if args.optimizer == "micro_adam" and args.mesh:
+    raise ValueError(f"--optimizer micro_adam does not combine with --mesh {args.mesh!r} yet: "
+                     "its ring and error feedback follow FSDP splits of each layer's first axis "
+                     "(micro_adam(shardings=...)), which the example's state placement does not "
+                     "know.")
   if args.update_in_backward:
     refused = [flag for flag, given in (
         ("--scan-layers is needed", not args.scan_layers),

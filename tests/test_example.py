@@ -490,6 +490,16 @@ def test_micro_adam_state_is_per_layer_when_scanned():
   assert 0.9 < per_param < 1.0
 
 
+def test_micro_adam_refuses_a_mesh(tmp_path, capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    train.main([*SMALL, "--optimizer", "micro_adam", "--mesh", "data=1",
+                "--out-dir", str(tmp_path / "run")])
+  assert exit_info.value.code == 2
+  assert "--optimizer micro_adam does not combine with --mesh 'data=1' yet" in (
+      capsys.readouterr().err.splitlines()[-1])
+  assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("flags, problem", [
     (["--optimizer", "adamw"], "--weight-quant needs --optimizer q_adam_mini"),
     (["--grad-accum", "2"], "without --grad-accum or --skip-nonfinite"),
