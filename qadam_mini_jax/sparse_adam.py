@@ -165,23 +165,65 @@ def scale_by_micro_adam(
         out.append(g)
         continue
 
-      def layer_step(_, g, indices, values, error, p=p):
-        return _layer_step(g, indices, values, error, count, b1, b2, eps, p.window, feedback)
-      carry = (g, rings[0][k], rings[1][k], rings[2][k])
-      if p.layers:
-        lead = tuple(range(len(p.layers)))
-        carry = partition_lib.layer_loop(
-            layer_step, tuple(g.shape[i] for i in p.layers), carry,
-            (p.layers, lead, lead, int4.MinMaxInt4(lead, lead, lead)))
-      else:
-        carry = layer_step(None, *carry)
-      out.append(carry[0])
-      for ring, new in zip(rings, carry[1:]):
-        ring[k] = new
+      parts = 1 if shardings is not None else _parts(p, feedback)
+      window_part = sparse_window.window_layout(p.window.size // parts, block_size, density)
+
+      def part_step(_, g, indices, values, error, layout=window_part):
+        return _layer_step(g, indices, values, error, count, b1, b2, eps, layout, feedback)
+      new = _per_part(part_step, p, parts, g, rings[0][k], rings[1][k], rings[2][k])
+      out.append(new[0])
+      for ring, x in zip(rings, new[1:]):
+        ring[k] = x
     return treedef.unflatten(out), ScaleByMicroAdamState(count, *(
         treedef.unflatten(r) for r in placed(updates, rings)))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+#: Elements of a layer updated at once at most, where its first axis splits into
+#: parts of whole blocks and error buckets: each part's dense temporaries (``a``,
+#: ``m_hat``, ``v_hat``) are alive one part at a time (a 7B embedding: 8 parts).
+PART_ELEMENTS = 2**24
+
+
+def _parts(p: _LeafPlan, feedback: int4.MinMaxInt4Storage) -> int:
+  """How many parts along its first axis each layer of a leaf is updated in: the
+  fewest that hold at most :data:`PART_ELEMENTS` each and whole blocks and error
+  buckets (1 if none does)."""
+  rows, size = (p.layer_shape or (1,))[0], p.window.size
+  unit = math.lcm(p.window.block, feedback.size(size))
+  for parts in range(1, rows + 1):
+    if rows % parts == 0 and size // parts % unit == 0 and size // parts <= PART_ELEMENTS:
+      return parts
+  return 1
+
+
+def _per_part(step, p: _LeafPlan, parts: int, g, indices, values, error):
+  """``step(_, g, indices, values, error)`` of one part of one layer at a time,
+  over every layer of a leaf and ``parts`` parts of each along its first axis
+  (a part's kept entries, error codes and buckets are a contiguous range of its
+  layer's, since its blocks are)."""
+  nl = len(p.layers)
+  if not nl and parts == 1:
+    return step(None, g, indices, values, error)
+  shape, lead = g.shape, tuple(range(nl))
+  if parts == 1:
+    return partition_lib.layer_loop(step, tuple(shape[i] for i in p.layers),
+                                    (g, indices, values, error),
+                                    (p.layers, lead, lead, int4.MinMaxInt4(lead, lead, lead)))
+  first = next(i for i in range(len(shape)) if i not in p.layers)  # the layer's first axis
+  g_parts = g.reshape(shape[:first] + (parts, shape[first] // parts) + shape[first + 1:])
+  g_axes = tuple(a + (a > first) for a in p.layers) + (first,)
+  split = lambda x, at: x.reshape(x.shape[:at] + (parts, x.shape[at] // parts) + x.shape[at + 1:])
+  ring_axes, flat_axes = lead + (nl + 1,), lead + (nl,)
+  carry = (g_parts, split(indices, nl + 1), split(values, nl + 1),
+           jax.tree.map(lambda x: split(x, nl), error))
+  sizes = tuple(shape[i] for i in p.layers) + (parts,)
+  g_parts, indices, values, error = partition_lib.layer_loop(
+      step, sizes, carry, (g_axes, ring_axes, ring_axes, int4.MinMaxInt4(*(flat_axes,) * 3)))
+  merge = lambda x, at: x.reshape(x.shape[:at] + (-1,) + x.shape[at + 2:])
+  return (g_parts.reshape(shape), merge(indices, nl + 1), merge(values, nl + 1),
+          jax.tree.map(lambda x: merge(x, nl), error))
 
 
 def _placements(tree: Any, shardings: Any, plans: list[_LeafPlan | None],
