@@ -145,9 +145,10 @@ def q_adam_mini(
       ``"none"``, or a mask pytree / callable.
     key: int seed or JAX PRNG key for stochastic rounding.
     implementation: for INT8 leaves, ``"xla"`` (jnp), ``"pallas"`` (the fused
-      Triton kernel on GPU, interpret mode elsewhere) or ``"auto"``: ``"xla"``
-      until the kernel has been measured on a GPU
-      (:data:`~qadam_mini_jax.transform.AUTO_USES_KERNEL_ON_GPU`).
+      Pallas kernel: Triton on GPU, interpret mode elsewhere), ``"triton"`` (the
+      same kernel as ``@triton.jit`` through jax-triton, the ``gpu`` extra) or
+      ``"auto"``: ``"xla"`` until a kernel has been measured faster on a GPU
+      (:data:`~qadam_mini_jax.transform.AUTO_KERNELS_ON_GPU`).
     shardings: the parameters' ``NamedSharding``s for sharded training: the
       state follows them and the kernel runs per shard (``shard_map``); see
       :mod:`qadam_mini_jax.sharding` for the shardings INT8 groups support.

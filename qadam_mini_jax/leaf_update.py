@@ -30,6 +30,7 @@ from qadam_mini_jax import quantize as quantize_lib
 from qadam_mini_jax import random_bits
 from qadam_mini_jax import sharding as sharding_lib
 from qadam_mini_jax import storage as storage_lib
+from qadam_mini_jax import triton_update
 
 
 class LeafPlan(NamedTuple):
@@ -46,7 +47,8 @@ class LeafPlan(NamedTuple):
       when the step writes one, else ``None``.
     decay: ``None`` when the step returns the direction ``u``; else whether
       weight decay applies as the step writes the new parameter.
-    backend: Pallas backend of an INT8 leaf's update, or ``None`` for jnp.
+    backend: kernel backend of an INT8 leaf's update (:data:`.pallas_update.BACKENDS`
+      or :data:`.triton_update.BACKENDS`), or ``None`` for jnp.
     sharding: the parameter's ``NamedSharding`` (or ``None``).
     second: storage of ``v``: float32, or (one entry per element) 8-bit with
       the logarithmic code, always rounded stochastically
@@ -150,7 +152,7 @@ def write_leaf(plan: LeafPlan, s: StepScalars, u: jax.Array, p: Any) -> Any:
 
 def _kernel_layer(plan: LeafPlan, s: StepScalars, spec: partition_lib.BlockSpec,
                   g, mu, factor, p, layer):
-  """The update in the fused Pallas kernel: ``(out, m)`` of one layer."""
+  """The update in the fused kernel (Pallas or Triton): ``(out, m)`` of one layer."""
   layout, fused = plan.moment.layout, plan.decay is not None
   zero, no_word = jnp.zeros([], jnp.float32), jnp.zeros([], jnp.uint32)
   wd = (s.wd if plan.decay else zero) if fused else zero
@@ -167,15 +169,17 @@ def _kernel_layer(plan: LeafPlan, s: StepScalars, spec: partition_lib.BlockSpec,
     p = quantize_lib.QuantizedArray(p.codes, p.scales)
   args = (p if fused else g, g, mu, pallas_update.factors_2d(factor, spec, layout),
           jnp.stack([jnp.asarray(h, jnp.float32) for h in hyper] + [zero] * 4), jnp.stack(seeds))
+  kernel = (triton_update.fused_leaf_update if plan.backend in triton_update.BACKENDS
+            else pallas_update.fused_leaf_update)
   if plan.sharding is None or plan.sharding.is_fully_replicated:
-    out, mu = pallas_update.fused_leaf_update(*args, layout=layout, **kernel_args)
+    out, mu = kernel(*args, layout=layout, **kernel_args)
     return (out if plan.weights is None else plan.weights.wrap(out)), mu
   if plan.weights is not None:
     raise sharding_lib.ShardingError(
         f"{plan.path}: the fused kernel does not update sharded INT8 weights yet; use "
         "implementation='xla'.")
   return pallas_update.sharded_leaf_update(
-      *args, layout=layout, sharding=plan.sharding, path=plan.path, **kernel_args)
+      *args, layout=layout, sharding=plan.sharding, path=plan.path, kernel=kernel, **kernel_args)
 
 
 def _second_moment(plan: LeafPlan, s: StepScalars, spec: partition_lib.BlockSpec, g: jax.Array,

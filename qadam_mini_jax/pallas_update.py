@@ -305,8 +305,9 @@ def factors_2d(factor, spec: partition_lib.BlockSpec, layout: quantize_lib.Group
 
 def sharded_leaf_update(p, g, q: quantize_lib.QuantizedArray, factor, hyper, seeds, *,
                         layout: quantize_lib.GroupLayout, sharding: jax.sharding.NamedSharding,
-                        path: str, **kernel_args):
-  """:func:`fused_leaf_update` run on every shard of a sharded leaf (``shard_map``).
+                        path: str, kernel=fused_leaf_update, **kernel_args):
+  """``kernel`` (:func:`fused_leaf_update`, or the Triton kernel's, which takes the
+  same arguments) run on every shard of a sharded leaf (``shard_map``).
 
   Each device updates its own shard of ``p``, ``g`` and the INT8 ``m`` (whose
   groups must not straddle shards) with the block factors of its shard; the
@@ -345,8 +346,8 @@ def sharded_leaf_update(p, g, q: quantize_lib.QuantizedArray, factor, hyper, see
     offset = lambda entry, n: (jnp.zeros([], jnp.uint32) if entry is None else
                                (jax.lax.axis_index(entry) * n).astype(jnp.uint32))
     seeds = jnp.stack([seeds[0], seeds[1], offset(row, local.a), offset(col, local.b)])
-    out, q = fused_leaf_update(p, g, quantize_lib.QuantizedArray(codes, scales), factor,
-                               hyper, seeds, layout=local, stride=layout.b, **kernel_args)
+    out, q = kernel(p, g, quantize_lib.QuantizedArray(codes, scales), factor, hyper, seeds,
+                    layout=local, stride=layout.b, **kernel_args)
     return out, q.codes, q.scales
 
   spec = P(*entries)

@@ -36,6 +36,7 @@ from qadam_mini_jax import partition as partition_lib
 from qadam_mini_jax import random_bits
 from qadam_mini_jax import sharding as sharding_lib
 from qadam_mini_jax import storage as storage_lib
+from qadam_mini_jax import triton_update
 from qadam_mini_jax import weights as weights_lib
 from qadam_mini_jax.quantize import QuantizedArray
 from qadam_mini_jax.storage import (  # noqa: F401  (stacked_axes: re-exported)
@@ -48,43 +49,56 @@ StochasticRounding = Union[str, Any, Callable[[Any], Any]]
 ROUNDING_CHOICES = ("auto", "all", "none")
 
 
-IMPLEMENTATIONS = ("auto", "xla", "pallas")
+IMPLEMENTATIONS = ("auto", "xla", "pallas", "triton")
 
-#: Whether ``implementation="auto"`` runs the fused Pallas kernel on a CUDA GPU.
-#: Off until ``bash benchmarks/gpu_check.sh`` has passed on an H100/H200 and its
-#: ``benchmarks/results/step_time_gpu.md`` shows the kernel at least as fast as
-#: the XLA path there; until then ``"pallas"`` is opt-in (README, "GPU kernel").
-AUTO_USES_KERNEL_ON_GPU = False
+#: The kernels ``implementation="auto"`` may take on a CUDA GPU, in order of
+#: preference: only a kernel that ``bash benchmarks/gpu_check.sh`` measured faster
+#: than the XLA path on an H100/H200 (``benchmarks/results/step_time_gpu.md``).
+#: Empty until then: ``"pallas"`` and ``"triton"`` are opt-in (README, "GPU kernel").
+AUTO_KERNELS_ON_GPU: tuple[str, ...] = ()
 
 
-def resolve_implementation(implementation: str, quantization: Int8Quantization | None) -> str | None:
-  """The Pallas backend INT8 leaves use, or ``None`` for the jnp path.
-
-  ``"auto"`` takes the kernel only on a GPU, with :data:`AUTO_USES_KERNEL_ON_GPU`
-  and a power-of-two group size; where JAX no longer ships the Pallas Triton
-  backend it warns once and takes the jnp path. ``"pallas"`` raises instead.
-  """
-  if implementation not in IMPLEMENTATIONS:
-    raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}.")
+def _kernel_backend(kernel: str) -> str:
+  """The backend of ``kernel`` (``"pallas"`` or ``"triton"``) on this platform, or raise
+  saying what is missing (:class:`.pallas_update.TritonBackendMissing`,
+  :class:`.triton_update.TritonMissing`)."""
+  if kernel == "triton":
+    return triton_update.backend()
   platform = jax.default_backend()
-  if implementation == "xla" or quantization is None:
-    return None
-  if implementation == "auto":
-    group_size = quantization.group_size
-    if platform != "gpu" or not AUTO_USES_KERNEL_ON_GPU or group_size & (group_size - 1):
-      return None
-    try:
-      pallas_update.triton_backend()
-    except pallas_update.TritonBackendMissing as e:
-      warnings.warn(f"{e} implementation='auto' takes the XLA path.", stacklevel=3)
-      return None
-    return "triton"
   if platform not in ("gpu", "cpu"):
     raise ValueError(f"implementation='pallas' runs on CUDA GPUs (Triton) and, in interpret "
                      f"mode, on CPU; this platform is {platform!r}: use 'xla'.")
-  pallas_update.check_group_size(quantization.group_size)
   pallas_update.triton_backend()
   return pallas_update.default_backend()
+
+
+def resolve_implementation(implementation: str, quantization: Int8Quantization | None) -> str | None:
+  """The kernel backend INT8 leaves use, or ``None`` for the jnp path.
+
+  ``"pallas"``: the Pallas kernel (its Triton lowering on a GPU, interpret mode
+  on the CPU). ``"triton"``: the ``@triton.jit`` kernel (:mod:`.triton_update`;
+  jax-triton on a GPU, Triton's interpreter on the CPU). Both need a
+  power-of-two group size and raise when they cannot run. ``"auto"`` takes the
+  first of :data:`AUTO_KERNELS_ON_GPU` that runs, on a GPU only; one that does
+  not (e.g. a JAX without Pallas's Triton backend) is passed over with a warning.
+  """
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}.")
+  if implementation == "xla" or quantization is None:
+    return None
+  if implementation != "auto":
+    pallas_update.check_group_size(quantization.group_size)
+    return _kernel_backend(implementation)
+  group_size = quantization.group_size
+  if jax.default_backend() != "gpu" or group_size & (group_size - 1):
+    return None
+  for kernel in AUTO_KERNELS_ON_GPU:
+    try:
+      return _kernel_backend(kernel)
+    except (pallas_update.TritonBackendMissing, triton_update.TritonMissing) as e:
+      warnings.warn(f"{e} implementation='auto' passes over the {kernel!r} kernel.",
+                    stacklevel=3)
+  return None
 
 
 #: What :func:`check_hyperparameters` requires of each name, and the test.
@@ -385,8 +399,9 @@ def scale_by_adam_mini(
     key: int seed or JAX PRNG key of the rounding noise (held in the state).
     implementation: how INT8 leaves are updated: ``"xla"`` (jnp, the
       specification), ``"pallas"`` (the fused kernel of
-      :mod:`.pallas_update`: Triton on GPU, interpret mode elsewhere) or
-      ``"auto"`` (``"xla"`` for now, see :data:`AUTO_USES_KERNEL_ON_GPU`).
+      :mod:`.pallas_update`: Triton on GPU, interpret mode elsewhere),
+      ``"triton"`` (the same kernel in :mod:`.triton_update`, through jax-triton) or
+      ``"auto"`` (``"xla"`` for now, see :data:`AUTO_KERNELS_ON_GPU`).
       Float leaves always take the jnp path. Both give the same state up to float32 rounding
       (see :mod:`.pallas_update`).
     shardings: the parameters' ``NamedSharding``s (a pytree like params,

@@ -241,20 +241,20 @@ def test_auto_takes_the_xla_path_until_the_kernel_is_measured_on_a_gpu(monkeypat
   int8 = q.Int8Quantization()
   assert transform.resolve_implementation("auto", int8) is None  # this CPU
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-  assert not transform.AUTO_USES_KERNEL_ON_GPU
+  assert transform.AUTO_KERNELS_ON_GPU == ()
   assert transform.resolve_implementation("auto", int8) is None
   assert transform.resolve_implementation("pallas", int8) == "triton"
-  monkeypatch.setattr(transform, "AUTO_USES_KERNEL_ON_GPU", True)
+  monkeypatch.setattr(transform, "AUTO_KERNELS_ON_GPU", ("pallas",))
   assert transform.resolve_implementation("auto", int8) == "triton"
   assert transform.resolve_implementation("auto", q.Int8Quantization(group_size=100)) is None
 
 
 def test_without_the_triton_backend_auto_warns_and_pallas_raises(monkeypatch):
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-  monkeypatch.setattr(transform, "AUTO_USES_KERNEL_ON_GPU", True)
+  monkeypatch.setattr(transform, "AUTO_KERNELS_ON_GPU", ("pallas",))
   monkeypatch.delattr(pl_package, "triton", raising=False)  # as if JAX shipped no such module
   monkeypatch.setitem(sys.modules, "jax.experimental.pallas.triton", None)
-  with pytest.warns(UserWarning, match="no Pallas Triton backend.*takes the XLA path"):
+  with pytest.warns(UserWarning, match="no Pallas Triton backend.*passes over the 'pallas'"):
     assert transform.resolve_implementation("auto", q.Int8Quantization()) is None
   with pytest.raises(pallas_update.TritonBackendMissing, match="implementation='xla'"):
     q.q_adam_mini(1e-3, implementation="pallas")
