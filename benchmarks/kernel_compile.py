@@ -1,11 +1,13 @@
-"""Compile the fused Pallas kernel with the Triton compiler on a machine without a GPU.
+"""Compile the fused kernels with the Triton compiler on a machine without a GPU.
 
 Pallas's Triton lowering runs on any host when ``jax.export`` lowers for CUDA;
 the Triton-dialect module it builds is captured here and handed to the PyPI
 ``triton`` compiler, which turns it into PTX and a cubin (its bundled
-``ptxas``) for any target. ``ptxas -v`` then gives registers and spills, and
-``cuobjdump`` the SASS. Used by ``tests/test_kernel_compile.py`` (CI) and
-``benchmarks/kernel_static.py`` (the report).
+``ptxas``) for any target. The ``@triton.jit`` kernel of ``implementation="triton"``
+(:mod:`qadam_mini_jax.triton_update`) is compiled from its source as jax-triton
+compiles it (16-byte aligned buffers, no FMA contraction). ``ptxas -v`` then
+gives registers and spills, and ``cuobjdump`` the SASS. Used by
+``tests/test_kernel_compile.py`` (CI) and ``benchmarks/kernel_static.py`` (the report).
 
 Needs ``pip install triton`` (Linux x86-64 and aarch64 wheels); the captured
 lowering is ``jax._src.pallas.triton.lowering.lower_jaxpr_to_triton_module``,
@@ -32,6 +34,7 @@ from qadam_mini_jax import pallas_update
 from qadam_mini_jax import partition as partition_lib
 from qadam_mini_jax import quantize as quantize_lib
 from qadam_mini_jax import transform
+from qadam_mini_jax import triton_update
 
 TARGETS = (90, 80)  # sm_90 (H100, H200), sm_80 (A100)
 
@@ -46,6 +49,7 @@ class Variant(NamedTuple):
   p_dtype: Any
   g_dtype: Any
   int8_params: bool = False  # INT8 weights (codes and scales) in and out; fused step only
+  kernel: str = "pallas"  # or "triton": the @triton.jit kernel (same arguments, same tiles)
 
   @property
   def layout(self) -> quantize_lib.GroupLayout:
@@ -54,7 +58,8 @@ class Variant(NamedTuple):
 
   @property
   def config(self) -> pallas_update.KernelConfig:
-    return pallas_update.kernel_config(self.layout, self.int8_params)
+    configure = triton_update.kernel_config if self.kernel == "triton" else pallas_update.kernel_config
+    return configure(self.layout, self.int8_params)
 
   @property
   def ragged(self) -> bool:
@@ -100,7 +105,7 @@ class Variant(NamedTuple):
     dtypes = "w8" if self.int8_params else "f32" if self.p_dtype == jnp.float32 else "bf16"
     if self.p_dtype != self.g_dtype:
       dtypes = f"p{jnp.dtype(self.p_dtype).itemsize * 8}g{jnp.dtype(self.g_dtype).itemsize * 8}"
-    return "_".join([
+    return "_".join([*(["triton"] if self.kernel == "triton" else []),
         "cols" if self.layout.columns else "rows", "x".join(map(str, self.shape)), dtypes,
         "sr" if self.stochastic else "rtn", "fused" if self.fuse_step else "direction"])
 
@@ -131,6 +136,58 @@ def variants() -> list[Variant]:
   return out
 
 
+def triton_variants() -> list[Variant]:
+  """The ``@triton.jit`` kernel on the same leaves: every flag on the four shapes
+  of :func:`variants`, the vocabulary-padded ones, and INT8 weights."""
+  out = [v._replace(kernel="triton") for v in variants()
+         if v.shape in ((4096, 4096), (1000, 300), (32000, 4096), (100, 300))
+         and v.p_dtype == v.g_dtype and not v.int8_params]
+  out += [Variant((32001, 4096), ROWS, True, False, jnp.bfloat16, jnp.bfloat16, kernel="triton"),
+          Variant((4096, 32001), COLUMNS, True, True, jnp.float32, jnp.float32, kernel="triton")]
+  out += [Variant(shape, axes, sr, True, jnp.float32, jnp.float32, True, kernel="triton")
+          for shape, axes in [((4096, 4096), COLUMNS), ((1000, 300), COLUMNS),
+                              ((32000, 4096), ROWS), ((100, 300), ROWS)] for sr in (False, True)]
+  return out
+
+
+def _arguments(variant: Variant):
+  """Abstract arguments of a variant's launch (as ``fused_leaf_update`` takes them)."""
+  layout, spec = variant.layout, partition_lib.BlockSpec(variant.reduced_axes)
+  axes = pallas_update.factor_axes(spec, layout)
+  s = jax.ShapeDtypeStruct
+  factor = (layout.a if axes["a_varies"] else 1, layout.b if axes["b_varies"] else 1)
+  codes = quantize_lib.QuantizedArray(s(variant.shape, jnp.int8),
+                                      s(layout.scales_shape, jnp.float32))
+  args = (codes if variant.int8_params else s(variant.shape, variant.p_dtype),
+          s(variant.shape, variant.g_dtype), codes, s(factor, jnp.float32), s((8,), jnp.float32),
+          s((6 if variant.int8_params else 4,), jnp.uint32))
+  flags = dict(layout=layout, stochastic=variant.stochastic, fuse_step=variant.fuse_step,
+               params_stochastic=variant.stochastic if variant.int8_params else None, **axes)
+  return args, flags
+
+
+_TRITON_TYPES = {"float32": "fp32", "bfloat16": "bf16", "int8": "i8", "uint32": "u32"}
+
+
+def triton_source(variant: Variant):
+  """The ``@triton.jit`` kernel of ``variant`` as jax-triton hands it to the compiler."""
+  from triton.compiler import ASTSource  # pylint: disable=g-import-not-at-top
+  args, flags = _arguments(variant)
+  captured = []
+
+  def inputs(*a):
+    captured.append(triton_update.launch(*a, **flags))
+    return captured[0].inputs
+  buffers = [*jax.eval_shape(inputs, *args), *captured[0].out_shapes]
+  run = captured[0]
+  kernel = triton_update.leaf_kernel(run.int8_params)
+  signature = {name: "*" + _TRITON_TYPES[jnp.dtype(b.dtype).name]
+               for name, b in zip(kernel.arg_names, buffers)}
+  signature.update({name: "constexpr" for name in run.constants})
+  attrs = {(i,): [["tt.divisibility", 16]] for i in range(len(buffers))}  # XLA's buffers
+  return ASTSource(kernel, signature, constexprs=run.constants, attrs=attrs)
+
+
 @contextlib.contextmanager
 def _captured_triton_modules():
   """Collect the text of every Triton module Pallas lowers inside the block."""
@@ -151,19 +208,8 @@ def _captured_triton_modules():
 
 def triton_ir(variant: Variant) -> str:
   """The Triton-dialect module Pallas builds for ``variant`` (lowered for CUDA, no GPU)."""
-  layout, spec = variant.layout, partition_lib.BlockSpec(variant.reduced_axes)
-  axes = pallas_update.factor_axes(spec, layout)
-  s = jax.ShapeDtypeStruct
-  factor = (layout.a if axes["a_varies"] else 1, layout.b if axes["b_varies"] else 1)
-  codes = quantize_lib.QuantizedArray(s(variant.shape, jnp.int8),
-                                      s(layout.scales_shape, jnp.float32))
-  args = (codes if variant.int8_params else s(variant.shape, variant.p_dtype),
-          s(variant.shape, variant.g_dtype), codes, s(factor, jnp.float32), s((8,), jnp.float32),
-          s((6 if variant.int8_params else 4,), jnp.uint32))
-  fn = lambda *a: pallas_update.fused_leaf_update(
-      *a, layout=layout, stochastic=variant.stochastic, fuse_step=variant.fuse_step,
-      backend="triton", params_stochastic=variant.stochastic if variant.int8_params else None,
-      **axes)
+  args, flags = _arguments(variant)
+  fn = lambda *a: pallas_update.fused_leaf_update(*a, backend="triton", **flags)
   with _captured_triton_modules() as texts:
     jax.export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=[
         jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*args)
@@ -278,14 +324,17 @@ def compile_variant(variant: Variant, sm: int, ttir: str | None = None,
   import triton  # pylint: disable=g-import-not-at-top
   from triton.backends.compiler import GPUTarget  # pylint: disable=g-import-not-at-top
   from triton.backends.nvidia.compiler import sm_arch_from_capability  # pylint: disable=g-import-not-at-top
-  ttir = triton_ir(variant) if ttir is None else ttir
   ptxas, cuobjdump = _nvidia_tools(sm)
+  options = {"num_warps": variant.config.num_warps, "num_stages": 1}
   with tempfile.TemporaryDirectory() as tmp:
-    path = os.path.join(tmp, "kernel.ttir")
-    with open(path, "w") as f:
-      f.write(ttir)
-    kernel = triton.compile(path, target=GPUTarget("cuda", sm, 32), options={
-        "num_warps": variant.config.num_warps, "num_stages": 1})
+    if variant.kernel == "triton":
+      source = triton_source(variant)
+      options["enable_fp_fusion"] = False  # as triton_update.fused_leaf_update launches it
+    else:
+      source = os.path.join(tmp, "kernel.ttir")
+      with open(source, "w") as f:
+        f.write(triton_ir(variant) if ttir is None else ttir)
+    kernel = triton.compile(source, target=GPUTarget("cuda", sm, 32), options=options)
     ptx, cubin = kernel.asm["ptx"], os.path.join(tmp, "kernel.cubin")
     with open(os.path.join(tmp, "kernel.ptx"), "w") as f:
       f.write(ptx)
@@ -313,9 +362,9 @@ def compile_all(variants: list[Variant], targets=TARGETS,
   the workers.
   """
   os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton < 3.10's default, explicit
-  ir = {v: triton_ir(v) for v in variants}
+  ir = {v: triton_ir(v) for v in variants if v.kernel == "pallas"}
   spawn = multiprocessing.get_context("spawn")
   with concurrent.futures.ProcessPoolExecutor(os.cpu_count() or 1, mp_context=spawn) as pool:
-    jobs = {(v, sm): pool.submit(compile_variant, v, sm, ir[v], sass)
+    jobs = {(v, sm): pool.submit(compile_variant, v, sm, ir.get(v), sass)
             for v in variants for sm in targets}
     return {key: job.result() for key, job in jobs.items()}

