@@ -1,6 +1,6 @@
 """Optimizer step time on LLaMA parameter shapes, as ratios to optax.adamw.
 
-    python benchmarks/step_time.py                # GPU: 1B (and 7B if it fits); CPU: 130M, XLA rows
+    python benchmarks/step_time.py                # GPU: 130M, 1B (and 7B if it fits); CPU: 130M, XLA rows
     python benchmarks/step_time.py --model 60M --iters 10
 
 Each row times one jitted optimizer step alone: ``tx.update`` plus
@@ -15,6 +15,7 @@ parameters and state. Results go to ``benchmarks/results/step_time_<device>.md``
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import pathlib
 import statistics
@@ -65,11 +66,13 @@ def optimizers(config, on_gpu: bool) -> dict:
       # m = 10, 1% of each block of 1024; its parts: benchmarks/micro_adam_profile.py.
       "micro_adam": chain(qam.micro_adam(1e-3, **kw)),
   }
-  if on_gpu:
-    rows["q_adam_mini pallas"] = chain(
-        qam.q_adam_mini(1e-3, partition=part, implementation="pallas", **kw))
-    fused = qam.fused_q_adam_mini(1e-3, partition=part, implementation="pallas", **kw)
-    rows["fused_q_adam_mini pallas"] = (fused.init, fused.step)
+  if on_gpu:  # the kernels: Pallas's, and the @triton.jit one where jax-triton is installed
+    kernels = ["pallas"] + (["triton"] if importlib.util.find_spec("jax_triton") else [])
+    for kernel in kernels:
+      rows[f"q_adam_mini {kernel}"] = chain(
+          qam.q_adam_mini(1e-3, partition=part, implementation=kernel, **kw))
+      fused = qam.fused_q_adam_mini(1e-3, partition=part, implementation=kernel, **kw)
+      rows[f"fused_q_adam_mini {kernel}"] = (fused.init, fused.step)
   return rows
 
 
@@ -104,7 +107,7 @@ def time_step(init, step, params, iters: int) -> tuple[float, int]:
 def main() -> None:
   on_gpu = jax.default_backend() == "gpu"
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--model", nargs="+", default=["1B", "7B"] if on_gpu else ["130M"])
+  parser.add_argument("--model", nargs="+", default=["130M", "1B", "7B"] if on_gpu else ["130M"])
   parser.add_argument("--iters", type=int, default=50 if on_gpu else 5)
   args = parser.parse_args()
   device = jax.devices()[0]

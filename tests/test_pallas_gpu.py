@@ -1,8 +1,10 @@
-"""The compiled Triton kernel on a CUDA GPU (skipped elsewhere; ``bash benchmarks/gpu_check.sh``).
+"""The compiled kernels on a CUDA GPU (skipped elsewhere; ``bash benchmarks/gpu_check.sh``).
 
-On aligned and ragged leaves of both layouts, fp32 and bf16, round-to-nearest
+Both kernels: Pallas's (its Triton lowering) and the ``@triton.jit`` one through
+jax-triton (``implementation="triton"``, skipped without the ``gpu`` extra). On
+aligned and ragged leaves of both layouts, fp32 and bf16, round-to-nearest
 and stochastic, direction and fused step: the compiled kernel agrees with the
-same kernel in interpret mode and with the jnp path (the specification) to the
+Pallas kernel in interpret mode and with the jnp path (the specification) to the
 bound of ``test_pallas_update.py``; the per-shard launch under ``shard_map``
 equals the whole-leaf one; and nothing is written past any output buffer.
 """
@@ -13,7 +15,7 @@ import numpy as np
 import pytest
 
 import qadam_mini_jax as q
-from qadam_mini_jax import pallas_update, quantize as Q, random_bits, transform
+from qadam_mini_jax import pallas_update, quantize as Q, random_bits, transform, triton_update
 from test_pallas_update import assert_directions_agree
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a CUDA GPU (Triton)")
@@ -44,8 +46,21 @@ def _leaf(shape, spec, dtype, seed=0):
   return layout, p, g, m0, factor, hyper, seeds
 
 
-def _kernel(layout, spec, p, g, m0, factor, hyper, seeds, *, stochastic, fuse_step, backend):
-  return pallas_update.fused_leaf_update(
+#: kernel -> (its fused_leaf_update, its compiled backend)
+KERNELS = {"pallas": (pallas_update.fused_leaf_update, "triton"),
+           "triton": (triton_update.fused_leaf_update, "jax_triton")}
+
+
+def _compiled(kernel):
+  """The kernel's update function and GPU backend (skips the test without jax-triton)."""
+  if kernel == "triton":
+    pytest.importorskip("jax_triton", reason="the gpu extra (jax-triton) is not installed")
+  return KERNELS[kernel]
+
+
+def _kernel(layout, spec, p, g, m0, factor, hyper, seeds, *, stochastic, fuse_step, backend,
+            update=pallas_update.fused_leaf_update):
+  return update(
       p, g, m0, pallas_update.factors_2d(factor, spec, layout), hyper, seeds, layout=layout,
       stochastic=stochastic, fuse_step=fuse_step, backend=backend,
       **pallas_update.factor_axes(spec, layout))
@@ -68,13 +83,16 @@ def _assert_moments_agree(a, b):
   assert diff.max() <= 1 and diff.mean() < 1e-3
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("stochastic, fuse_step, dtype", FLAGS)
 @pytest.mark.parametrize("shape, spec", SHAPES)
 def test_compiled_kernel_matches_interpret_mode_and_jnp_path(shape, spec, stochastic, fuse_step,
-                                                            dtype):
+                                                            dtype, kernel):
+  update, backend = _compiled(kernel)
   layout, *args = _leaf(shape, spec, dtype)
   flags = dict(stochastic=stochastic, fuse_step=fuse_step)
-  u_t, m_t = jax.jit(lambda *a: _kernel(layout, spec, *a, backend="triton", **flags))(*args)
+  u_t, m_t = jax.jit(lambda *a: _kernel(layout, spec, *a, backend=backend, update=update,
+                                        **flags))(*args)
   u_i, m_i = jax.jit(lambda *a: _kernel(layout, spec, *a, backend="interpret", **flags))(*args)
   u_x, m_x = jax.jit(lambda *a: _jnp_path(layout, spec, *a, **flags))(*args)
   for u, m in ((u_i, m_i), (u_x, m_x)):
@@ -83,18 +101,20 @@ def test_compiled_kernel_matches_interpret_mode_and_jnp_path(shape, spec, stocha
     _assert_moments_agree(m, m_t)
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("shape, spec", [((1024, 768), COLUMNS), ((100, 300), ROWS)])
-def test_per_shard_launch_under_shard_map_equals_whole_leaf(shape, spec):
+def test_per_shard_launch_under_shard_map_equals_whole_leaf(shape, spec, kernel):
+  update, backend = _compiled(kernel)
   layout, p, g, m0, factor, hyper, seeds = _leaf(shape, spec, jnp.float32)
   mesh = jax.make_mesh((1,), ("fsdp",), axis_types=(jax.sharding.AxisType.Auto,))
   sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("fsdp"))
-  kernel_args = dict(stochastic=True, fuse_step=True, backend="triton",
+  kernel_args = dict(stochastic=True, fuse_step=True, backend=backend,
                      **pallas_update.factor_axes(spec, layout))
   factor2d = pallas_update.factors_2d(factor, spec, layout)
-  whole = jax.jit(lambda *a: pallas_update.fused_leaf_update(*a, layout=layout, **kernel_args))(
+  whole = jax.jit(lambda *a: update(*a, layout=layout, **kernel_args))(
       p, g, m0, factor2d, hyper, seeds)
   shard = jax.jit(lambda *a: pallas_update.sharded_leaf_update(
-      *a, layout=layout, sharding=sharding, path="leaf", **kernel_args))(
+      *a, layout=layout, sharding=sharding, path="leaf", kernel=update, **kernel_args))(
           p, g, m0, factor2d, hyper, seeds)
   for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(shard)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -114,16 +134,18 @@ def _followed_by_canary(x):
   pytest.fail("the allocator never placed a sentinel right after a buffer")
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("shape, spec", [((1000, 300), COLUMNS), ((768, 50257), COLUMNS),
                                          ((100, 300), ROWS), ((50257, 768), ROWS)])
-def test_nothing_is_written_past_any_output(shape, spec):
+def test_nothing_is_written_past_any_output(shape, spec, kernel):
   """Outputs alias the donated parameter, codes and scales, each followed by a sentinel."""
+  update, backend = _compiled(kernel)
   layout, p, g, m0, factor, hyper, seeds = _leaf(shape, spec, jnp.float32)
   (p, c_p), (codes, c_c), (scales, c_s) = map(_followed_by_canary, (p, m0.codes, m0.scales))
   pointers = [x.unsafe_buffer_pointer() for x in (p, codes, scales)]
   step = jax.jit(lambda p, codes, scales, g: _kernel(
       layout, spec, p, g, Q.QuantizedArray(codes, scales), factor, hyper, seeds,
-      stochastic=True, fuse_step=True, backend="triton"), donate_argnums=(0, 1, 2))
+      stochastic=True, fuse_step=True, backend=backend, update=update), donate_argnums=(0, 1, 2))
   new_p, new_m = step(p, codes, scales, g)
   jax.block_until_ready((new_p, new_m))
   assert [x.unsafe_buffer_pointer() for x in (new_p, new_m.codes, new_m.scales)] == pointers

@@ -21,8 +21,9 @@ import sys
 import numpy as np
 import pytest
 
-pytest.importorskip("triton", reason="no triton wheel for this platform (Linux x86-64/aarch64 only)")
-pytest.importorskip("torch", reason="the Triton interpreter runs on torch CPU tensors")
+if __name__ != "__main__":  # the child checks that the package itself imports no Triton
+  pytest.importorskip("triton", reason="no triton wheel for this platform (Linux x86-64/aarch64 only)")
+  pytest.importorskip("torch", reason="the Triton interpreter runs on torch CPU tensors")
 
 # name: (shape, block axes, stochastic, fuse_step, dtype, int8 weights, shard rows (start, stop))
 KERNEL_CASES = {
@@ -202,6 +203,32 @@ def _optimizer_case(name):
   return report
 
 
+def test_the_package_imports_without_triton(report):
+  assert report["triton imported by `import qadam_mini_jax`"] is False
+
+
+def test_off_a_gpu_triton_needs_the_interpreter(monkeypatch):
+  import qadam_mini_jax as q  # pylint: disable=g-import-not-at-top
+  monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+  with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+    q.q_adam_mini(1e-3, implementation="triton")
+
+
+def test_on_a_gpu_without_the_extra_triton_names_it_and_auto_passes_over(monkeypatch):
+  import jax  # pylint: disable=g-import-not-at-top
+  import qadam_mini_jax as q  # pylint: disable=g-import-not-at-top
+  from qadam_mini_jax import transform, triton_update  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  monkeypatch.setitem(sys.modules, "jax_triton", None)  # as if not installed
+  with pytest.raises(triton_update.TritonMissing, match=r"pip install 'qadam_mini_jax\[gpu\]'"):
+    q.q_adam_mini(1e-3, implementation="triton")
+  with pytest.raises(ValueError, match="power-of-two group size"):
+    q.q_adam_mini(1e-3, quantization=q.Int8Quantization(group_size=100), implementation="triton")
+  monkeypatch.setattr(transform, "AUTO_KERNELS_ON_GPU", ("triton", "pallas"))
+  with pytest.warns(UserWarning, match="passes over the 'triton' kernel"):
+    assert transform.resolve_implementation("auto", q.Int8Quantization()) == "triton"  # Pallas's
+
+
 @pytest.fixture(scope="module")
 def report():
   env = dict(os.environ, TRITON_INTERPRET="1")
@@ -222,7 +249,8 @@ def test_triton_implementation_follows_the_xla_path(report, name):
 
 
 if __name__ == "__main__":
-  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-  out = {name: _kernel_case(name) for name in KERNEL_CASES}
+  import qadam_mini_jax  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+  out = {"triton imported by `import qadam_mini_jax`": "triton" in sys.modules}
+  out.update({name: _kernel_case(name) for name in KERNEL_CASES})
   out.update({name: _optimizer_case(name) for name in OPTIMIZER_CASES})
   print(json.dumps(out))
