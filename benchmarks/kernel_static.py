@@ -1,10 +1,12 @@
-"""Static profile of the fused kernel, from the code the Triton compiler makes (no GPU).
+"""Static profile of the fused kernels, from the code the Triton compiler makes (no GPU).
 
     python benchmarks/kernel_static.py        # needs `pip install triton`
 
-For every kernel variant the library can launch (``kernel_compile.variants()``),
-compiled for sm_90 and sm_80: the tile and warps ``pallas_update.kernel_config``
-chose, registers per thread and spills (``ptxas -v``), resident blocks per SM
+For every kernel variant the library can launch (``kernel_compile.variants()``:
+the Pallas kernel; ``kernel_compile.triton_variants()``: the ``@triton.jit`` kernel
+of ``implementation="triton"``, rows named ``triton_...``), compiled for sm_90 and
+sm_80: the tile and warps ``pallas_update.kernel_config`` (or
+``triton_update.kernel_config``) chose, registers per thread and spills (``ptxas -v``), resident blocks per SM
 allowed by registers, SASS instructions per element (``cuobjdump``; the whole
 kernel over the elements one thread handles), whether every global access of
 the leaf's buffers is predicated, the bytes a warp reads per tile row of each
@@ -55,6 +57,14 @@ was predicated (reads past the leaf, writes into other programs' rows and past t
   one instruction per scheduler per cycle allow about 140 thread instructions per element; the
   most expensive variant here needs 75.
 
+The `@triton.jit` kernel (rows `triton_...`, `implementation="triton"`) takes the same tiles with
+half the elements per thread where the Pallas kernel gives a thread 32 (the tile halved across
+groups), and computes as the jnp path does: an IEEE square root (`sqrt_rn`, about 20 instructions
+against one for `sqrt.approx`) and no FMA contraction. At 32 elements per thread that took 140-160
+registers (one block per SM); at 16 it stays at or under 128 with no spills, at about twice the
+Pallas kernel's SASS per element (all within the 140-instruction budget but the INT8-weights
+columns variants). Its edge masks are static like the Pallas kernel's.
+
 Not run on a GPU yet: registers and instruction counts are static; `bash benchmarks/gpu_check.sh`
 measures the speed.
 """.splitlines()
@@ -73,7 +83,7 @@ def row(c: kc.Compiled) -> list[str]:
 
 
 def main() -> None:
-  compiled = kc.compile_all(kc.variants(), sass=True)
+  compiled = kc.compile_all(kc.variants() + kc.triton_variants(), sass=True)
   header = ["variant", "target", "tile", "warps", "registers", "spill B", "blocks/SM",
             "SASS/element", "predicated leaf accesses", "f32 load B/thread/warp", "B/param moved"]
   lines = [f"Produced by `python benchmarks/kernel_static.py` (jax {jax.__version__}, PyPI triton "
