@@ -58,6 +58,11 @@ IMPLEMENTATIONS = ("auto", "xla", "pallas", "triton")
 AUTO_KERNELS_ON_GPU: tuple[str, ...] = ()
 
 
+#: jax 0.11 deprecated Pallas's Triton backend ("switch to the official Triton bindings and
+#: jax_triton"); :func:`resolve_implementation` says so once, where ``"pallas"`` is chosen.
+PALLAS_TRITON_DEPRECATED = jax.__version_info__ >= (0, 11)
+
+
 def _kernel_backend(kernel: str) -> str:
   """The backend of ``kernel`` (``"pallas"`` or ``"triton"``) on this platform, or raise
   saying what is missing (:class:`.pallas_update.TritonBackendMissing`,
@@ -69,6 +74,11 @@ def _kernel_backend(kernel: str) -> str:
     raise ValueError(f"implementation='pallas' runs on CUDA GPUs (Triton) and, in interpret "
                      f"mode, on CPU; this platform is {platform!r}: use 'xla'.")
   pallas_update.triton_backend()
+  if platform == "gpu" and PALLAS_TRITON_DEPRECATED:
+    warnings.warn("implementation='pallas' runs on Pallas's Triton backend, which jax 0.11 "
+                  "deprecated (JAX warns again as it lowers the kernel); implementation='triton' "
+                  "is the same kernel through jax-triton (README, 'GPU kernel').", FutureWarning,
+                  stacklevel=4)
   return pallas_update.default_backend()
 
 

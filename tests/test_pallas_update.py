@@ -243,7 +243,10 @@ def test_auto_takes_the_xla_path_until_the_kernel_is_measured_on_a_gpu(monkeypat
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   assert transform.AUTO_KERNELS_ON_GPU == ()
   assert transform.resolve_implementation("auto", int8) is None
-  assert transform.resolve_implementation("pallas", int8) == "triton"
+  monkeypatch.setattr(transform, "PALLAS_TRITON_DEPRECATED", True)  # jax >= 0.11
+  with pytest.warns(FutureWarning, match="jax 0.11 deprecated.*implementation='triton'"):
+    assert transform.resolve_implementation("pallas", int8) == "triton"
+  monkeypatch.setattr(transform, "PALLAS_TRITON_DEPRECATED", False)
   monkeypatch.setattr(transform, "AUTO_KERNELS_ON_GPU", ("pallas",))
   assert transform.resolve_implementation("auto", int8) == "triton"
   assert transform.resolve_implementation("auto", q.Int8Quantization(group_size=100)) is None
