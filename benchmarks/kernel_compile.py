@@ -50,6 +50,7 @@ class Variant(NamedTuple):
   g_dtype: Any
   int8_params: bool = False  # INT8 weights (codes and scales) in and out; fused step only
   kernel: str = "pallas"  # or "triton": the @triton.jit kernel (same arguments, same tiles)
+  layers: int = 0  # the Triton kernel only: this many layers stacked ahead of ``shape``, one launch
 
   @property
   def layout(self) -> quantize_lib.GroupLayout:
@@ -106,6 +107,7 @@ class Variant(NamedTuple):
     if self.p_dtype != self.g_dtype:
       dtypes = f"p{jnp.dtype(self.p_dtype).itemsize * 8}g{jnp.dtype(self.g_dtype).itemsize * 8}"
     return "_".join([*(["triton"] if self.kernel == "triton" else []),
+                     *([f"stack{self.layers}"] if self.layers else []),
         "cols" if self.layout.columns else "rows", "x".join(map(str, self.shape)), dtypes,
         "sr" if self.stochastic else "rtn", "fused" if self.fuse_step else "direction"])
 
@@ -147,6 +149,11 @@ def triton_variants() -> list[Variant]:
   out += [Variant(shape, axes, sr, True, jnp.float32, jnp.float32, True, kernel="triton")
           for shape, axes in [((4096, 4096), COLUMNS), ((1000, 300), COLUMNS),
                               ((32000, 4096), ROWS), ((100, 300), ROWS)] for sr in (False, True)]
+  # A stack in one launch (the grid spans the layers): 7B's MLP kernels, aligned and ragged.
+  out += [Variant((4096, 11008), COLUMNS, True, True, jnp.float32, jnp.float32, kernel="triton",
+                  layers=32),
+          Variant((1000, 300), COLUMNS, True, True, jnp.bfloat16, jnp.bfloat16, True,
+                  kernel="triton", layers=3)]
   return out
 
 
@@ -155,14 +162,18 @@ def _arguments(variant: Variant):
   layout, spec = variant.layout, partition_lib.BlockSpec(variant.reduced_axes)
   axes = pallas_update.factor_axes(spec, layout)
   s = jax.ShapeDtypeStruct
-  factor = (layout.a if axes["a_varies"] else 1, layout.b if axes["b_varies"] else 1)
-  codes = quantize_lib.QuantizedArray(s(variant.shape, jnp.int8),
-                                      s(layout.scales_shape, jnp.float32))
-  args = (codes if variant.int8_params else s(variant.shape, variant.p_dtype),
-          s(variant.shape, variant.g_dtype), codes, s(factor, jnp.float32), s((8,), jnp.float32),
-          s((6 if variant.int8_params else 4,), jnp.uint32))
+  lead = (variant.layers,) if variant.layers else ()
+  factor = lead + (layout.a if axes["a_varies"] else 1, layout.b if axes["b_varies"] else 1)
+  shape = lead + variant.shape
+  codes = quantize_lib.QuantizedArray(s(shape, jnp.int8), s(lead + layout.scales_shape, jnp.float32))
+  seeds = (6 if variant.int8_params else 4) + (1 if variant.layers else 0)
+  args = (codes if variant.int8_params else s(shape, variant.p_dtype),
+          s(shape, variant.g_dtype), codes, s(factor, jnp.float32), s((8,), jnp.float32),
+          s((seeds,), jnp.uint32))
   flags = dict(layout=layout, stochastic=variant.stochastic, fuse_step=variant.fuse_step,
                params_stochastic=variant.stochastic if variant.int8_params else None, **axes)
+  if variant.layers:
+    flags["layers"] = variant.layers
   return args, flags
 
 

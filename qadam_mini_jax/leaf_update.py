@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -151,8 +152,10 @@ def write_leaf(plan: LeafPlan, s: StepScalars, u: jax.Array, p: Any) -> Any:
 
 
 def _kernel_layer(plan: LeafPlan, s: StepScalars, spec: partition_lib.BlockSpec,
-                  g, mu, factor, p, layer):
-  """The update in the fused kernel (Pallas or Triton): ``(out, m)`` of one layer."""
+                  g, mu, factor, p, layer, layers: int = 0):
+  """The update in the fused kernel (Pallas or Triton): ``(out, m)`` of one layer, or
+  with ``layers`` (the Triton kernel) of that many stacked ahead of the layer's
+  shape, in one launch whose grid spans them."""
   layout, fused = plan.moment.layout, plan.decay is not None
   zero, no_word = jnp.zeros([], jnp.float32), jnp.zeros([], jnp.uint32)
   wd = (s.wd if plan.decay else zero) if fused else zero
@@ -167,7 +170,14 @@ def _kernel_layer(plan: LeafPlan, s: StepScalars, spec: partition_lib.BlockSpec,
     seeds += list(weight_streams)
     kernel_args["params_stochastic"] = plan.weights.stochastic
     p = quantize_lib.QuantizedArray(p.codes, p.scales)
-  args = (p if fused else g, g, mu, pallas_update.factors_2d(factor, spec, layout),
+  factors_2d = lambda f: pallas_update.factors_2d(f, spec, layout)
+  if layers:  # the first layer's index, after which each layer's streams are numbered
+    first = _FIRST_LAYER.get()
+    seeds.append(no_word if first is None else jnp.asarray(first).astype(jnp.uint32))
+    kernel_args["layers"] = layers
+    factors_2d = jax.vmap(factors_2d)
+    factor = factor.reshape((layers,) + factor.shape[len(plan.spec.layers):])
+  args = (p if fused else g, g, mu, factors_2d(factor),
           jnp.stack([jnp.asarray(h, jnp.float32) for h in hyper] + [zero] * 4), jnp.stack(seeds))
   kernel = (triton_update.fused_leaf_update if plan.backend in triton_update.BACKENDS
             else pallas_update.fused_leaf_update)
@@ -225,13 +235,20 @@ def update_leaf(plan: LeafPlan, s: StepScalars, g: jax.Array, mu: Any, nu: Any,
     nu, factor = _second_moment(plan, s, plan.spec, g, nu)
     out, mu = one_layer(plan, s, plan.spec, g, mu, factor, p, None)
     return out, mu, nu
+  layer_spec, _ = partition_lib.layer_slice(plan.spec, g.shape)
+  ax = plan.spec.layers
+  sizes = tuple(g.shape[a] for a in ax)
+  if (one_layer is _kernel_layer and plan.backend in triton_update.BACKENDS
+      and not v_in_layers and ax == tuple(range(len(ax)))):
+    # Layers ahead of the rest: the Triton kernel's grid spans them, one launch
+    # writing every layer in place.
+    nu, factor = _second_moment(plan, s, plan.spec, g, nu)
+    out, mu = _kernel_layer(plan, s, layer_spec, g, mu, factor, p, None, math.prod(sizes))
+    return out, mu, nu
   # Quantization groups are per layer: one layer at a time, each layer's results
   # written over the stacked arrays they replace (the direction over the gradient,
   # new parameters over the parameters, m over m, an 8-bit v over v), so only one
   # layer's float32 m and rounding temporaries are alive, not the whole stack's.
-  layer_spec, _ = partition_lib.layer_slice(plan.spec, g.shape)
-  ax = plan.spec.layers
-  sizes = tuple(g.shape[a] for a in ax)
   if plan.decay is None:  # the direction is written over the gradient
     carry, carry_axes, consts, const_axes = [g], [ax], [], []
   else:

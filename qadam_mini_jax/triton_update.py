@@ -10,7 +10,11 @@ the scalar packing (``hyper`` and ``seeds``, built by :mod:`.leaf_update`), the
 argument order, and the constants of the code (:mod:`.quantize`) and of the
 rounding hash (:mod:`.random_bits`). The arithmetic is the jnp path's, in the
 same order, with IEEE division and square root (``div_rn``, ``sqrt_rn``) and
-no contraction into FMAs, so the codes are the jnp path's bit for bit.
+no contraction into FMAs: the step's equations evaluated in float32 one
+operation at a time, bit for bit (XLA itself contracts some products into FMAs,
+so against XLA's jnp path the Pallas kernel's bound holds). A stack of layers
+ahead of the leaf's own axes is one launch whose grid spans the layers, each
+rounding on its own stream (:func:`.random_bits.layer_seeds`, in the kernel).
 
 :func:`leaf_kernel` builds the kernel for the GPU (``triton.jit``) or for
 Triton's interpreter, which runs it on CPU torch tensors (:func:`run_interpreted`:
@@ -60,6 +64,12 @@ def _mix32(x):
   x = x ^ (x >> 15)
   x = x * M2
   return x ^ (x >> 15)
+
+
+def _layer_seeds(s0, s1, layer):
+  """:func:`.random_bits.layer_seeds`: the stream of one layer of a stacked leaf."""
+  t0 = _mix32(s0 ^ _mix32(layer * GOLDEN + GOLDEN))
+  return t0, _mix32(t0 ^ s1)
 
 
 def _uniform(index, s0, s1):
@@ -113,10 +123,10 @@ def _store(pointer, value, mask, MASKED: tl.constexpr):
     tl.store(pointer, value)
 
 
-def _requantize(x, index, seed_ptr, WORD: tl.constexpr, codes_ptr, scales_ptr, offsets, mask,
-                EDGE: tl.constexpr, scale_offsets, scale_mask, SCALE_EDGE: tl.constexpr,
-                GROUP_AXIS: tl.constexpr, STOCHASTIC: tl.constexpr, WEIGHTS: tl.constexpr,
-                DROP: tl.constexpr):
+def _requantize(x, index, seed_ptr, WORD: tl.constexpr, layer, LAYERS: tl.constexpr, codes_ptr,
+                scales_ptr, offsets, mask, EDGE: tl.constexpr, scale_offsets, scale_mask,
+                SCALE_EDGE: tl.constexpr, GROUP_AXIS: tl.constexpr, STOCHASTIC: tl.constexpr,
+                WEIGHTS: tl.constexpr, DROP: tl.constexpr):
   """Group max (masked loads gave 0 outside the leaf, so padding never raises it), encode."""
   scale = tl.max(tl.abs(x), axis=GROUP_AXIS, keep_dims=True)
   if WEIGHTS:
@@ -124,6 +134,8 @@ def _requantize(x, index, seed_ptr, WORD: tl.constexpr, codes_ptr, scales_ptr, o
   if STOCHASTIC:
     s0 = tl.load(seed_ptr + WORD).to(tl.uint32, bitcast=True)
     s1 = tl.load(seed_ptr + WORD + 1).to(tl.uint32, bitcast=True)
+    if LAYERS:
+      s0, s1 = _layer_seeds(s0, s1, layer)
     r = _uniform(index, s0, s1)
   else:
     r = 0.5
@@ -137,9 +149,31 @@ def _leaf_step(hyper_ptr, seed_ptr, p_ptr, p_scales_ptr, g_ptr, codes_ptr, scale
                T0: tl.constexpr, T1: tl.constexpr, TILES_B: tl.constexpr,
                COLUMNS: tl.constexpr, A_VARIES: tl.constexpr, B_VARIES: tl.constexpr,
                STOCHASTIC: tl.constexpr, FUSE_STEP: tl.constexpr, INT8_PARAMS: tl.constexpr,
-               PARAMS_STOCHASTIC: tl.constexpr, DROP: tl.constexpr):
-  """One tile of the ``(A, B)`` view (row-major), as ``pallas_update._kernel``."""
+               PARAMS_STOCHASTIC: tl.constexpr, DROP: tl.constexpr, LAYERS: tl.constexpr,
+               FACTOR_SIZE: tl.constexpr):
+  """One tile of the ``(A, B)`` view (row-major) of one layer, as ``pallas_update._kernel``.
+
+  With ``LAYERS`` the arrays stack that many layers ahead of their ``(A, B)``
+  views and the grid's second axis is the layer: each has its own rounding
+  streams (those of its index after the first, ``seeds[-1]``)."""
   pid = tl.program_id(0)
+  layer = tl.program_id(1)
+  if LAYERS:  # move every pointer to this layer (64-bit: a stack may pass 2^31 elements)
+    leaf = layer.to(tl.int64) * (A * B)
+    grouped = layer.to(tl.int64) * (GROUPS * (B if COLUMNS else A))
+    p_ptr += leaf
+    g_ptr += leaf
+    codes_ptr += leaf
+    out_ptr += leaf
+    codes_out_ptr += leaf
+    scales_ptr += grouped
+    scales_out_ptr += grouped
+    factor_ptr += layer.to(tl.int64) * FACTOR_SIZE
+    if INT8_PARAMS:
+      p_scales_ptr += grouped
+      out_scales_ptr += grouped
+    first_word: tl.constexpr = 6 if INT8_PARAMS else 4
+    layer = (tl.load(seed_ptr + first_word) + layer).to(tl.uint32, bitcast=True)
   row0 = (pid // TILES_B) * T0
   col0 = (pid % TILES_B) * T1
   rows = row0 + tl.arange(0, T0)[:, None]
@@ -194,10 +228,11 @@ def _leaf_step(hyper_ptr, seed_ptr, p_ptr, p_scales_ptr, g_ptr, codes_ptr, scale
   j0 = tl.load(seed_ptr + 3).to(tl.uint32, bitcast=True)
   index = (rows.to(tl.uint32) + i0) * STRIDE + cols.to(tl.uint32) + j0
   if INT8_PARAMS:
-    _requantize(u, index, seed_ptr, 4, out_ptr, out_scales_ptr, offsets, mask, EDGE,
-                scale_offsets, scale_mask, SCALE_EDGE, group_axis, PARAMS_STOCHASTIC, True, DROP)
-  _requantize(m, index, seed_ptr, 0, codes_out_ptr, scales_out_ptr, offsets, mask, EDGE,
-              scale_offsets, scale_mask, SCALE_EDGE, group_axis, STOCHASTIC, False, DROP)
+    _requantize(u, index, seed_ptr, 4, layer, LAYERS, out_ptr, out_scales_ptr, offsets, mask,
+                EDGE, scale_offsets, scale_mask, SCALE_EDGE, group_axis, PARAMS_STOCHASTIC, True,
+                DROP)
+  _requantize(m, index, seed_ptr, 0, layer, LAYERS, codes_out_ptr, scales_out_ptr, offsets, mask,
+              EDGE, scale_offsets, scale_mask, SCALE_EDGE, group_axis, STOCHASTIC, False, DROP)
 
 
 def _float_params_kernel(hyper_ptr, seed_ptr, p_ptr, g_ptr, codes_ptr, scales_ptr, factor_ptr,
@@ -206,11 +241,12 @@ def _float_params_kernel(hyper_ptr, seed_ptr, p_ptr, g_ptr, codes_ptr, scales_pt
                          GROUPS: tl.constexpr, T0: tl.constexpr, T1: tl.constexpr,
                          TILES_B: tl.constexpr, COLUMNS: tl.constexpr, A_VARIES: tl.constexpr,
                          B_VARIES: tl.constexpr, STOCHASTIC: tl.constexpr,
-                         FUSE_STEP: tl.constexpr):
+                         FUSE_STEP: tl.constexpr, LAYERS: tl.constexpr, FACTOR_SIZE: tl.constexpr):
   """Arguments as the Pallas kernel's with a float ``p`` (or ``g`` when not fused)."""
   _leaf_step(hyper_ptr, seed_ptr, p_ptr, p_ptr, g_ptr, codes_ptr, scales_ptr, factor_ptr,
              out_ptr, out_ptr, codes_out_ptr, scales_out_ptr, A, B, STRIDE, GROUPS, T0, T1,
-             TILES_B, COLUMNS, A_VARIES, B_VARIES, STOCHASTIC, FUSE_STEP, False, False, 0)
+             TILES_B, COLUMNS, A_VARIES, B_VARIES, STOCHASTIC, FUSE_STEP, False, False, 0,
+             LAYERS, FACTOR_SIZE)
 
 
 def _int8_params_kernel(hyper_ptr, seed_ptr, p_codes_ptr, p_scales_ptr, g_ptr, codes_ptr,
@@ -220,15 +256,16 @@ def _int8_params_kernel(hyper_ptr, seed_ptr, p_codes_ptr, p_scales_ptr, g_ptr, c
                         GROUPS: tl.constexpr, T0: tl.constexpr, T1: tl.constexpr,
                         TILES_B: tl.constexpr, COLUMNS: tl.constexpr, A_VARIES: tl.constexpr,
                         B_VARIES: tl.constexpr, STOCHASTIC: tl.constexpr,
-                        PARAMS_STOCHASTIC: tl.constexpr, DROP: tl.constexpr):
+                        PARAMS_STOCHASTIC: tl.constexpr, DROP: tl.constexpr,
+                        LAYERS: tl.constexpr, FACTOR_SIZE: tl.constexpr):
   """Arguments as the Pallas kernel's with INT8 weights (codes and scales in and out)."""
   _leaf_step(hyper_ptr, seed_ptr, p_codes_ptr, p_scales_ptr, g_ptr, codes_ptr, scales_ptr,
              factor_ptr, p_codes_out_ptr, p_scales_out_ptr, codes_out_ptr, scales_out_ptr,
              A, B, STRIDE, GROUPS, T0, T1, TILES_B, COLUMNS, A_VARIES, B_VARIES, STOCHASTIC,
-             True, True, PARAMS_STOCHASTIC, DROP)
+             True, True, PARAMS_STOCHASTIC, DROP, LAYERS, FACTOR_SIZE)
 
 
-_DEVICE_FUNCTIONS = ("_mix32", "_uniform", "_decode", "_encode", "_coarse_scale", "_load", "_store",
+_DEVICE_FUNCTIONS = ("_mix32", "_layer_seeds", "_uniform", "_decode", "_encode", "_coarse_scale", "_load", "_store",
                      "_requantize", "_leaf_step", "_float_params_kernel", "_int8_params_kernel")
 
 
@@ -253,6 +290,7 @@ def _constants(tl_module) -> dict[str, Any]:
   """The code's and the hash's constants, as the kernel sees them (constexpr)."""
   c = tl_module.constexpr
   return dict(M1=c(int(random_bits._M1)), M2=c(int(random_bits._M2)),  # pylint: disable=protected-access
+              GOLDEN=c(int(random_bits._GOLDEN)),  # pylint: disable=protected-access
               TWO_TO_MINUS_24=c(2.0**-24), QMAX=c(float(quantize_lib.QMAX)),
               LEVELS=c(float(quantize_lib.QMAX * quantize_lib.QMAX)),
               INV_QMAX=c(float(np.float32(1.0 / quantize_lib.QMAX))),
@@ -287,7 +325,7 @@ class Launch(NamedTuple):
 def launch(p, g, q: quantize_lib.QuantizedArray, factor, hyper, seeds, *,
            layout: quantize_lib.GroupLayout, stochastic: bool, fuse_step: bool,
            a_varies: bool, b_varies: bool, stride: int | None = None,
-           params_stochastic: bool | None = None) -> Launch:
+           params_stochastic: bool | None = None, layers: int = 0) -> Launch:
   """The :class:`Launch` of :func:`fused_leaf_update` (arguments as there)."""
   pallas_update.check_group_size(layout.group_size)
   int8_params = params_stochastic is not None
@@ -295,37 +333,41 @@ def launch(p, g, q: quantize_lib.QuantizedArray, factor, hyper, seeds, *,
     raise ValueError("INT8 weights are written by the fused step only (fuse_step=True).")
   a, b, groups = layout.a, layout.b, layout.groups
   if a * b >= 2**31:
-    raise ValueError(f"The Triton kernel indexes a leaf with int32: {layout.shape} has "
+    raise ValueError(f"The Triton kernel indexes a layer with int32: {layout.shape} has "
                      f"{a * b} elements; use implementation='xla' or shard it.")
   tile, num_warps = kernel_config(layout, int8_params)
   tiles_a, tiles_b = -(-a // tile[0]), -(-b // tile[1])
-  scales_2d = (groups, b) if layout.columns else (a, groups)
-  grouped = lambda x: (x.codes.reshape(a, b), x.scales.reshape(scales_2d))
-  moment_shapes = (jax.ShapeDtypeStruct((a, b), jnp.int8),
+  lead = (layers,) if layers else ()
+  scales_2d = lead + ((groups, b) if layout.columns else (a, groups))
+  grouped = lambda x: (x.codes.reshape(lead + (a, b)), x.scales.reshape(scales_2d))
+  moment_shapes = (jax.ShapeDtypeStruct(lead + (a, b), jnp.int8),
                    jax.ShapeDtypeStruct(scales_2d, jnp.float32))
   constants = dict(A=a, B=b, STRIDE=b if stride is None else stride, GROUPS=groups,
                    T0=tile[0], T1=tile[1], TILES_B=tiles_b, COLUMNS=layout.columns,
-                   A_VARIES=a_varies, B_VARIES=b_varies, STOCHASTIC=stochastic)
+                   A_VARIES=a_varies, B_VARIES=b_varies, STOCHASTIC=stochastic, LAYERS=layers,
+                   FACTOR_SIZE=(a if a_varies else 1) * (b if b_varies else 1))
   if int8_params:
     param_in, param_shapes, aliases = grouped(p), moment_shapes, {2: 0, 3: 1, 5: 2, 6: 3}
     constants.update(PARAMS_STOCHASTIC=bool(params_stochastic),
                      DROP=23 - quantize_lib.WEIGHT_SCALE_BITS)
   else:
-    param_in = (p.reshape(a, b),)
-    param_shapes = (jax.ShapeDtypeStruct((a, b), p.dtype if fuse_step else g.dtype),)
+    param_in = (p.reshape(lead + (a, b)),)
+    param_shapes = (jax.ShapeDtypeStruct(lead + (a, b), p.dtype if fuse_step else g.dtype),)
     aliases = {2 if fuse_step else 3: 0, 4: 1, 5: 2}
     constants.update(FUSE_STEP=fuse_step)
-  inputs = (hyper, seeds, *param_in, g.reshape(a, b), *grouped(q), factor)
+  inputs = (hyper, seeds, *param_in, g.reshape(lead + (a, b)), *grouped(q), factor)
   return Launch(int8_params, inputs, (*param_shapes, *moment_shapes), aliases,
-                (tiles_a * tiles_b,), constants, num_warps)
+                (tiles_a * tiles_b, max(layers, 1)), constants, num_warps)
 
 
-def unpack(outputs, layout: quantize_lib.GroupLayout, int8_params: bool):
-  """``(out, QuantizedArray)`` of the kernel's outputs in the leaf's shapes."""
+def unpack(outputs, layout: quantize_lib.GroupLayout, int8_params: bool, layers: int = 0):
+  """``(out, QuantizedArray)`` of the kernel's outputs in the leaf's shapes (``layers`` ahead)."""
+  lead = (layers,) if layers else ()
   ungrouped = lambda c, s: quantize_lib.QuantizedArray(
-      c.reshape(layout.shape), s.reshape(layout.scales_shape))
+      c.reshape(lead + layout.shape), s.reshape(lead + layout.scales_shape))
   *out, codes, scales = outputs
-  return (ungrouped(*out) if int8_params else out[0].reshape(layout.shape)), ungrouped(codes, scales)
+  return ((ungrouped(*out) if int8_params else out[0].reshape(lead + layout.shape)),
+          ungrouped(codes, scales))
 
 
 #: ``"jax_triton"``: compiled, on a CUDA GPU; ``"interpreter"``: Triton's interpreter
@@ -358,20 +400,23 @@ def backend() -> str:
 
 @functools.partial(jax.jit, static_argnames=(
     "layout", "stochastic", "fuse_step", "a_varies", "b_varies", "backend", "stride",
-    "params_stochastic"))
+    "params_stochastic", "layers"))
 def fused_leaf_update(p, g, q: quantize_lib.QuantizedArray, factor, hyper, seeds, *,
                       layout: quantize_lib.GroupLayout, stochastic: bool, fuse_step: bool,
                       a_varies: bool, b_varies: bool, backend: str, stride: int | None = None,
-                      params_stochastic: bool | None = None):
+                      params_stochastic: bool | None = None, layers: int = 0):
   """One fused step of an INT8 leaf through ``jax_triton.triton_call``.
 
   Arguments and results as :func:`.pallas_update.fused_leaf_update`, with
   ``backend`` one of :data:`BACKENDS`; parameters, ``m`` and INT8 weights are
-  updated in place of their (donated) buffers.
+  updated in place of their (donated) buffers. ``layers``: the arrays stack
+  that many layers of ``layout`` ahead of it (``factor`` too), one launch over
+  all of them; ``seeds`` then ends with the index of the first
+  (:func:`.random_bits.layer_seeds` streams per layer).
   """
   run = launch(p, g, q, factor, hyper, seeds, layout=layout, stochastic=stochastic,
                fuse_step=fuse_step, a_varies=a_varies, b_varies=b_varies, stride=stride,
-               params_stochastic=params_stochastic)
+               params_stochastic=params_stochastic, layers=layers)
   if backend == "interpreter":
     outputs = jax.pure_callback(lambda *inputs: run_interpreted(run._replace(inputs=inputs)),
                                 run.out_shapes, *run.inputs)
@@ -382,7 +427,7 @@ def fused_leaf_update(p, g, q: quantize_lib.QuantizedArray, factor, hyper, seeds
         enable_fp_fusion=False, name="q_adam_mini_leaf", **run.constants)
   else:
     raise ValueError(f"Unknown Triton backend {backend!r}; expected one of {BACKENDS}.")
-  return unpack(outputs, layout, run.int8_params)
+  return unpack(outputs, layout, run.int8_params, layers)
 
 
 def run_interpreted(run: Launch) -> list[np.ndarray]:

@@ -25,7 +25,8 @@ if __name__ != "__main__":  # the child checks that the package itself imports n
   pytest.importorskip("triton", reason="no triton wheel for this platform (Linux x86-64/aarch64 only)")
   pytest.importorskip("torch", reason="the Triton interpreter runs on torch CPU tensors")
 
-# name: (shape, block axes, stochastic, fuse_step, dtype, int8 weights, shard rows (start, stop))
+# name: (shape, block axes, stochastic, fuse_step, dtype, int8 weights, shard rows (start, stop)
+# or, for a stack, the number of layers ahead of ``shape``)
 KERNEL_CASES = {
     "rows_ragged_rtn_direction": ((100, 300), (1,), False, False, "float32", False, None),
     "columns_ragged_sr_fused": ((300, 100), (0,), True, True, "float32", False, None),
@@ -35,7 +36,10 @@ KERNEL_CASES = {
     "int8_weights_rows_rtn": ((100, 300), (1,), False, True, "float32", True, None),
     "int8_weights_columns_sr": ((300, 100), (0,), True, True, "float32", True, None),
     "shard_of_rows_sr_fused": ((100, 300), (1,), True, True, "float32", False, (40, 100)),
+    "stack_of_3_columns_sr_fused": ((300, 100), (0,), True, True, "float32", False, 3),
+    "stack_of_3_int8_weights_rows_sr": ((100, 300), (1,), True, True, "float32", True, 3),
 }
+FIRST_LAYER = 5  # a stack's first layer (in_backward hands a transform layers 5, 6, ...)
 OPTIMIZER_CASES = ("stacked_axis_0", "stacked_axis_1", "int8_weights_fused")
 
 
@@ -45,6 +49,12 @@ def _mix32(x):
   x = x ^ (x >> np.uint32(15))
   x = x * np.uint32(0xD35A2D97)
   return x ^ (x >> np.uint32(15))
+
+
+def _layer_seeds(s0, s1, layer):
+  golden = np.uint32(0x9E3779B9)
+  t0 = _mix32(s0 ^ _mix32(np.uint32(layer) * golden + golden))
+  return t0, _mix32(t0 ^ s1)
 
 
 def _uniform(index, s0, s1):
@@ -86,14 +96,33 @@ def _decode(codes, scales, columns, group, linear):
 
 
 def _reference(run, layout, stochastic, fuse_step, int8_params):
-  """The launch's outputs from the equations (NumPy float32), on the (a, b) view."""
+  """The launch's outputs from the equations (NumPy float32), on the (a, b) view of
+  each layer (a stack: layer by layer, each on its own streams)."""
+  inputs = [np.asarray(x) for x in run.inputs]
+  layers = run.constants["LAYERS"]
+  if not layers:
+    return _reference_layer(inputs, run, layout, stochastic, fuse_step, int8_params)
+  seeds = inputs[1].astype(np.uint32)
+  per_layer = []
+  for layer in range(layers):
+    streams = [_layer_seeds(seeds[w], seeds[w + 1], seeds[-1] + np.uint32(layer))
+               for w in ((0, 4) if int8_params else (0,))]
+    layer_seeds = np.asarray([*streams[0], seeds[2], seeds[3], *(streams[1:] and streams[1])],
+                             np.uint32)
+    per_layer.append(_reference_layer(
+        [inputs[0], layer_seeds, *(x[layer] for x in inputs[2:])], run, layout, stochastic,
+        fuse_step, int8_params))
+  return [np.stack(outputs) for outputs in zip(*per_layer)]
+
+
+def _reference_layer(inputs, run, layout, stochastic, fuse_step, int8_params):
   k = run.constants
-  hyper = np.asarray(run.inputs[0])
-  seeds = np.asarray(run.inputs[1]).astype(np.uint32)
+  hyper = inputs[0]
+  seeds = inputs[1].astype(np.uint32)
   if int8_params:
-    p_codes, p_scales, g, codes, scales, factor = map(np.asarray, run.inputs[2:])
+    p_codes, p_scales, g, codes, scales, factor = inputs[2:]
   else:
-    p, g, codes, scales, factor = map(np.asarray, run.inputs[2:])
+    p, g, codes, scales, factor = inputs[2:]
   columns, group = layout.columns, layout.group_size
   g = g.astype(np.float32)
   m = hyper[0] * _decode(codes, scales, columns, group, False) + hyper[1] * g
@@ -124,17 +153,22 @@ def _kernel_case(name):
   from qadam_mini_jax import triton_update  # pylint: disable=g-import-not-at-top
 
   shape, axes, stochastic, fuse_step, dtype, int8_params, shard = KERNEL_CASES[name]
+  layers, shard = (shard, None) if isinstance(shard, int) else (0, shard)
   spec = partition.BlockSpec(axes)
   layout = transform.layout_for(spec, shape, transform.Int8Quantization(min_size=1))
+  lead = (layers,) if layers else ()
+  per_layer = (lambda f: jax.vmap(f)) if layers else (lambda f: f)
   keys = jax.random.split(jax.random.key(len(name)), 4)
-  g = jax.random.normal(keys[0], shape, dtype)
-  q = quantize.quantize(jax.random.normal(keys[1], shape) * 0.1, layout)
-  p = jax.random.normal(keys[2], shape, dtype)
+  g = jax.random.normal(keys[0], lead + shape, dtype)
+  q = per_layer(lambda m: quantize.quantize(m, layout))(
+      jax.random.normal(keys[1], lead + shape) * 0.1)
+  p = jax.random.normal(keys[2], lead + shape, dtype)
   if int8_params:
-    p = quantize.quantize(p, layout, scale_bits=quantize.WEIGHT_SCALE_BITS, linear=True)
+    p = per_layer(lambda w: quantize.quantize(w, layout, scale_bits=quantize.WEIGHT_SCALE_BITS,
+                                              linear=True))(p)
   factor_axes = pallas_update.factor_axes(spec, layout)
-  factor = pallas_update.factors_2d(
-      jnp.abs(jax.random.normal(keys[3], partition.block_shape(spec, shape))) + 0.5, spec, layout)
+  factor = per_layer(lambda f: pallas_update.factors_2d(f, spec, layout))(
+      jnp.abs(jax.random.normal(keys[3], lead + partition.block_shape(spec, shape))) + 0.5)
   hyper = jnp.asarray([0.9, 1 - np.float32(0.9), -1e-2, 0.1, 0, 0, 0, 0], jnp.float32)
   words = random_bits.key_words(7)
   streams = [random_bits.stream_seeds(words, jnp.int32(5), random_bits.path_stream(name), purpose)
@@ -147,11 +181,12 @@ def _kernel_case(name):
     factor = factor[start:stop] if factor_axes["a_varies"] else factor
     stride, layout = layout.b, layout._replace(shape=(stop - start,) + shape[1:])
   offset = jnp.uint32(0 if shard is None else shard[0])
-  seeds = jnp.stack([*streams[0], offset, jnp.uint32(0)] + (list(streams[1]) if int8_params else []))
+  seeds = jnp.stack([*streams[0], offset, jnp.uint32(0)] + (list(streams[1]) if int8_params else [])
+                    + ([jnp.uint32(FIRST_LAYER)] if layers else []))
   run = triton_update.launch(
       p if fuse_step else g, g, q, factor, hyper, seeds, layout=layout, stochastic=stochastic,
       fuse_step=fuse_step, stride=stride, params_stochastic=stochastic if int8_params else None,
-      **factor_axes)
+      layers=layers, **factor_axes)
   got = triton_update.run_interpreted(run)
   want = _reference(run, layout, stochastic, fuse_step, int8_params)
   bits = lambda x: np.asarray(x).view(np.uint8)

@@ -71,7 +71,11 @@ def test_fsdp_run_equals_single_device_and_reduces_each_layer_in_the_loop():
     if a.dtype == jnp.int8:
       assert (np.asarray(a) != np.asarray(b)).mean() < 0.01
     else:
-      np.testing.assert_allclose(a, b, rtol=2e-3, atol=1e-5)
+      # Float32 sums in another order, except where an INT8 code of m came out the other
+      # way (allowed above): its parameter then moved by lr times a level step of m.
+      a, b = np.asarray(a), np.asarray(b)
+      close = np.isclose(a, b, rtol=2e-3, atol=1e-5)
+      assert close.mean() > 0.99 and np.abs(a - b).max() <= 1e-3, np.abs(a - b).max()
   # The stacked parameters stay sharded; the gradient of each layer is reduced across
   # devices inside the backward loop's body.
   kernel = params["layers"]["mlp"]["up_proj"]["kernel"]
