@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 import types
 from typing import Any, NamedTuple
 
@@ -430,6 +431,11 @@ def fused_leaf_update(p, g, q: quantize_lib.QuantizedArray, factor, hyper, seeds
   return unpack(outputs, layout, run.int8_params, layers)
 
 
+#: Triton's interpreter patches ``triton.language`` while it runs: one kernel at a time
+#: (the callbacks of a leaf's shards, one per device, come from several threads).
+_INTERPRETER_LOCK = threading.Lock()
+
+
 def run_interpreted(run: Launch) -> list[np.ndarray]:
   """The kernel of ``run`` under Triton's interpreter on CPU torch tensors: its outputs.
 
@@ -461,6 +467,7 @@ def run_interpreted(run: Launch) -> list[np.ndarray]:
     return t.numpy()
 
   outputs = [empty(s) for s in run.out_shapes]
-  leaf_kernel(run.int8_params)[run.grid](
-      *(to_torch(x) for x in run.inputs), *outputs, **run.constants)
+  with _INTERPRETER_LOCK:
+    leaf_kernel(run.int8_params)[run.grid](
+        *(to_torch(x) for x in run.inputs), *outputs, **run.constants)
   return [to_numpy(t, s) for t, s in zip(outputs, run.out_shapes)]

@@ -22,7 +22,8 @@ def start() -> None:
   """Start the process (once)."""
   if _run:
     return
-  env = dict(os.environ, QADAM_MULTIDEVICE="1", JAX_PLATFORMS="cpu",
+  # TRITON_INTERPRET: the jax-triton kernel runs there under Triton's interpreter.
+  env = dict(os.environ, QADAM_MULTIDEVICE="1", JAX_PLATFORMS="cpu", TRITON_INTERPRET="1",
              XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") +
                         " --xla_force_host_platform_device_count=8").strip())
   env.pop("PYTEST_ADDOPTS", None)
