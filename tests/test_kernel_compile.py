@@ -28,8 +28,10 @@ def compiled():
 @pytest.mark.parametrize("kernel", ["pallas", "triton"])
 def test_variants_cover_every_flag_and_both_kinds_of_leaf(kernel):
   variants = [v for v in VARIANTS if v.kernel == kernel]
-  flags = {(v.layout.columns, v.stochastic, v.fuse_step, v.p_dtype, v.ragged) for v in variants}
-  assert len(flags) == 2 * 2 * 2 * 2 * 2
+  flags = {(v.layout.columns, v.stochastic, v.fuse_step, v.ragged) for v in variants}
+  assert len(flags) == 2 * 2 * 2 * 2
+  dtypes = {(v.stochastic, v.fuse_step, v.p_dtype) for v in variants}  # each with bf16 too
+  assert len(dtypes) == 2 * 2 * 2
   shapes = {v.shape for v in variants if v.ragged}
   assert {(1000, 300), (32001, 4096)} <= shapes
   int8_weights = {(v.layout.columns, v.stochastic, v.ragged) for v in variants if v.int8_params}
