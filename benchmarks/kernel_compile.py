@@ -139,13 +139,14 @@ def variants() -> list[Variant]:
 
 
 def triton_variants() -> list[Variant]:
-  """The ``@triton.jit`` kernel on the same leaves: every flag on the four shapes
-  of :func:`variants` (bf16 on two of them: the kernel converts where it loads and
-  stores), the vocabulary-padded ones, INT8 weights and stacks."""
+  """The ``@triton.jit`` kernel on the leaves of :func:`variants`: every flag on an
+  aligned and a ragged leaf of each layout (float32 where aligned, bfloat16 where
+  ragged: the kernel converts only where it loads and stores), the
+  vocabulary-padded ones, INT8 weights and stacks in one launch."""
   out = [v._replace(kernel="triton") for v in variants()
-         if v.shape in ((4096, 4096), (1000, 300), (32000, 4096), (100, 300))
-         and v.p_dtype == v.g_dtype and not v.int8_params
-         and (v.p_dtype == jnp.float32 or v.shape in ((4096, 4096), (100, 300)))]
+         if not v.int8_params and v.p_dtype == v.g_dtype
+         and (v.shape, v.p_dtype) in (((4096, 4096), jnp.float32), ((1000, 300), jnp.bfloat16),
+                                      ((32000, 4096), jnp.float32), ((100, 300), jnp.bfloat16))]
   out += [Variant((32001, 4096), ROWS, True, False, jnp.bfloat16, jnp.bfloat16, kernel="triton"),
           Variant((4096, 32001), COLUMNS, True, True, jnp.float32, jnp.float32, kernel="triton")]
   out += [Variant(shape, axes, sr, True, jnp.float32, jnp.float32, True, kernel="triton")

@@ -556,6 +556,34 @@ MUTANTS: tuple[Mutant, ...] = (
         ("round_trip",),
         "a bucket far from zero loses more than a step of its error feedback to bfloat16's "
         "rounding of its ends"),
+    Mutant(
+        "triton_shard_row_offset_dropped", "qadam_mini_jax/triton_update.py",
+        "  index = (rows.to(tl.uint32) + i0) * STRIDE", "  index = rows.to(tl.uint32) * STRIDE",
+        ("tests/test_triton_update.py::test_interpreted_kernel_gives_the_equations_bit_for_bit",),
+        ("shard_of_rows",),
+        "a shard of a leaf rounds with the bits of the leaf's first rows: the shards of a "
+        "sharded run share their rounding noise"),
+    Mutant(
+        "triton_layers_share_one_stream", "qadam_mini_jax/triton_update.py",
+        "    if LAYERS:\n      s0, s1 = _layer_seeds(s0, s1, layer)\n", "",
+        ("tests/test_triton_update.py::test_interpreted_kernel_gives_the_equations_bit_for_bit",
+         "tests/test_triton_update.py::test_triton_implementation_follows_the_xla_path"),
+        ("stack_of_3", "two_stacks"),
+        "every layer of a stack launched at once rounds with the same bits: correlated noise "
+        "across layers, and not the XLA path's"),
+    Mutant(
+        "triton_m_rounds_on_the_weights_stream", "qadam_mini_jax/triton_update.py",
+        "  _requantize(m, index, seed_ptr, 0, layer,",
+        "  _requantize(m, index, seed_ptr, 4 if INT8_PARAMS else 0, layer,",
+        ("tests/test_triton_update.py::test_interpreted_kernel_gives_the_equations_bit_for_bit",),
+        ("int8_weights",),
+        "with INT8 weights, m and the weights round with the same bits: their errors correlate"),
+    Mutant(
+        "triton_row_edge_unmasked", "qadam_mini_jax/triton_update.py",
+        "  ROW_EDGE: tl.constexpr = A % T0 != 0", "  ROW_EDGE: tl.constexpr = False",
+        ("tests/test_kernel_compile.py::test_every_leaf_access_of_a_ragged_variant_is_predicated",),
+        ("predicated",),
+        "an edge tile reads and writes past the leaf's last rows (other buffers' memory)"),
 )
 
 

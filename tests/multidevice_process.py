@@ -22,8 +22,7 @@ def start() -> None:
   """Start the process (once)."""
   if _run:
     return
-  # TRITON_INTERPRET: the jax-triton kernel runs there under Triton's interpreter.
-  env = dict(os.environ, QADAM_MULTIDEVICE="1", JAX_PLATFORMS="cpu", TRITON_INTERPRET="1",
+  env = dict(os.environ, QADAM_MULTIDEVICE="1", JAX_PLATFORMS="cpu",
              XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") +
                         " --xla_force_host_platform_device_count=8").strip())
   env.pop("PYTEST_ADDOPTS", None)

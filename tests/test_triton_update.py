@@ -25,8 +25,8 @@ if __name__ != "__main__":  # the child checks that the package itself imports n
   pytest.importorskip("triton", reason="no triton wheel for this platform (Linux x86-64/aarch64 only)")
   pytest.importorskip("torch", reason="the Triton interpreter runs on torch CPU tensors")
 
-# name: (shape, block axes, stochastic, fuse_step, dtype, int8 weights, shard rows (start, stop)
-# or, for a stack, the number of layers ahead of ``shape``)
+# name: (shape, block axes, stochastic, fuse_step, dtype, int8 weights, a shard (axis of the
+# (a, b) view, start, stop) or, for a stack, the number of layers ahead of ``shape``)
 KERNEL_CASES = {
     "rows_ragged_rtn_direction": ((100, 300), (1,), False, False, "float32", False, None),
     "columns_ragged_sr_fused": ((300, 100), (0,), True, True, "float32", False, None),
@@ -35,7 +35,8 @@ KERNEL_CASES = {
     "bf16_columns_sr_fused": ((300, 100), (0,), True, True, "bfloat16", False, None),
     "int8_weights_rows_rtn": ((100, 300), (1,), False, True, "float32", True, None),
     "int8_weights_columns_sr": ((300, 100), (0,), True, True, "float32", True, None),
-    "shard_of_rows_sr_fused": ((100, 300), (1,), True, True, "float32", False, (40, 100)),
+    "shard_of_rows_sr_fused": ((100, 300), (1,), True, True, "float32", False, (0, 40, 100)),
+    "shard_of_columns_sr_fused": ((300, 100), (0,), True, True, "float32", False, (1, 40, 100)),
     "stack_of_3_columns_sr_fused": ((300, 100), (0,), True, True, "float32", False, 3),
     "stack_of_3_int8_weights_rows_sr": ((100, 300), (1,), True, True, "float32", True, 3),
 }
@@ -182,14 +183,15 @@ def _kernel_case(name):
   streams = [random_bits.stream_seeds(words, jnp.int32(5), random_bits.path_stream(name), purpose)
              for purpose in (random_bits.MOMENT, random_bits.WEIGHTS)]
   stride = None
-  if shard is not None:  # rows [start, stop) of the leaf as one shard: whole-leaf indices
-    start, stop = shard
-    g, p = g[start:stop], p[start:stop]
-    q = quantize.QuantizedArray(q.codes[start:stop], q.scales[start:stop])
-    factor = factor[start:stop] if factor_axes["a_varies"] else factor
-    stride, layout = layout.b, layout._replace(shape=(stop - start,) + shape[1:])
-  offset = np.uint32(0 if shard is None else shard[0])
-  seeds = np.asarray([*streams[0], offset, 0] + (list(streams[1]) if int8_params else [])
+  offsets = [0, 0]
+  if shard is not None:  # rows or columns [start, stop) as one shard: whole-leaf indices
+    axis, start, stop = shard
+    cut = lambda x: x[start:stop] if axis == 0 else x[:, start:stop]
+    g, p, q = cut(g), cut(p), quantize.QuantizedArray(cut(q.codes), cut(q.scales))
+    factor = cut(factor) if factor_axes["b_varies" if axis else "a_varies"] else factor
+    offsets[axis] = start
+    stride, layout = layout.b, layout._replace(shape=g.shape)
+  seeds = np.asarray([*streams[0], *offsets] + (list(streams[1]) if int8_params else [])
                      + ([FIRST_LAYER] if layers else []), np.uint32)
   run = triton_update.launch(
       p if fuse_step else g, g, q, factor, hyper, seeds, layout=layout, stochastic=stochastic,
