@@ -10,7 +10,7 @@ notice (a dropped bias correction, a swapped ``b1``/``1-b1``, nearest rounding
 where stochastic is due, a reused rounding stream, decay on norms, ...): an
 exact snippet ``old`` of one library file, which must occur there exactly once,
 and its replacement ``new``. For each selected mutant the script copies
-``qadam_mini_jax/``, ``tests/``, ``examples/`` and ``pyproject.toml`` (of the
+``qadam_mini_jax/``, ``tests/``, ``examples/``, ``benchmarks/`` and ``pyproject.toml`` (of the
 working tree) into a fresh temporary directory, applies the edit and runs the
 mutant's ``tests`` (pytest node ids or files: only those about that behaviour,
 as each test file costs 10-120 s of compiles) there, with the copy first on
@@ -57,7 +57,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import results_file  # noqa: E402  (benchmarks/, beside this script)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-COPIED = ("qadam_mini_jax", "tests", "examples", "pyproject.toml")
+# benchmarks/: some tests import its modules (kernel_compile, fits).
+COPIED = ("qadam_mini_jax", "tests", "examples", "benchmarks", "pyproject.toml")
 DEFAULT_OUT = results_file.RESULTS / "mutants.md"
 TIMEOUT_S = 900  # per mutant; the baseline gets this per test file it runs
 
@@ -658,7 +659,7 @@ class Outcome:
 
 
 def make_copy(source: pathlib.Path, copy: pathlib.Path) -> pathlib.Path:
-  """A fresh copy of the library, tests, examples and pyproject.toml under ``source``."""
+  """A fresh copy of the library, tests, examples, benchmarks and pyproject.toml under ``source``."""
   copy.mkdir()
   ignore = shutil.ignore_patterns("__pycache__", "*.pyc", ".pytest_cache", ".hypothesis",
                                   "junit-*.xml", "pytest-*.log")
