@@ -830,7 +830,8 @@ def report(command: str, started: str, source: str, mutants: list[Mutant],
       f"Python {platform.python_version()}, jax {version('jax')}, pytest {version('pytest')}) "
       f"at {source}.", "",
       "Each mutant is one small edit to a fresh copy of `qadam_mini_jax/`, `tests/`, "
-      "`examples/` and `pyproject.toml`; its tests run on that copy (first on `PYTHONPATH`). "
+      "`examples/`, `benchmarks/` and `pyproject.toml`; its tests run on that copy (first on "
+      "`PYTHONPATH`). "
       "A mutant is *caught* when at least one of them fails or errors, and *by its intended "
       "test* when one of the failing tests is one meant to catch it (see the second table). "
       "The unmutated copy passed every test selected first: "
