@@ -16,9 +16,10 @@ so against XLA's jnp path the Pallas kernel's bound holds). A stack of layers
 ahead of the leaf's own axes is one launch whose grid spans the layers, each
 rounding on its own stream (:func:`.random_bits.layer_seeds`, in the kernel).
 
-:func:`leaf_kernel` builds the kernel for the GPU (``triton.jit``) or for
-Triton's interpreter, which runs it on CPU torch tensors (:func:`run_interpreted`:
-the suite's test of this very kernel without a GPU). jax-triton and Triton are
+:func:`leaf_kernel` builds the kernel with ``triton.jit``: compiled on a GPU, or,
+in a process started with ``TRITON_INTERPRET=1``, run by Triton's interpreter on
+CPU torch tensors (:func:`run_interpreted`: the suite's test of this very kernel
+without a GPU). jax-triton and Triton are
 the ``gpu`` extra (``pip install 'qadam_mini_jax[gpu]'``), imported when a
 kernel is first needed.
 """
@@ -90,14 +91,12 @@ def _decode(codes, scale, LINEAR: tl.constexpr):
 def _encode(x, scale, r, LINEAR: tl.constexpr):
   """:func:`.quantize.encode`: int8 codes of ``x`` in groups of max ``scale``."""
   safe = tl.where(scale > 0, scale, 1.0)
+  levels = tl.full(safe.shape, QMAX if LINEAR else LEVELS, tl.float32)
+  y = tl.abs(x) * tl.where(scale > 0, tl.div_rn(levels, safe), 0.0)
   if LINEAR:
-    inv_scale = tl.where(scale > 0, tl.div_rn(tl.full(safe.shape, QMAX, tl.float32), safe), 0.0)
-    y = tl.abs(x) * inv_scale
     k = tl.floor(y)
     up = y - k >= 1.0 - r
   else:
-    inv_scale = tl.where(scale > 0, tl.div_rn(tl.full(safe.shape, LEVELS, tl.float32), safe), 0.0)
-    y = tl.abs(x) * inv_scale
     k = tl.floor(tl.sqrt_rn(y))
     up = y - k * k >= (1.0 - r) * (2.0 * k + 1.0)
   code = tl.minimum(tl.where(up, k + 1.0, k), QMAX)
@@ -266,8 +265,9 @@ def _int8_params_kernel(hyper_ptr, seed_ptr, p_codes_ptr, p_scales_ptr, g_ptr, c
              True, True, PARAMS_STOCHASTIC, DROP, LAYERS, FACTOR_SIZE)
 
 
-_DEVICE_FUNCTIONS = ("_mix32", "_layer_seeds", "_uniform", "_decode", "_encode", "_coarse_scale", "_load", "_store",
-                     "_requantize", "_leaf_step", "_float_params_kernel", "_int8_params_kernel")
+_DEVICE_FUNCTIONS = ("_mix32", "_layer_seeds", "_uniform", "_decode", "_encode", "_coarse_scale",
+                     "_load", "_store", "_requantize", "_leaf_step", "_float_params_kernel",
+                     "_int8_params_kernel")
 
 
 @functools.cache
