@@ -471,7 +471,11 @@ def layer_loop(fn: Callable[..., tuple[Any, ...]], sizes: tuple[int, ...], carry
   # read after the previous layer was written. Nothing reads a stack after it is
   # written in place, so XLA copies none (reading the layer in the same iteration as
   # the write, XLA fused the read into consumers that may run after the write and
-  # copied every carried stack at every layer to keep the old values).
+  # copied every carried stack at every layer to keep the old values). The next
+  # layer is read only once every stack is written: read as soon as its own stack
+  # was, it would overwrite loop state that other writes still read, and XLA copied
+  # each layer's loop state at every iteration (for AdamW in the backward pass:
+  # its parameters and both moments).
   def body(i, state):
     stacks, current = state
     index = unravel(i)
@@ -479,11 +483,30 @@ def layer_loop(fn: Callable[..., tuple[Any, ...]], sizes: tuple[int, ...], carry
     new = fn(layer, *current, *(take_layer(t, a, index) for t, a in zip(consts, const_axes)))
     stacks = tuple(t if a is None else put_layer(t, a, v, index)
                    for t, a, v in zip(stacks, carry_axes, new))
-    return stacks, read(stacks, new, jnp.minimum(i + 1, count - 1))  # past the last: unused
+    written = jax.tree.leaves([t for t, a in zip(stacks, carry_axes) if a is not None])
+    following = jnp.minimum(i + 1, count - 1) + _zero_after(written)  # past the last: unused
+    return stacks, read(stacks, new, following)
 
   stacks = tuple(None if a is None else c for c, a in zip(carry, carry_axes))
   stacks, current = jax.lax.fori_loop(0, count, body, (stacks, read(stacks, carry, 0)))
   return tuple(c if a is None else t for t, c, a in zip(stacks, current, carry_axes))
+
+
+def _zero_after(arrays: list[jax.Array]) -> jax.Array:
+  """An int32 zero that XLA computes only once every one of ``arrays`` exists.
+
+  The minimum of ``0`` and one element of each array, taken as unsigned
+  words: always zero, but XLA cannot know it, so an index plus this zero is
+  a data dependence on every array.
+  """
+  words = [jnp.zeros([], jnp.uint32)]
+  for x in arrays:
+    if x.size:
+      x = x[(0,) * x.ndim]
+      if jnp.issubdtype(x.dtype, jnp.floating):
+        x = jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{8 * x.dtype.itemsize}"))
+      words.append(x.astype(jnp.uint32))
+  return jnp.min(jnp.stack(words)).astype(jnp.int32)
 
 
 def recorded_layers(params: Any, name: str = "layers") -> dict[str, tuple[int, ...]]:

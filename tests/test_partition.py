@@ -343,3 +343,21 @@ def test_layer_loop_writes_each_layer_over_its_stacked_input():
       np.testing.assert_array_equal(out[i, :, j], xs[i, :, j] * cs[i, 0, j, 0] + 10.0 + layer)
       np.testing.assert_array_equal(a[i, :, j], np.full((3, 5), layer))
       np.testing.assert_array_equal(b[j, :, i], np.full(7, 2.0 + xs[i, :, j].sum()))
+
+
+def test_layer_loop_copies_no_layer_of_its_loop_state():
+  """An Adam-like loop whose parameter write reads the moments' layers: each layer
+  is read once into loop state and written in place, never copied (reading the
+  next layer of one stack before every write had read this one, XLA copied each
+  layer of every stack at every iteration)."""
+  def adam_layer(layer, p, m, v, g):
+    del layer
+    m, v = 0.9 * m + g, 0.99 * v + g * g
+    return p - 0.1 * m / jnp.sqrt(v + 1e-8), m, v
+
+  stack = jax.ShapeDtypeStruct((4, 48, 40), jnp.float32)
+  step = jax.jit(lambda p, m, v, g: P.layer_loop(adam_layer, (4,), (p, m, v), ((0,),) * 3,
+                                                 (g,), ((0,),)), donate_argnums=(0, 1, 2))
+  hlo = step.lower(stack, stack, stack, stack).compile().as_text()
+  copies = re.findall(r"= f32\[48,40\]\S* copy\(", hlo)
+  assert not copies, copies
