@@ -222,14 +222,17 @@ def int8_m_extra(records: list[dict[str, Any]]) -> list[str]:
            "at 1B (default scheduler) the same activations and gradients in both, and beside "
            "them in `q_adam_mini` XLA's copies of the INT8 `m` codes of the embedding and "
            "output layer (62 MiB each, made at the step's start because fusions that read the "
-           "old codes may run after the new ones are written) and 51 MiB of smaller buffers: "
-           "176 MiB of live bytes; the rest of the difference is the packing of the temp "
-           "allocation. The copies are not removed yet: writing the INT8 `m` after the "
-           "parameter behind an optimization barrier left them (no barrier is left in XLA:CPU's "
-           "optimized program, and the recomputed `m` is merged with the first), and so did "
-           "updating the embedding and output layer in row chunks (1B temp 8.06-8.21 GiB); "
-           "under the memory-minimizing scheduler the copies are made late and `q_adam_mini`'s "
-           "temp is 3.7 GiB below `adam_mini`'s at 1B (`fits_cpu_memory_scheduler.md`).", "",
+           "old codes may run after the new ones are written) and the first layer of each "
+           "stacked INT8 `m`, read into its update loop's state as early as the scheduler "
+           "allows (60 MiB). The rest of the difference is the packing of the temp allocation, "
+           "and the packing decides: each removal tried took those buffers off the peak and "
+           "raised the temp (updating the embedding and output layer in row parts through the "
+           "same layer loop: 1B temp 8.17 GiB; making the first-layer reads wait for the "
+           "gradient: 9.5-9.8 GiB; writing the INT8 `m` after the parameter behind an "
+           "optimization barrier left the copies, as XLA:CPU removes the barrier before copy "
+           "insertion), so none is kept. Under the memory-minimizing scheduler the copies are "
+           "made late and `q_adam_mini`'s temp is 3.7 GiB below `adam_mini`'s at 1B "
+           "(`fits_cpu_memory_scheduler.md`).", "",
            "| model | q_adam_mini temp - adam_mini temp (MiB) | one FFN layer's float32 m (MiB) |",
            "|---|---:|---:|"]
   for model in models:

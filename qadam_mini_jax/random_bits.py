@@ -21,17 +21,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-_M1 = np.uint32(0x21F0AAAD)
-_M2 = np.uint32(0xD35A2D97)
-_GOLDEN = np.uint32(0x9E3779B9)
+#: The multipliers of :func:`mix32` and the golden-ratio step of the seeds
+#: (public: the Triton kernel hashes with the same constants).
+M1 = np.uint32(0x21F0AAAD)
+M2 = np.uint32(0xD35A2D97)
+GOLDEN = np.uint32(0x9E3779B9)
 
 
 def mix32(x: jax.Array) -> jax.Array:
   """A bijective 32-bit avalanche mix (C. Wellons' ``lowbias32`` family)."""
   x = x ^ (x >> 16)
-  x = x * _M1
+  x = x * M1
   x = x ^ (x >> 15)
-  x = x * _M2
+  x = x * M2
   return x ^ (x >> 15)
 
 
@@ -84,7 +86,7 @@ def stream_seeds(words: jax.Array, step: jax.Array, stream: int,
     raise ValueError(f"stream must be an int in [0, 2**64), got {stream}.")
   low, high = np.uint32(stream & 0xFFFFFFFF), np.uint32(stream >> 32)
   step = jnp.asarray(step).astype(jnp.uint32)
-  s = mix32(jnp.asarray(low, jnp.uint32) * _GOLDEN + step)
+  s = mix32(jnp.asarray(low, jnp.uint32) * GOLDEN + step)
   s0 = mix32(s ^ words[0] ^ _PURPOSE_WORDS[purpose])
   s1 = mix32(s0 ^ words[1] ^ high)
   return s0, s1
@@ -92,7 +94,7 @@ def stream_seeds(words: jax.Array, step: jax.Array, stream: int,
 
 def layer_seeds(s0: jax.Array, s1: jax.Array, layer: jax.Array) -> tuple[jax.Array, jax.Array]:
   """The stream of one layer of a stacked (scanned) leaf, from the leaf's stream."""
-  t0 = mix32(s0 ^ mix32(jnp.asarray(layer).astype(jnp.uint32) * _GOLDEN + _GOLDEN))
+  t0 = mix32(s0 ^ mix32(jnp.asarray(layer).astype(jnp.uint32) * GOLDEN + GOLDEN))
   return t0, mix32(t0 ^ s1)
 
 

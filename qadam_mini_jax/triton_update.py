@@ -290,8 +290,8 @@ def leaf_kernel(int8_params: bool):
 def _constants(tl_module) -> dict[str, Any]:
   """The code's and the hash's constants, as the kernel sees them (constexpr)."""
   c = tl_module.constexpr
-  return dict(M1=c(int(random_bits._M1)), M2=c(int(random_bits._M2)),  # pylint: disable=protected-access
-              GOLDEN=c(int(random_bits._GOLDEN)),  # pylint: disable=protected-access
+  return dict(M1=c(int(random_bits.M1)), M2=c(int(random_bits.M2)),
+              GOLDEN=c(int(random_bits.GOLDEN)),
               TWO_TO_MINUS_24=c(2.0**-24), QMAX=c(float(quantize_lib.QMAX)),
               LEVELS=c(float(quantize_lib.QMAX * quantize_lib.QMAX)),
               INV_QMAX=c(float(np.float32(1.0 / quantize_lib.QMAX))),

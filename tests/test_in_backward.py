@@ -229,9 +229,10 @@ def test_the_fused_kernel_updates_each_layer_in_backward():
 def test_the_step_holds_one_layer_gradient_not_the_tree():
   """Compiled with parameters and state donated, the in-backward step writes
   the stacked parameters and ``m`` in place and its temporaries do not grow
-  with depth: below five layers' parameters in float32 (a layer's parameters,
-  gradient and new values, the padded float32 ``m`` of its INT8 groups) plus
-  the activations and the head's gradients. A copy of even the smallest
+  with depth: below six and a half layers' parameters in float32 (a layer's
+  parameters, its gradient as the matmuls leave it and written once more in the
+  parameters' layout, its new values, the padded float32 ``m`` of its INT8
+  groups) plus the activations and the head's gradients. A copy of even the smallest
   stacked leaf (16 layers of one 128x128 kernel) exceeds it; the ordinary step
   holds all 16 layers' gradients."""
   config = dataclasses.replace(CONFIG, dim=128, ffn_dim=384, num_heads=4, num_kv_heads=4,
@@ -251,7 +252,7 @@ def test_the_step_holds_one_layer_gradient_not_the_tree():
   attention = 4 * 4 * seq * seq * config.num_heads
   head = 4 * 2 * config.vocab * config.dim
   in_backward_temp = temp(in_backward.train_step(*pieces(model), tx))
-  assert in_backward_temp < 5 * layer + activations + attention + head, in_backward_temp
+  assert in_backward_temp < 6.5 * layer + activations + attention + head, in_backward_temp
   ordinary = _ordinary_step("q_adam_mini", tx, lambda p, t: next_token_loss(
       nnx.merge(nnx.graphdef(model), p)(t), t))
   assert temp(ordinary) > config.num_layers * layer > 2 * in_backward_temp

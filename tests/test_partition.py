@@ -361,3 +361,18 @@ def test_layer_loop_copies_no_layer_of_its_loop_state():
   hlo = step.lower(stack, stack, stack, stack).compile().as_text()
   copies = re.findall(r"= f32\[48,40\]\S* copy\(", hlo)
   assert not copies, copies
+
+
+def test_materialized_returns_its_arrays_bit_for_bit_through_a_conditional():
+  """The values (signed zeros, NaN, integers, empty arrays) come back unchanged, and
+  XLA keeps the conditional that writes them (its predicate is not a constant to it)."""
+  tree = {"a": jnp.array([[-0.0, jnp.nan], [jnp.inf, 1.5]]), "b": jnp.arange(3, dtype=jnp.int8),
+          "c": jnp.zeros((0, 2), jnp.bfloat16)}
+  materialize = jax.jit(P.materialized)
+  out = materialize(tree)
+  for k in tree:
+    chex.assert_equal_shape((out[k], tree[k]))
+    assert out[k].dtype == tree[k].dtype
+    np.testing.assert_array_equal(np.asarray(out[k]).view(np.uint8),
+                                  np.asarray(tree[k]).view(np.uint8))
+  assert " conditional(" in materialize.lower(tree).compile().as_text()
