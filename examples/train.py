@@ -285,13 +285,20 @@ def make_step_fns(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
           "embed_norm": jnp.linalg.norm(embedding.astype(jnp.float32))}
     if fused_step is None:
       loss, grads = jax.value_and_grad(loss_fn)(state["params"], tokens)
-      updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-      params = optax.apply_updates(state["params"], updates)
     else:
       loss, grads = qadam_mini_jax.weights.value_and_grad(loss_fn)(state["params"], tokens)
-      params, opt_state = fused_step(grads, state["opt_state"], state["params"])
+    # Computed before the update, which waits for it: the layer-by-layer updates
+    # write over the gradients, and XLA would otherwise copy each stacked gradient
+    # for the norm to read later (qadam_mini_jax.updates_wait_for).
+    grad_norm = optax.tree.norm(grads)
+    with qadam_mini_jax.updates_wait_for(grad_norm):
+      if fused_step is None:
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+      else:
+        params, opt_state = fused_step(grads, state["opt_state"], state["params"])
     embedding = qadam_mini_jax.weights.dequantize(params["embed"]["embedding"])
-    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
+    metrics = {"loss": loss, "grad_norm": grad_norm,
                "embed_norm": jnp.linalg.norm(embedding.astype(jnp.float32))}
     return {"params": params, "opt_state": opt_state}, metrics
 

@@ -18,7 +18,7 @@ from qadam_mini_jax.alias import (FusedOptimizer, adam_mini, default_decay_mask,
 from qadam_mini_jax.sparse_adam import ScaleByMicroAdamState, scale_by_micro_adam
 from qadam_mini_jax.low_rank import ScaleByGaLoreState, scale_by_galore
 from qadam_mini_jax.partition import (BlockPartition, BlockSpec, PartitionError, block_specs,
-                                      recorded_layers)
+                                      recorded_layers, updates_wait_for)
 from qadam_mini_jax.quantize import QuantizedArray
 from qadam_mini_jax.report import describe, tree_nbytes, tree_nbytes_per_device
 from qadam_mini_jax.sharding import ShardingError, state_shardings, weight_shardings
@@ -33,6 +33,7 @@ __all__ = [
     "q_adam_mini", "quantize_params", "recorded_layers", "scale_by_adam_mini", "state_shardings", "tree_nbytes", "weight_shardings",
     "tree_nbytes_per_device", "in_backward", "weights", "galore", "q_galore", "fused_q_galore", "scale_by_galore",
     "ScaleByGaLoreState", "micro_adam", "scale_by_micro_adam", "ScaleByMicroAdamState",
+    "updates_wait_for",
 ]
 
 __version__ = "0.1.0"

@@ -1,5 +1,7 @@
 """Block partition: default rules, overrides, errors, block means."""
 
+import contextlib
+import functools
 import re
 import warnings
 
@@ -376,3 +378,33 @@ def test_materialized_returns_its_arrays_bit_for_bit_through_a_conditional():
     np.testing.assert_array_equal(np.asarray(out[k]).view(np.uint8),
                                   np.asarray(tree[k]).view(np.uint8))
   assert " conditional(" in materialize.lower(tree).compile().as_text()
+
+
+def test_updates_wait_for_lets_a_metric_read_the_gradient_before_the_loop_writes_over_it():
+  """A loop that writes each layer's direction over its gradient, beside a norm of
+  that gradient: XLA copies the whole stack for the norm unless the loop waits for
+  it (``updates_wait_for``); the values are the same either way."""
+  def step(g, m, wait):
+    norm = jnp.sum(g * g)
+    with P.updates_wait_for(norm) if wait else contextlib.nullcontext():
+      out, m = P.layer_loop(lambda layer, g, m: (0.5 * (m + g), m + g), (4,), (g, m),
+                            ((0,), (0,)))
+    return out, m, norm
+
+  g = jax.random.normal(jax.random.key(0), (4, 48, 40))
+  m = jax.random.normal(jax.random.key(1), (4, 48, 40))
+  results = {}
+  for wait in (False, True):
+    fn = jax.jit(functools.partial(step, wait=wait), donate_argnums=(0, 1))
+    hlo = fn.lower(g, m).compile().as_text()
+    results[wait] = (re.findall(r"= f32\[4,48,40\]\S* copy\(", hlo), fn(g + 0, m + 0))
+  assert results[False][0], "without waiting, XLA no longer copies the stack: the test shows nothing"
+  assert not results[True][0], results[True][0]
+  chex.assert_trees_all_equal(results[False][1], results[True][1])
+  np.testing.assert_array_equal(results[True][1][0], 0.5 * (m + g))
+
+
+def test_updates_wait_for_refuses_what_is_not_an_array():
+  with pytest.raises(TypeError, match="argument 1 is float"):
+    with P.updates_wait_for(jnp.zeros(()), 1.0):
+      pass
