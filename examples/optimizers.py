@@ -73,6 +73,8 @@ PARTITIONS = ("qk_per_neuron", "reference", "value_one_block")
 #: ``q_adam_mini``'s ``stochastic_rounding``: ``auto`` (embedding and output
 #: layers, the paper's choice), ``all`` INT8 leaves, or ``none``.
 ROUNDINGS = ("auto", "all", "none")
+#: The optimizers that take ``stochastic_rounding`` (their INT8 state and weights).
+ROUNDING_OPTIMIZERS = ("q_adam_mini", "q_galore")
 #: ``mu_dtype``: the first moment's dtype, for the optimizers that store it in float.
 MU_DTYPES = ("float32", "bfloat16")
 MU_DTYPE_OPTIMIZERS = ("adamw", "adam_mini", "lion")
@@ -116,6 +118,9 @@ class OptimizerConfig:
     if self.stochastic_rounding not in ROUNDINGS:
       raise ValueError(f"unknown stochastic_rounding {self.stochastic_rounding!r}; choose from "
                        f"{', '.join(ROUNDINGS)}.")
+    if self.stochastic_rounding != "auto" and self.name not in ROUNDING_OPTIMIZERS:
+      raise ValueError(f"--stochastic-rounding needs --optimizer {', '.join(ROUNDING_OPTIMIZERS)}: "
+                       f"{self.name} has no stochastic rounding to set.")
     if self.partition not in PARTITIONS:
       raise ValueError(f"unknown partition {self.partition!r}; choose from {', '.join(PARTITIONS)}.")
     if self.mu_dtype not in (None, *MU_DTYPES):

@@ -37,9 +37,19 @@ def mix32(x: jax.Array) -> jax.Array:
   return x ^ (x >> 15)
 
 
+def check_seed(key: Any) -> None:
+  """Raise ``ValueError`` for an int seed that two words cannot hold (a signed or
+  unsigned 64-bit int): its higher bits would be dropped, so seeds ``s`` and
+  ``s + 2**64`` would round alike."""
+  if isinstance(key, (int, np.integer)) and not -2**63 <= int(key) < 2**64:
+    raise ValueError(f"key must be an int in [-2**63, 2**64) or a JAX PRNG key, got {key}.")
+
+
 def key_words(key: Any) -> jax.Array:
   """Two uint32 seed words from an int seed, a typed key or raw key data."""
   if isinstance(key, (int, np.integer)):
+    check_seed(key)
+    key = int(key)
     return jnp.asarray([np.uint32(key & 0xFFFFFFFF), np.uint32(key >> 32 & 0xFFFFFFFF)])
   key = jnp.asarray(key)
   if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):

@@ -216,6 +216,7 @@ class AdamMiniConfig:
 
   def __post_init__(self):
     check_hyperparameters(b1=self.b1, b2=self.b2, eps=self.eps)
+    random_bits.check_seed(self.key)
     rounding = self.stochastic_rounding
     if isinstance(rounding, str) and rounding.lower() not in ROUNDING_CHOICES:
       raise ValueError(f"stochastic_rounding must be one of {ROUNDING_CHOICES}, a mask pytree "

@@ -513,6 +513,17 @@ def test_weight_quant_refuses_what_it_cannot_do(tmp_path, capsys, flags, problem
   assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("optimizer", ["adamw", "micro_adam"])
+def test_stochastic_rounding_is_refused_where_nothing_is_rounded(tmp_path, capsys, optimizer):
+  with pytest.raises(SystemExit) as exit_info:
+    train.main([*SMALL, "--optimizer", optimizer, "--no-stochastic-rounding",
+                "--out-dir", str(tmp_path / "run")])
+  assert exit_info.value.code == 2
+  assert (f"--stochastic-rounding needs --optimizer q_adam_mini, q_galore: {optimizer} has no "
+          "stochastic rounding to set.") in capsys.readouterr().err.splitlines()[-1]
+  assert not (tmp_path / "run").exists()
+
+
 def test_mu_dtype_sets_the_first_moment_of_adamw_and_is_refused_elsewhere(tmp_path, capsys):
   flags = [*SMALL, "--optimizer", "adamw", "--mu-dtype", "bfloat16"]
   model_cfg, opt_cfg, cfg = train.configs_from_args(train.build_parser().parse_args(flags))

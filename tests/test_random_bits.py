@@ -101,3 +101,11 @@ def test_the_three_purposes_draw_apart():
   draws = np.stack([np.asarray(R.uniform((4096,), *s)) for s in streams])
   correlations = np.corrcoef(draws)[np.triu_indices(3, 1)]
   assert np.all(np.abs(correlations) < 0.05), correlations
+
+
+def test_seeds_wider_than_64_bits_are_refused():
+  """Two words hold a 64-bit seed; a wider one would lose its high bits silently."""
+  np.testing.assert_array_equal(R.key_words(2**64 - 1), R.key_words(-1))
+  with pytest.raises(ValueError, match=r"key must be an int in \[-2\*\*63, 2\*\*64\).*"
+                                       r"got 18446744073709551619"):
+    R.key_words(2**64 + 3)

@@ -408,6 +408,12 @@ def test_stochastic_rounding_seeds_use_all_their_bits():
   assert (with_key(wide) != with_key(wide.at[3].set(1))).mean() > 0.05
 
 
+def test_a_seed_wider_than_64_bits_is_refused_when_the_optimizer_is_built():
+  with pytest.raises(ValueError, match=r"key must be an int in \[-2\*\*63, 2\*\*64\).*"
+                                       r"got -9223372036854775809"):
+    qadam_mini_jax.q_adam_mini(1e-3, key=-2**63 - 1)
+
+
 def test_bad_stochastic_rounding_arguments_are_refused():
   with pytest.raises(ValueError, match=r"stochastic_rounding must be one of \('auto', 'all', "
                                        r"'none'\).*got 'sometimes'"):
