@@ -314,7 +314,9 @@ def train_step(embed: Callable[[Any, Any], jax.Array],
         return jax.tree.map(lambda g: jnp.where(norm < clip_global_norm, g, (
             g / norm.astype(g.dtype)) * clip_global_norm), tree)
 
-    # Backward: each layer's gradient, then at once that layer's update.
+    # Backward: each layer's gradient, then at once that layer's update. The loop
+    # reads its first layer once the head's gradient exists: read at the step's
+    # start, the last layer's INT8 weights and state stayed alive through the forward.
     leaves, treedef = jax.tree.flatten(state)
     axes = [a and a[0] == "layer" and (a[1],)
             for a in treedef.flatten_up_to(_state_axes(init, params, layers, rest=False))]
@@ -337,7 +339,7 @@ def train_step(embed: Callable[[Any, Any], jax.Array],
     stack, state_stacks, d_hidden, total = partition_lib.layer_loop(
         one_layer, (count,), (stack, [leaves[k] for k in stacked], d_hidden, jnp.zeros([])),
         (stack_axes, [axes[k] for k in stacked], None, None), (inputs,), ((0,),),
-        reverse=True)
+        reverse=True, after=(d_hidden,))
     if embed_grads is None:
       (embed_grads,) = embed_vjp(d_hidden)
       rest_grads = jax.tree.map(jnp.add, rest_grads, embed_grads)

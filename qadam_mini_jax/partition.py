@@ -476,7 +476,8 @@ def updates_wait_for(*arrays: jax.Array):
 
 def layer_loop(fn: Callable[..., tuple[Any, ...]], sizes: tuple[int, ...], carry: tuple[Any, ...],
                carry_axes: tuple[Any, ...], consts: tuple[Any, ...] = (),
-               const_axes: tuple[Any, ...] = (), *, reverse: bool = False) -> tuple[Any, ...]:
+               const_axes: tuple[Any, ...] = (), *, reverse: bool = False,
+               after: tuple[jax.Array, ...] = ()) -> tuple[Any, ...]:
   """``fn`` of one layer at a time, its results written over the stacked arrays they replace.
 
   ``fn(layer, *carry_layer, *const_layer)`` gets layer ``layer`` (uint32, the
@@ -485,7 +486,9 @@ def layer_loop(fn: Callable[..., tuple[Any, ...]], sizes: tuple[int, ...], carry
   ``const_axes``, as :func:`take_layer`) and returns the new layer of each
   ``carry`` pytree, which is written back into it; a ``carry`` whose axes are
   ``None`` is handed over whole and replaced whole (a running value). Layers
-  go from the first to the last, or the reverse. Unlike :func:`per_layer`
+  go from the first to the last, or the reverse; the first is read once the
+  arrays ``after`` (and those of :func:`updates_wait_for`) exist, not at the
+  step's start. Unlike :func:`per_layer`
   (``vmap``), only one layer's temporaries are alive at a time, and XLA
   updates each ``carry`` array in place when nothing reads it afterwards (a
   gradient that the result replaces, a donated state).
@@ -525,8 +528,8 @@ def layer_loop(fn: Callable[..., tuple[Any, ...]], sizes: tuple[int, ...], carry
     return stacks, read(stacks, new, following)
 
   stacks = tuple(None if a is None else c for c, a in zip(carry, carry_axes))
-  wait_for = list(_WAIT_FOR.get())
-  first = _zero_after(wait_for) if wait_for else 0  # 0 once updates_wait_for's arrays exist
+  wait_for = [*after, *_WAIT_FOR.get()]
+  first = _zero_after(wait_for) if wait_for else 0  # 0 once those arrays exist
   stacks, current = jax.lax.fori_loop(0, count, body, (stacks, read(stacks, carry, first)))
   return tuple(c if a is None else t for t, c, a in zip(stacks, current, carry_axes))
 
