@@ -7,6 +7,7 @@ import warnings
 
 import chex
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -408,3 +409,22 @@ def test_updates_wait_for_refuses_what_is_not_an_array():
   with pytest.raises(TypeError, match="argument 1 is float"):
     with P.updates_wait_for(jnp.zeros(()), 1.0):
       pass
+
+
+def test_layer_loop_reads_its_first_layer_after_the_arrays_it_is_given():
+  """``after``: the first layer's read (made before the loop) is computed from those
+  arrays, so XLA cannot make it at the step's start; without them it is not."""
+  for after in (False, True):
+    jaxpr = jax.make_jaxpr(lambda s, a: P.layer_loop(
+        lambda layer, p: (2 * p,), (3,), (s,), ((0,),), after=(a,) if after else ()))(
+            jnp.zeros((3, 8)), jnp.ones(())).jaxpr
+    (loop,) = [e for e in jaxpr.eqns if e.primitive.name in ("scan", "while")]
+    producers = {v: e for e in jaxpr.eqns for v in e.outvars}
+    needed, pending = set(), [v for v in loop.invars if isinstance(v, jax.extend.core.Var)]
+    while pending:  # every variable the loop's inputs are computed from
+      v = pending.pop()
+      if v not in needed:
+        needed.add(v)
+        pending += [u for u in getattr(producers.get(v), "invars", ())
+                    if isinstance(u, jax.extend.core.Var)]
+    assert (jaxpr.invars[1] in needed) == after, after
