@@ -274,6 +274,13 @@ def on_auto_axes(fn: Callable[..., Any], params: Any, args: tuple[Any, ...], lik
   """
   is_spec = lambda x: isinstance(x, PartitionSpec)
   specs = explicit_specs(params)
+  if jax.sharding.get_abstract_mesh().empty:
+    path, leaf = next((p, x) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]
+                      if is_explicit(getattr(jax.typeof(x).sharding, "mesh", None)))
+    raise ShardingError(
+        f"{partition_lib.path_str(path)}: sharded on Explicit mesh axes "
+        f"({jax.typeof(leaf).sharding.spec}) but no mesh is set; run the step under "
+        "jax.set_mesh(mesh), as jax.jit needs for any Explicit-axis program.")
 
   def auto(*args):
     mesh = jax.sharding.get_abstract_mesh()

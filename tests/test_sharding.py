@@ -10,6 +10,7 @@ import re
 import warnings
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -162,6 +163,20 @@ def test_partition_specs_with_mesh_and_replicated_counters():
   assert got[0].mu["mlp"]["kernel"].codes.spec == P("fsdp", None)
   assert got[0].nu["mlp"]["kernel"].spec == P(None, None)  # one v per output neuron
   assert got[0].count.spec == P() and got[0].key.spec == P()
+
+
+@pytest.mark.filterwarnings("ignore:Adam-mini partition found no")
+def test_explicit_axes_without_a_mesh_set_are_refused_naming_the_parameter():
+  mesh = jax.make_mesh((1,), ("fsdp",), axis_types=(jax.sharding.AxisType.Explicit,))
+  params = {"mlp": {"kernel": jax.device_put(jnp.ones((64, 8)),
+                                             NamedSharding(mesh, P(None, "fsdp")))}}
+  tx = q.q_adam_mini(1e-3, quantization=q.Int8Quantization(group_size=8, min_size=0))
+  with jax.set_mesh(mesh):
+    state = jax.jit(tx.init)(params)
+    jax.jit(tx.update)(params, state, params)  # runs with the mesh set
+  with pytest.raises(q.ShardingError, match=r"mlp/kernel: sharded on Explicit mesh axes "
+                     r"\(P\(None, 'fsdp'\)\) but no mesh is set; run the step under jax.set_mesh"):
+    jax.jit(tx.update)(params, state, params)
 
 
 def test_nnx_partitioning_metadata():
