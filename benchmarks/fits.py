@@ -111,6 +111,15 @@ def in_backward_row(make_tx: Callable[[LlamaConfig], Any], int8_weights: bool = 
 
 
 IN_BACKWARD = ", in backward"  # the suffix of the rows of in_backward_row
+CHUNKED = ", attention in chunks"  # the suffix of the rows of chunked_attention_row
+ATTENTION_CHUNK = 512  # queries per chunk in those rows
+
+
+def chunked_attention_row(row: Row) -> Row:
+  """``row`` on the model that computes attention ``ATTENTION_CHUNK`` queries at a
+  time (``LlamaConfig.attention_chunk``, ``examples/train.py --attention-chunk``)."""
+  return lambda config, batch: row(
+      dataclasses.replace(config, attention_chunk=ATTENTION_CHUNK), batch)
 
 #: The table's rows, name -> :data:`Row`: adding a row is adding an entry here.
 #: An optimizer in the example's train step is ``optax_row(make_tx)``; a row
@@ -155,6 +164,9 @@ ROWS: dict[str, Row] = {
             LEARNING_RATE, rank=llama_shapes.galore_rank(c), partition=partition(c))),
         int8_weights=True),
 }
+ROWS.update({name + CHUNKED: chunked_attention_row(ROWS[name]) for name in (
+    "optax.adamw", "q_adam_mini + INT8 weights" + IN_BACKWARD,
+    "q_galore + INT8 weights" + IN_BACKWARD)})
 
 
 def num_params(config: LlamaConfig) -> int:
@@ -270,6 +282,28 @@ def in_backward_notes(records: list[dict[str, Any]]) -> list[str]:
   return lines
 
 
+def chunked_attention_notes(records: list[dict[str, Any]]) -> list[str]:
+  """The rows with attention in chunks against the same rows without."""
+  peak = {(r["model"], r["optimizer"]): r["peak"] for r in records if r["layers"] == "scanned"}
+  pairs = [(m, o) for (m, o) in peak if o.endswith(CHUNKED) and (m, o[:-len(CHUNKED)]) in peak]
+  if not pairs:
+    return []
+  lines = ["", "## Attention in chunks", "",
+           f"Rows `{CHUNKED}`: the same step on the model that computes attention "
+           f"{ATTENTION_CHUNK} queries at a time, each chunk recomputed in the backward pass "
+           "(`LlamaConfig.attention_chunk`, `examples/train.py --attention-chunk`): XLA:CPU "
+           "materialises the float32 attention scores and probabilities, (heads, seq, seq) "
+           f"each, {BATCH[1] // ATTENTION_CHUNK}x smaller in chunks; a GPU's fused attention "
+           "kernel (cuDNN) keeps none. Same arithmetic and losses up to float rounding.", "",
+           "| model | optimizer | peak GiB | with attention in chunks, peak GiB | saved GiB |",
+           "|---|---|---:|---:|---:|"]
+  for model, optimizer in pairs:
+    base = optimizer[:-len(CHUNKED)]
+    a, b = peak[(model, base)], peak[(model, optimizer)]
+    lines.append(f"| {model} | `{base}` | {gib(a)} | {gib(b)} | {gib(a - b)} |")
+  return lines
+
+
 def report(records: list[dict[str, Any]], models: list[str]) -> str:
   device = jax.devices()[0]
   machine = (f"{getattr(device, 'device_kind', jax.default_backend())} "
@@ -304,6 +338,7 @@ def report(records: list[dict[str, Any]], models: list[str]) -> str:
             "see JAX's notes on GPU memory allocation).", "", *largest_fits(records)]
   lines += int8_m_extra(records)
   lines += in_backward_notes(records)
+  lines += chunked_attention_notes(records)
   unrolled = [r for r in records if r["layers"] == "unrolled"]
   if unrolled:
     peaks = {(r["optimizer"], r["layers"]): r for r in records if r["model"] == UNROLLED_CHECK}

@@ -415,12 +415,54 @@ MUTANTS: tuple[Mutant, ...] = (
         "layer's INT8 weights and state stay alive through the forward (7B: 0.39 GiB)"),
     Mutant(
         "materialized_left_to_fusion", "qadam_mini_jax/partition.py",
-        "return jax.lax.cond(always, lambda t: t, lambda t: jax.tree.map(jnp.zeros_like, t), tree)",
+        "return run_after(jax.tree.leaves(tree), lambda t: t, tree)",
         "return tree",
         (f"{PARTITION}::test_materialized_returns_its_arrays_bit_for_bit_through_a_conditional",),
         ("test_materialized_returns_its_arrays_bit_for_bit",),
         "a layer's gradient is left to XLA's fusion: every update re-reads the matmul's "
         "transposed result (AdamW in the backward pass 1.20x the ordinary step at 130M)"),
+    Mutant(
+        "read_after_ignores_its_flag", "qadam_mini_jax/partition.py",
+        "  if flag is None:\n    zero = _zero_after(list(arrays))",
+        "  if True:\n    zero = _zero_after(list(arrays))",
+        (f"{PARTITION}::test_read_after_makes_integer_arrays_depend_on_the_arrays_and_keeps_"
+         "every_value",
+         f"{IN_BACKWARD}::test_int8_m_is_written_over_its_codes_once_the_new_weights_exist"),
+        ("test_read_after_makes_integer_arrays_depend_on_the_arrays_and_keeps_every_value[True]",
+         "test_int8_m_is_written_over_its_codes_once_the_new_weights_exist"),
+        "the zero is read from the new weights' element recomputed from the old codes, not "
+        "from their buffer: INT8 m's old codes are copied again"),
+    Mutant(
+        "int8_m_written_before_the_new_weights", "qadam_mini_jax/leaf_update.py",
+        "new_m(partition_lib.read_after(mu, jax.tree.leaves(out), s.count > 0))",
+        "new_m(mu)",
+        (f"{IN_BACKWARD}::test_int8_m_is_written_over_its_codes_once_the_new_weights_exist",),
+        ("test_int8_m_is_written_over_its_codes_once_the_new_weights_exist",),
+        "XLA copies the old INT8 m codes of every leaf updated whole with INT8 weights "
+        "(the embedding and output layer: 2 x 125 MiB at 7B)"),
+    Mutant(
+        "head_reads_at_the_step_start", "qadam_mini_jax/in_backward.py",
+        "head_rest, head_batch = partition_lib.read_after((rest, batch), [hidden])",
+        "head_rest, head_batch = rest, batch",
+        (f"{IN_BACKWARD}::test_the_head_and_the_embedding_gradient_wait_for_their_inputs",),
+        ("test_the_head_and_the_embedding_gradient_wait_for_their_inputs",),
+        "the INT8 output layer is dequantized at the step's start and kept through the "
+        "forward pass (500 MiB of float32 at 7B)"),
+    Mutant(
+        "embedding_gradient_outside_a_conditional", "qadam_mini_jax/in_backward.py",
+        "embed_grads = iter(partition_lib.run_after([d_hidden], read_grads, d_hidden))",
+        "embed_grads = iter(read_grads(d_hidden))",
+        (f"{IN_BACKWARD}::test_the_head_and_the_embedding_gradient_wait_for_their_inputs",),
+        ("test_the_head_and_the_embedding_gradient_wait_for_their_inputs",),
+        "the zeros of the embedding's gradient are made at the step's start and kept through "
+        "both passes (500 MiB at 7B)"),
+    Mutant(
+        "attention_chunks_mask_the_diagonal", "examples/llama_model.py",
+        "mask = (first + jnp.arange(chunk))[:, None] >= jnp.arange(s)[None, :]",
+        "mask = (first + jnp.arange(chunk))[:, None] > jnp.arange(s)[None, :]",
+        ("tests/test_example.py::test_attention_in_chunks_is_the_whole_causal_attention",),
+        ("test_attention_in_chunks_is_the_whole_causal_attention",),
+        "with --attention-chunk a token no longer attends to itself"),
     # --- Errors a user needs (storage.py, transform.py, leaf_update.py) -----------
     Mutant(
         "group_size_zero_accepted", "qadam_mini_jax/storage.py",

@@ -37,10 +37,14 @@ class LlamaConfig:
   rope_theta: float = 10000.0
   scan_layers: bool = False  # blocks stacked on axis 0 and run by nnx.scan
   remat: bool = False  # each block's call under nnx.remat (activations recomputed in backward)
+  attention_chunk: int | None = None  # queries per attention chunk (causal_attention); None: all
 
   def __post_init__(self):
     if self.num_heads % self.num_kv_heads:
       raise ValueError(f"num_kv_heads={self.num_kv_heads} must divide num_heads={self.num_heads}.")
+    if self.attention_chunk is not None and self.attention_chunk < 1:
+      raise ValueError(f"attention_chunk={self.attention_chunk} must be a positive number "
+                       "of queries (or None).")
     if self.head_dim is None and self.dim % self.num_heads:
       raise ValueError(f"num_heads={self.num_heads} does not divide dim={self.dim}; "
                        "set head_dim explicitly.")
@@ -72,6 +76,34 @@ def rope(x: jax.Array, theta: float) -> jax.Array:
   return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1).astype(x.dtype)
 
 
+def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array,
+                     chunk: int | None = None) -> jax.Array:
+  """Causal ``jax.nn.dot_product_attention`` of q (batch, seq, heads, head_dim)
+  over k and v (batch, seq, kv_heads, head_dim).
+
+  With ``chunk``, ``chunk`` queries at a time (Rabe and Staats 2021,
+  arXiv:2112.05682, over queries only), each chunk under ``jax.checkpoint``:
+  the float32 scores and probabilities alive at once are (batch, heads,
+  chunk, seq) instead of (batch, heads, seq, seq), forward and backward (the
+  backward recomputes a chunk's). XLA:CPU materialises them (512 MiB each at
+  7B, seq 2048); fused attention kernels (cuDNN's on GPU) do not. Same values
+  up to float rounding; the same arithmetic, the masked scores included.
+  """
+  b, s, h, d = q.shape
+  if chunk is None or chunk >= s:
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True)  # GQA-aware
+  if s % chunk:
+    raise ValueError(f"attention_chunk={chunk} must divide the sequence length {s}.")
+
+  def one(args):
+    queries, first = args
+    mask = (first + jnp.arange(chunk))[:, None] >= jnp.arange(s)[None, :]
+    return jax.nn.dot_product_attention(queries, k, v, mask=mask[None, None])
+  chunks = jnp.moveaxis(q.reshape(b, s // chunk, chunk, h, d), 1, 0)
+  out = jax.lax.map(jax.checkpoint(one), (chunks, jnp.arange(0, s, chunk)))
+  return jnp.moveaxis(out, 0, 1).reshape(b, s, h, d)
+
+
 def _linear(i: int, o: int, rngs: nnx.Rngs, dtype) -> nnx_layers.Linear:
   return nnx_layers.Linear(i, o, use_bias=False, dtype=dtype, rngs=rngs,
                     kernel_init=nnx.initializers.normal(0.02))
@@ -91,7 +123,7 @@ class Attention(nnx.Module):
     q = rope(self.q_proj(x).reshape(b, s, c.num_heads, c.head_size), c.rope_theta)
     k = rope(self.k_proj(x).reshape(b, s, c.num_kv_heads, c.head_size), c.rope_theta)
     v = self.v_proj(x).reshape(b, s, c.num_kv_heads, c.head_size)
-    out = jax.nn.dot_product_attention(q, k, v, is_causal=True)  # GQA-aware
+    out = causal_attention(q, k, v, c.attention_chunk)
     return self.o_proj(out.reshape(b, s, c.num_heads * c.head_size))
 
 

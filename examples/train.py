@@ -279,10 +279,8 @@ def make_step_fns(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     if in_backward_step is not None:  # the state of make(): (clipping's, the optimizer's)
       clip_state, opt_state = state["opt_state"]
       (loss, grad_norm), params, opt_state = in_backward_step(state["params"], opt_state, tokens)
-      embedding = qadam_mini_jax.weights.dequantize(params["embed"]["embedding"])
       return {"params": params, "opt_state": (clip_state, opt_state)}, {
-          "loss": loss, "grad_norm": grad_norm,
-          "embed_norm": jnp.linalg.norm(embedding.astype(jnp.float32))}
+          "loss": loss, "grad_norm": grad_norm}
     if fused_step is None:
       loss, grads = jax.value_and_grad(loss_fn)(state["params"], tokens)
     else:
@@ -297,9 +295,7 @@ def make_step_fns(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
         params = optax.apply_updates(state["params"], updates)
       else:
         params, opt_state = fused_step(grads, state["opt_state"], state["params"])
-    embedding = qadam_mini_jax.weights.dequantize(params["embed"]["embedding"])
-    metrics = {"loss": loss, "grad_norm": grad_norm,
-               "embed_norm": jnp.linalg.norm(embedding.astype(jnp.float32))}
+    metrics = {"loss": loss, "grad_norm": grad_norm}
     return {"params": params, "opt_state": opt_state}, metrics
 
   if layout is None:
@@ -327,6 +323,15 @@ def memory_report(compiled: Any) -> dict[str, int]:
     return {}
   return {name: int(getattr(stats, f"{name}_size_in_bytes"))
           for name in ("argument", "output", "alias", "temp", "generated_code")}
+
+
+@jax.jit
+def embed_norm(params) -> jax.Array:
+  """The embedding's norm, logged. Its own function, not a metric of the step: read
+  from the new INT8 weights in the step, XLA recomputed the embedding's update
+  for it from the old codes and kept a copy of those through the step (125 MiB at 7B)."""
+  embedding = qadam_mini_jax.weights.dequantize(params["embed"]["embedding"])
+  return jnp.linalg.norm(embedding.astype(jnp.float32))
 
 
 def evaluate(eval_loss, params, batches: list[np.ndarray]) -> float:
@@ -366,8 +371,9 @@ def run_metadata(model_cfg: LlamaConfig, opt_cfg: optimizers.OptimizerConfig, cf
   The mesh is recorded but not compared: a run resumes on any mesh (or none).
   """
   return {
-      # remat changes no array: a checkpoint resumes with it on or off
-      "model": {k: v for k, v in dataclasses.asdict(model_cfg).items() if k != "remat"},
+      # remat and attention chunks change no array: a checkpoint resumes with or without
+      "model": {k: v for k, v in dataclasses.asdict(model_cfg).items()
+                if k not in ("remat", "attention_chunk")},
       "mesh": cfg.mesh,
       "optimizer": {k: getattr(opt_cfg, k) for k in optimizers.STRUCTURAL_FIELDS},
       "settings": {"optimizer": dataclasses.asdict(opt_cfg),
@@ -603,7 +609,7 @@ def train(model_cfg: LlamaConfig, opt_cfg: optimizers.OptimizerConfig,
                 "loss": float(np.mean([m["loss"] for m in kept])),
                 "lr": float(schedule(step - 1)),
                 "grad_norm": float(np.mean([m["grad_norm"] for m in kept])),
-                "embed_norm": float(fetched[-1]["embed_norm"]),
+                "embed_norm": float(embed_norm(state["params"])),
                 "tokens_per_s": len(fetched) * cfg.batch_size * cfg.seq_len / elapsed}
       if skippable:
         record["skipped"] = finite.count(False)
@@ -639,8 +645,7 @@ def train(model_cfg: LlamaConfig, opt_cfg: optimizers.OptimizerConfig,
         "state_bytes_per_param": state_bytes / n_params, "compiled_step_memory": memory,
         "compile_seconds": compile_seconds,
         "val_loss": val_loss, "val_ppl": math.exp(val_loss),
-        "embed_norm": float(jnp.linalg.norm(
-        qadam_mini_jax.weights.dequantize(state["params"]["embed"]["embedding"]))),
+        "embed_norm": float(embed_norm(state["params"])),
         "tokens_per_s": ((last_step - start_step) * tokens_per_step / train_time
                          if train_time else None),
         "data": corpus.name, "model": dataclasses.asdict(model_cfg),
@@ -713,6 +718,10 @@ def build_parser() -> argparse.ArgumentParser:
                  help="LLaMA size (default tiny; the vocabulary is always 256 bytes)")
   for flag, field in MODEL_FLAGS:
     g.add_argument(flag, dest=field, type=POSITIVE_INT, help=f"override the config's {field}")
+  g.add_argument("--attention-chunk", type=POSITIVE_INT, metavar="QUERIES",
+                 help="compute attention QUERIES queries at a time (must divide --seq-len): "
+                      "its float32 scores shrink seq-len/QUERIES times; same losses up to "
+                      "float rounding")
   g.add_argument("--scan-layers", action="store_true",
                  help="stack the blocks on a leading layer axis and run them with nnx.scan: "
                       "one block to compile instead of one per layer, same weights and losses")
@@ -824,12 +833,16 @@ def configs_from_args(args: argparse.Namespace):
                if getattr(args, field) is not None}
   try:
     model_cfg = dataclasses.replace(CONFIGS[args.model], vocab=data_lib.VOCAB_SIZE,
-                                    scan_layers=args.scan_layers, **overrides)
+                                    scan_layers=args.scan_layers,
+                                    attention_chunk=args.attention_chunk, **overrides)
   except ValueError as err:  # LlamaConfig names its fields: name the flags instead
     message = str(err)
     for flag, field in MODEL_FLAGS:
       message = re.sub(rf"(?<![\w-]){field}(?![\w-])", flag, message)
     raise ValueError(f"--model {args.model}: {message}") from None
+  if args.attention_chunk is not None and args.seq_len % args.attention_chunk:
+    raise ValueError(f"--attention-chunk {args.attention_chunk} must divide --seq-len "
+                     f"{args.seq_len}.")
   warmup = args.steps // 10 if args.warmup_steps is None else args.warmup_steps
   if warmup > args.steps:
     raise ValueError(f"--warmup-steps {warmup} must not exceed --steps {args.steps}.")

@@ -236,6 +236,16 @@ def _restored(x: jax.Array, dtype: Any) -> jax.Array:
   return jax.lax.bitcast_convert_type(x, dtype) if x.dtype != dtype else x
 
 
+def _reads(embed: Callable[[Any, Any], jax.Array], rest: Any, batch: Any) -> list[bool]:
+  """Per leaf of ``rest`` (an INT8 weight is one), whether ``embed(rest, batch)`` reads it."""
+  leaves, treedef = jax.tree.flatten(rest, is_leaf=weights_lib.is_quantized)
+  jaxpr = jax.make_jaxpr(lambda leaves, batch: embed(treedef.unflatten(leaves), batch))(
+      leaves, batch).jaxpr
+  read = {id(v) for eqn in jaxpr.eqns for v in eqn.invars} | {id(v) for v in jaxpr.outvars}
+  arrays = iter(jaxpr.invars)
+  return [any([id(next(arrays)) in read for _ in jax.tree.leaves(x)]) for x in leaves]
+
+
 def _sum_squares(tree: Any) -> jax.Array:
   return sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree.leaves(tree))
 
@@ -291,12 +301,28 @@ def train_step(embed: Callable[[Any, Any], jax.Array],
     # Forward: embedding, then each block, keeping each block's input.
     hidden, embed_vjp = weights_lib.vjp(lambda r: embed(r, batch), rest)
     hidden, inputs = jax.lax.scan(lambda h, p: (block(p, h), _saved(h)), hidden, stack)
-    loss, head_vjp = weights_lib.vjp(lambda r, h: head(r, h, batch), rest, hidden)
+    # The head reads its INT8 codes and the batch once the blocks have run: else
+    # XLA:CPU dequantized the output layer (500 MiB in float32 at 7B) at the step's
+    # start and kept it through the forward pass.
+    head_rest, head_batch = partition_lib.read_after((rest, batch), [hidden])
+    loss, head_vjp = weights_lib.vjp(lambda r, h: head(r, h, head_batch), head_rest, hidden)
     rest_grads, d_hidden = head_vjp(jnp.ones_like(loss))
+    # The embedding's gradient is made once the loop has given its cotangent: else
+    # XLA:CPU made the zeros it is scattered into (500 MiB at 7B) at the step's start.
+    embed_reads = _reads(embed, rest, batch)
+
+    def add_embed_grads(rest_grads, d_hidden):
+      def read_grads(d_hidden):
+        (grads,) = embed_vjp(d_hidden)
+        return [g for g, read in zip(jax.tree.leaves(grads), embed_reads) if read]
+      leaves, treedef = jax.tree.flatten(rest_grads)
+      embed_grads = iter(partition_lib.run_after([d_hidden], read_grads, d_hidden))
+      return treedef.unflatten([g + next(embed_grads) if read else g
+                                for g, read in zip(leaves, embed_reads)])
 
     stack_axes = jax.tree.map(lambda _: (0,), stack)
     layer_grads = lambda p, x, d_hidden: weights_lib.vjp(block, p, x)[1](d_hidden)
-    clip, embed_grads, norm = lambda tree: tree, None, None
+    clip, norm = lambda tree: tree, None
     if clip_global_norm is not None:
       # A first backward pass for the gradient's global norm only.
       def norm_of_layer(layer, d_hidden, total, p, x):
@@ -306,8 +332,7 @@ def train_step(embed: Callable[[Any, Any], jax.Array],
       d_first, total = partition_lib.layer_loop(
           norm_of_layer, (count,), (d_hidden, jnp.zeros([])), (None, None),
           (stack, inputs), (stack_axes, (0,)), reverse=True)
-      (embed_grads,) = embed_vjp(d_first)
-      rest_grads = jax.tree.map(jnp.add, rest_grads, embed_grads)
+      rest_grads = add_embed_grads(rest_grads, d_first)
       norm = jnp.sqrt(total + _sum_squares(rest_grads))
 
       def clip(tree):  # as optax.clip_by_global_norm
@@ -340,9 +365,8 @@ def train_step(embed: Callable[[Any, Any], jax.Array],
         one_layer, (count,), (stack, [leaves[k] for k in stacked], d_hidden, jnp.zeros([])),
         (stack_axes, [axes[k] for k in stacked], None, None), (inputs,), ((0,),),
         reverse=True, after=(d_hidden,))
-    if embed_grads is None:
-      (embed_grads,) = embed_vjp(d_hidden)
-      rest_grads = jax.tree.map(jnp.add, rest_grads, embed_grads)
+    if clip_global_norm is None:
+      rest_grads = add_embed_grads(rest_grads, d_hidden)
       norm = jnp.sqrt(total + _sum_squares(rest_grads))
     for k, s in zip(stacked, state_stacks):
       leaves[k] = s

@@ -109,16 +109,18 @@ def _stream(plan: LeafPlan, s: StepScalars, purpose: int, layer: jax.Array | Non
 def _jnp_layer(plan: LeafPlan, s: StepScalars, spec: partition_lib.BlockSpec,
                g, mu, factor, p, layer):
   """The update in jnp: ``(out, m)`` of one layer (or of an unstacked leaf)."""
-  m = s.b1 * plan.moment.load(mu) + (1.0 - s.b1) * g.astype(jnp.float32)
+  new_m = lambda mu: s.b1 * plan.moment.load(mu) + (1.0 - s.b1) * g.astype(jnp.float32)
+  m = new_m(mu)
   u = (m * partition_lib.broadcast_block(factor, spec, g.shape)).astype(g.dtype)
-
-  def noise(purpose):
-    return random_bits.uniform(g.shape, *_stream(plan, s, purpose, layer))
-
-  mu = plan.moment.store(m, noise(random_bits.MOMENT) if plan.stochastic else None)
+  noise = (random_bits.uniform(g.shape, *_stream(plan, s, random_bits.MOMENT, layer))
+           if plan.stochastic else None)
   if plan.decay is None:
-    return u, mu
-  return apply_direction(plan, s, u, p, layer), mu
+    return u, plan.moment.store(m, noise)
+  out = apply_direction(plan, s, u, p, layer)
+  # INT8 m is written over the old codes once the new parameter exists. XLA
+  # recomputes m in every fusion that reads it, the parameter's too; unordered,
+  # it copied the old codes (the embedding's and output layer's: 2 x 125 MiB at 7B).
+  return out, plan.moment.store(new_m(partition_lib.read_after(mu, jax.tree.leaves(out), s.count > 0)), noise)
 
 
 def apply_direction(plan: LeafPlan, s: StepScalars, u: jax.Array, p: Any,

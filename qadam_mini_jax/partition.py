@@ -534,6 +534,26 @@ def layer_loop(fn: Callable[..., tuple[Any, ...]], sizes: tuple[int, ...], carry
   return tuple(c if a is None else t for t, c, a in zip(stacks, current, carry_axes))
 
 
+def read_after(tree: Any, arrays: list[jax.Array], flag: jax.Array | None = None) -> Any:
+  """``tree`` whose integer arrays (INT8 codes, token ids) are read only once ``arrays`` exist.
+
+  Each gets a zero computed from ``arrays`` added (XLA fuses the add into
+  its readers), so what reads it depends on them by data: XLA:CPU orders work
+  by data alone (it drops ``jax.lax.optimization_barrier`` before scheduling).
+  Float arrays are returned as they are. An array that is a fusion's result
+  (not a loop's, a reduction's or an argument) is read from its buffer only
+  with ``flag``, a traced boolean of any value that XLA cannot fold: the zero
+  is then read inside a conditional on it; else XLA may recompute the element
+  it reads from the fusion's inputs, and wait for those instead.
+  """
+  if flag is None:
+    zero = _zero_after(list(arrays))
+  else:
+    zero = jax.lax.cond(flag, _zero_after, lambda _: jnp.zeros([], jnp.int32), list(arrays))
+  return jax.tree.map(lambda x: x + zero.astype(x.dtype)
+                      if jnp.issubdtype(x.dtype, jnp.integer) else x, tree)
+
+
 def _zero_after(arrays: list[jax.Array]) -> jax.Array:
   """An int32 zero that XLA computes only once every one of ``arrays`` exists.
 
@@ -565,8 +585,24 @@ def materialized(tree: Any) -> Any:
   not change the time. It costs a copy of ``tree`` (one layer's gradient)
   beside the one the conditional reads.
   """
-  always = _zero_after(jax.tree.leaves(tree)) == 0
-  return jax.lax.cond(always, lambda t: t, lambda t: jax.tree.map(jnp.zeros_like, t), tree)
+  return run_after(jax.tree.leaves(tree), lambda t: t, tree)
+
+
+def run_after(arrays: list[jax.Array], fn: Callable[..., Any], *args: Any) -> Any:
+  """``fn(*args)``, run once ``arrays`` exist, as a conditional that XLA cannot
+  resolve at compile time (its predicate reads ``arrays``; the other branch,
+  never taken, gives zeros).
+
+  XLA:CPU orders work by data alone and may start any operation without inputs
+  (the zeros a gather's transpose scatters into) or that reads only arguments
+  (an INT8 weight's dequantization) at the step's start, keeping its result
+  alive until it is read; inside a conditional nothing of ``fn`` can be moved
+  before the conditional runs. Its results are buffers of their own: nothing
+  after it recomputes them from their inputs.
+  """
+  always = _zero_after(list(arrays)) == 0
+  zeros = lambda *a: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(fn, *a))
+  return jax.lax.cond(always, fn, zeros, *args)
 
 
 def recorded_layers(params: Any, name: str = "layers") -> dict[str, tuple[int, ...]]:

@@ -17,6 +17,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import chex
 import numpy as np
 import optax
 import pytest
@@ -24,6 +25,7 @@ import pytest
 import qadam_mini_jax
 
 import checkpointing
+import llama_model
 import data as data_lib
 import optimizers
 import run_lock
@@ -298,6 +300,9 @@ def test_existing_checkpoints_are_not_overwritten_without_resume(copied_run):
     (["--b2", "1.5"], r"argument --b2: must be in [0, 1), got 1.5"),
     (["--weight-decay", "-0.1"], "argument --weight-decay: must be a finite number >= 0, got -0.1"),
     (["--steps", "10", "--warmup-steps", "20"], "--warmup-steps 20 must not exceed --steps 10."),
+    (["--attention-chunk", "0"], "argument --attention-chunk: must be a positive integer, got 0"),
+    (["--seq-len", "32", "--attention-chunk", "12"],
+     "--attention-chunk 12 must divide --seq-len 32."),
 ])
 def test_bad_flags_fail_in_one_line_naming_the_flag(tmp_path, capsys, flags, problem):
   with pytest.raises(SystemExit) as exit_info:
@@ -401,6 +406,34 @@ def test_missing_empty_or_tiny_data_fail_clearly(tmp_path, capsys):
   with pytest.raises(SystemExit, match="too small"):
     train.main(["--data", str(tmp_path / "short.txt"), "--out-dir", str(tmp_path / "run")])
   assert not (tmp_path / "run").exists()  # nothing written
+
+
+def test_attention_in_chunks_is_the_whole_causal_attention():
+  """Values and gradients (grouped-query heads), to float rounding; a chunk that
+  does not divide the sequence is refused."""
+  keys = jax.random.split(jax.random.key(0), 3)
+  q = jax.random.normal(keys[0], (2, 16, 4, 8))
+  k, v = (jax.random.normal(key, (2, 16, 2, 8)) for key in keys[1:])
+
+  def grads(chunk):
+    loss = lambda *qkv: jnp.sum(jnp.sin(llama_model.causal_attention(*qkv, chunk)))
+    return llama_model.causal_attention(q, k, v, chunk), jax.grad(loss, (0, 1, 2))(q, k, v)
+  whole = grads(None)
+  for chunk in (1, 4, 16, 64):
+    chex.assert_trees_all_close(grads(chunk), whole, atol=2e-6)
+  with pytest.raises(ValueError, match="attention_chunk=5 must divide the sequence length 16"):
+    llama_model.causal_attention(q, k, v, 5)
+  with pytest.raises(ValueError, match="attention_chunk=0 must be a positive number"):
+    dataclasses.replace(llama_model.CONFIGS["tiny"], attention_chunk=0)
+
+
+def test_attention_in_chunks_trains_as_whole_attention(tmp_path):
+  flags = [*SMALL, "--steps", "3"]
+  run(tmp_path / "whole", *flags)
+  run(tmp_path / "chunks", *flags, "--attention-chunk", "8")
+  got, want = metrics(tmp_path / "chunks"), metrics(tmp_path / "whole")
+  for key in ("loss", "grad_norm", "embed_norm"):
+    np.testing.assert_allclose([m[key] for m in got], [m[key] for m in want], rtol=1e-5)
 
 
 def test_heads_that_do_not_divide_the_width_fail_clearly(capsys):

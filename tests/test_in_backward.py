@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -256,6 +257,81 @@ def test_the_step_holds_one_layer_gradient_not_the_tree():
   ordinary = _ordinary_step("q_adam_mini", tx, lambda p, t: next_token_loss(
       nnx.merge(nnx.graphdef(model), p)(t), t))
   assert temp(ordinary) > config.num_layers * layer > 2 * in_backward_temp
+
+
+def _sub_jaxprs(eqn):
+  """The jaxprs inside ``eqn`` (a loop's body, a conditional's branches, a call's)."""
+  for value in eqn.params.values():
+    for v in value if isinstance(value, (tuple, list)) else (value,):
+      if isinstance(v, jax.extend.core.ClosedJaxpr):
+        yield v.jaxpr
+      elif isinstance(v, jax.extend.core.Jaxpr):
+        yield v
+
+
+def _makes(eqn, primitive, shape):
+  """Whether ``eqn``, or an equation inside it, is ``primitive`` giving ``shape``."""
+  return ((eqn.primitive.name == primitive and eqn.outvars[0].aval.shape == shape)
+          or any(_makes(e, primitive, shape) for j in _sub_jaxprs(eqn) for e in j.eqns))
+
+
+def _computed_from(jaxpr, eqn):
+  """Every variable of ``jaxpr`` that ``eqn``'s inputs are computed from."""
+  producers = {v: e for e in jaxpr.eqns for v in e.outvars}
+  needed, pending = set(), [v for v in eqn.invars if isinstance(v, jax.extend.core.Var)]
+  while pending:
+    v = pending.pop()
+    if v not in needed:
+      needed.add(v)
+      pending += [u for u in getattr(producers.get(v), "invars", ())
+                  if isinstance(u, jax.extend.core.Var)]
+  return needed
+
+
+def test_the_head_and_the_embedding_gradient_wait_for_their_inputs():
+  """XLA:CPU may start any work whose inputs exist at the step's start and keep
+  its result alive: it dequantized the INT8 output layer (500 MiB of float32 at
+  7B) and made the zeros the embedding's gradient is scattered into (500 MiB)
+  there. Every read of the head's codes is computed from the forward loop's
+  result, and the embedding's gradient is made inside a conditional computed
+  from the backward loop's."""
+  params = q.quantize_params(_params(), PARTITION, QUANT)
+  tx = q.fused_q_adam_mini(1e-3, partition=PARTITION, quantization=QUANT)
+  tokens = jnp.zeros((2, 8), jnp.int32)
+  jaxpr = jax.make_jaxpr(in_backward.train_step(*pieces(_model()), tx))(
+      params, tx.init(params), tokens).jaxpr
+  forward, backward = [e for e in jaxpr.eqns if e.primitive.name in ("scan", "while")]
+  paths = [q.partition.path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+  head_codes = jaxpr.invars[paths.index("lm_head/kernel/codes")]
+  readers = [e for e in jaxpr.eqns if head_codes in e.invars]
+  assert readers and all(set(forward.outvars) & _computed_from(jaxpr, e) for e in readers)
+  embedding = (CONFIG.vocab, CONFIG.dim)
+  scatters = [e for e in jaxpr.eqns if _makes(e, "scatter-add", embedding)]
+  assert [e.primitive.name for e in scatters] == ["cond"], scatters
+  assert set(backward.outvars) & _computed_from(jaxpr, scatters[0])
+
+
+def test_int8_m_is_written_over_its_codes_once_the_new_weights_exist():
+  """The embedding's, head's and norm's INT8 ``m`` and weights, updated after the
+  loop: XLA recomputes the new ``m`` in each fusion that reads it, the new
+  weights' too, so unless ``m``'s codes are written after those, it copied the
+  old codes at the step's start (125 MiB each for the embedding and head at 7B)."""
+  params = q.quantize_params(_params(), PARTITION, QUANT)
+  tx = q.fused_q_adam_mini(1e-3, partition=PARTITION, quantization=QUANT)
+  step = jax.jit(in_backward.train_step(*pieces(_model()), tx), donate_argnums=(0, 1))
+  hlo = step.lower(params, tx.init(params), jnp.zeros((2, 8), jnp.int32)).compile().as_text()
+  assert not re.findall(r"= s8\S* copy\(%state\S*mu\S*codes", hlo)
+
+
+def test_the_embedding_s_gradient_is_taken_for_the_parameters_it_reads():
+  """An INT8 weight is one parameter; the head's are not the embedding's."""
+  embed, _, _ = pieces(_model())
+  params = _params()
+  rest = {k: v for k, v in q.quantize_params(params, PARTITION, QUANT).items() if k != "layers"}
+  tokens = jnp.zeros((1, 4), jnp.int32)
+  assert in_backward._reads(embed, rest, tokens) == [k == "embed" for k in sorted(rest)]
+  tied = lambda rest, tokens: embed(rest, tokens) + rest["norm"]["scale"]
+  assert in_backward._reads(tied, rest, tokens) == [k in ("embed", "norm") for k in sorted(rest)]
 
 
 def test_refusals_name_what_is_wrong():

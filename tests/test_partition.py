@@ -405,6 +405,53 @@ def test_updates_wait_for_lets_a_metric_read_the_gradient_before_the_loop_writes
   np.testing.assert_array_equal(results[True][1][0], 0.5 * (m + g))
 
 
+def _computed_from(jaxpr, eqn):
+  """Every variable of ``jaxpr`` that ``eqn``'s inputs are computed from."""
+  producers = {v: e for e in jaxpr.eqns for v in e.outvars}
+  needed, pending = set(), [v for v in eqn.invars if isinstance(v, jax.extend.core.Var)]
+  while pending:
+    v = pending.pop()
+    if v not in needed:
+      needed.add(v)
+      pending += [u for u in getattr(producers.get(v), "invars", ())
+                  if isinstance(u, jax.extend.core.Var)]
+  return needed
+
+
+@pytest.mark.parametrize("flag", [False, True])
+def test_read_after_makes_integer_arrays_depend_on_the_arrays_and_keeps_every_value(flag):
+  """Codes and token ids come back equal but computed from ``arrays`` (through a
+  conditional with a flag); float arrays come back as they are."""
+  def fn(codes, x, a, count):
+    return P.read_after({"codes": codes, "x": x}, [a], count > 0 if flag else None)
+  args = (jnp.arange(-3, 3, dtype=jnp.int8), jnp.array([-0.0, jnp.nan]), jnp.ones(()),
+          jnp.array(-5))
+  out = jax.jit(fn)(*args)
+  np.testing.assert_array_equal(out["codes"], args[0])
+  assert out["codes"].dtype == jnp.int8
+  np.testing.assert_array_equal(np.asarray(out["x"]).view(np.uint32),
+                                np.asarray(args[1]).view(np.uint32))
+  jaxpr = jax.make_jaxpr(fn)(*args).jaxpr
+  codes_out, x_out = jaxpr.outvars
+  assert x_out is jaxpr.invars[1]
+  (add,) = [e for e in jaxpr.eqns if codes_out in e.outvars]
+  assert jaxpr.invars[2] in _computed_from(jaxpr, add)
+  assert any(e.primitive.name == "cond" for e in jaxpr.eqns) == flag
+
+
+def test_run_after_runs_fn_once_the_arrays_exist_inside_a_conditional():
+  def fn(x, a):
+    return P.run_after([a], lambda x: {"y": jnp.cumsum(x), "n": x.size}, x)
+  x, a = jnp.arange(5.0), jnp.ones(())
+  out = jax.jit(fn)(x, a)
+  np.testing.assert_array_equal(out["y"], jnp.cumsum(x))
+  assert out["n"] == 5
+  jaxpr = jax.make_jaxpr(fn)(x, a).jaxpr
+  (cond,) = [e for e in jaxpr.eqns if e.primitive.name == "cond"]
+  assert jaxpr.invars[1] in _computed_from(jaxpr, cond)
+  assert " conditional(" in jax.jit(fn).lower(x, a).compile().as_text()
+
+
 def test_updates_wait_for_refuses_what_is_not_an_array():
   with pytest.raises(TypeError, match="argument 1 is float"):
     with P.updates_wait_for(jnp.zeros(()), 1.0):
