@@ -21,6 +21,7 @@ import glob
 import os
 import pathlib
 import re
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -93,7 +94,7 @@ def main() -> None:
   sections = []
   for row in args.row:
     sections += [f"## {args.model}, `{row}`" + (f", `XLA_FLAGS={flags}`" if flags else ""), "",
-                 f"`python benchmarks/peak_breakdown.py {' '.join(sys.argv[1:])}`".replace(" `", "`")
+                 f"`{shlex.join(['python', 'benchmarks/peak_breakdown.py', *sys.argv[1:]])}`"
                  + f" on {jax.default_backend().upper()} ({machine}), jax {jax.__version__}; "
                  f"batch {fits.BATCH[0]} x {fits.BATCH[1]}, the fits.py row.", "",
                  "| buffers live at the peak | MiB |", "|---|---:|",
