@@ -16,7 +16,7 @@ from llama_model import Llama, next_token_loss, pieces
 
 import qadam_mini_jax as q
 from qadam_mini_jax import in_backward
-from tiny_models import TINY
+from tiny_models import TINY, computed_from
 
 CONFIG = dataclasses.replace(TINY, num_layers=3, scan_layers=True)
 PARTITION = q.BlockPartition(num_heads=CONFIG.num_heads, num_kv_heads=CONFIG.num_kv_heads,
@@ -275,19 +275,6 @@ def _makes(eqn, primitive, shape):
           or any(_makes(e, primitive, shape) for j in _sub_jaxprs(eqn) for e in j.eqns))
 
 
-def _computed_from(jaxpr, eqn):
-  """Every variable of ``jaxpr`` that ``eqn``'s inputs are computed from."""
-  producers = {v: e for e in jaxpr.eqns for v in e.outvars}
-  needed, pending = set(), [v for v in eqn.invars if isinstance(v, jax.extend.core.Var)]
-  while pending:
-    v = pending.pop()
-    if v not in needed:
-      needed.add(v)
-      pending += [u for u in getattr(producers.get(v), "invars", ())
-                  if isinstance(u, jax.extend.core.Var)]
-  return needed
-
-
 def test_the_head_and_the_embedding_gradient_wait_for_their_inputs():
   """XLA:CPU may start any work whose inputs exist at the step's start and keep
   its result alive: it dequantized the INT8 output layer (500 MiB of float32 at
@@ -304,11 +291,11 @@ def test_the_head_and_the_embedding_gradient_wait_for_their_inputs():
   paths = [q.partition.path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
   head_codes = jaxpr.invars[paths.index("lm_head/kernel/codes")]
   readers = [e for e in jaxpr.eqns if head_codes in e.invars]
-  assert readers and all(set(forward.outvars) & _computed_from(jaxpr, e) for e in readers)
+  assert readers and all(set(forward.outvars) & computed_from(jaxpr, e) for e in readers)
   embedding = (CONFIG.vocab, CONFIG.dim)
   scatters = [e for e in jaxpr.eqns if _makes(e, "scatter-add", embedding)]
   assert [e.primitive.name for e in scatters] == ["cond"], scatters
-  assert set(backward.outvars) & _computed_from(jaxpr, scatters[0])
+  assert set(backward.outvars) & computed_from(jaxpr, scatters[0])
 
 
 def test_int8_m_is_written_over_its_codes_once_the_new_weights_exist():

@@ -405,19 +405,6 @@ def test_updates_wait_for_lets_a_metric_read_the_gradient_before_the_loop_writes
   np.testing.assert_array_equal(results[True][1][0], 0.5 * (m + g))
 
 
-def _computed_from(jaxpr, eqn):
-  """Every variable of ``jaxpr`` that ``eqn``'s inputs are computed from."""
-  producers = {v: e for e in jaxpr.eqns for v in e.outvars}
-  needed, pending = set(), [v for v in eqn.invars if isinstance(v, jax.extend.core.Var)]
-  while pending:
-    v = pending.pop()
-    if v not in needed:
-      needed.add(v)
-      pending += [u for u in getattr(producers.get(v), "invars", ())
-                  if isinstance(u, jax.extend.core.Var)]
-  return needed
-
-
 @pytest.mark.parametrize("flag", [False, True])
 def test_read_after_makes_integer_arrays_depend_on_the_arrays_and_keeps_every_value(flag):
   """Codes and token ids come back equal but computed from ``arrays`` (through a
@@ -435,7 +422,7 @@ def test_read_after_makes_integer_arrays_depend_on_the_arrays_and_keeps_every_va
   codes_out, x_out = jaxpr.outvars
   assert x_out is jaxpr.invars[1]
   (add,) = [e for e in jaxpr.eqns if codes_out in e.outvars]
-  assert jaxpr.invars[2] in _computed_from(jaxpr, add)
+  assert jaxpr.invars[2] in tm.computed_from(jaxpr, add)
   assert any(e.primitive.name == "cond" for e in jaxpr.eqns) == flag
 
 
@@ -448,7 +435,7 @@ def test_run_after_runs_fn_once_the_arrays_exist_inside_a_conditional():
   assert out["n"] == 5
   jaxpr = jax.make_jaxpr(fn)(x, a).jaxpr
   (cond,) = [e for e in jaxpr.eqns if e.primitive.name == "cond"]
-  assert jaxpr.invars[1] in _computed_from(jaxpr, cond)
+  assert jaxpr.invars[1] in tm.computed_from(jaxpr, cond)
   assert " conditional(" in jax.jit(fn).lower(x, a).compile().as_text()
 
 
@@ -466,12 +453,4 @@ def test_layer_loop_reads_its_first_layer_after_the_arrays_it_is_given():
         lambda layer, p: (2 * p,), (3,), (s,), ((0,),), after=(a,) if after else ()))(
             jnp.zeros((3, 8)), jnp.ones(())).jaxpr
     (loop,) = [e for e in jaxpr.eqns if e.primitive.name in ("scan", "while")]
-    producers = {v: e for e in jaxpr.eqns for v in e.outvars}
-    needed, pending = set(), [v for v in loop.invars if isinstance(v, jax.extend.core.Var)]
-    while pending:  # every variable the loop's inputs are computed from
-      v = pending.pop()
-      if v not in needed:
-        needed.add(v)
-        pending += [u for u in getattr(producers.get(v), "invars", ())
-                    if isinstance(u, jax.extend.core.Var)]
-    assert (jaxpr.invars[1] in needed) == after, after
+    assert (jaxpr.invars[1] in tm.computed_from(jaxpr, loop)) == after, after

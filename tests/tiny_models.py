@@ -1,4 +1,4 @@
-"""Tiny LLaMA-like Flax models (NNX and linen) and tree helpers shared by the tests."""
+"""Tiny LLaMA-like Flax models (NNX and linen) and tree and jaxpr helpers shared by the tests."""
 
 from __future__ import annotations
 
@@ -50,3 +50,16 @@ def tokens(key, batch=2, seq=8):
   return jax.random.randint(key, (batch, seq), 0, VOCAB)
 
 
+
+
+def computed_from(jaxpr, eqn) -> set:
+  """Every variable of ``jaxpr`` that ``eqn``'s inputs are computed from."""
+  producers = {v: e for e in jaxpr.eqns for v in e.outvars}
+  needed, pending = set(), [v for v in eqn.invars if isinstance(v, jax.extend.core.Var)]
+  while pending:
+    v = pending.pop()
+    if v not in needed:
+      needed.add(v)
+      pending += [u for u in getattr(producers.get(v), "invars", ())
+                  if isinstance(u, jax.extend.core.Var)]
+  return needed
