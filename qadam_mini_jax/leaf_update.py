@@ -117,10 +117,13 @@ def _jnp_layer(plan: LeafPlan, s: StepScalars, spec: partition_lib.BlockSpec,
   if plan.decay is None:
     return u, plan.moment.store(m, noise)
   out = apply_direction(plan, s, u, p, layer)
-  # INT8 m is written over the old codes once the new parameter exists. XLA
-  # recomputes m in every fusion that reads it, the parameter's too; unordered,
-  # it copied the old codes (the embedding's and output layer's: 2 x 125 MiB at 7B).
-  return out, plan.moment.store(new_m(partition_lib.read_after(mu, jax.tree.leaves(out), s.count > 0)), noise)
+  if layer is None:
+    # A whole leaf's INT8 m is written over the old codes once the new parameter
+    # exists. XLA recomputes m in every fusion that reads it, the parameter's too;
+    # unordered, it copied the old codes (the embedding's and output layer's: 2 x
+    # 125 MiB at 7B).
+    mu = partition_lib.read_after(mu, jax.tree.leaves(out), s.count > 0)
+  return out, plan.moment.store(new_m(mu), noise)
 
 
 def apply_direction(plan: LeafPlan, s: StepScalars, u: jax.Array, p: Any,
