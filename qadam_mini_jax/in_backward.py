@@ -277,7 +277,7 @@ def train_step(embed: Callable[[Any, Any], jax.Array],
   With ``clip_global_norm`` the gradients are clipped by their global norm as
   ``optax.clip_by_global_norm`` does, exactly: a first backward pass computes
   every layer's gradient only for its norm (one more recomputation and VJP of
-  each block: 1.30x the ordinary clipped step's time at 60M, 1.36x at 130M on CPU,
+  each block: 1.29x the ordinary clipped step's time at 60M, 1.32x at 130M on CPU,
   ``benchmarks/in_backward_time.py``), the second updates.
 
   Returns:
